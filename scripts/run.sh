@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# README command 1: set everything up under .local/ (once) and serve https://127.0.0.1:8443.
+# Ctrl-C stops the server and the local Postgres.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$KB_ROOT"
+
+LOCAL="$KB_ROOT/.local"
+LABEL=${KEYBROKER_TOKEN_LABEL:-keybroker}
+
+kb_install_deps
+mkdir -p "$LOCAL"
+chmod 755 "$LOCAL"   # the unprivileged Postgres user must reach .local/pg
+
+kb_log "building keybroker (release)"
+cargo build --release --quiet
+BIN="$KB_ROOT/target/release/keybroker"
+
+if [ -z "${PKCS11_MODULE:-}" ] || [ "$PKCS11_MODULE" = "$KB_SOFTHSM_MODULE" ]; then
+  kb_setup_softhsm "$LOCAL/softhsm"
+  kb_secret_file "$LOCAL/secrets/so.pin"
+  kb_secret_file "$LOCAL/secrets/user.pin"
+  export KEYBROKER_SO_PIN_FILE="$LOCAL/secrets/so.pin"
+  export KEYBROKER_PIN_FILE="$LOCAL/secrets/user.pin"
+fi
+
+kb_setup_postgres "$LOCAL/pg" keybroker
+trap 'kb_stop_postgres "$LOCAL/pg"' EXIT
+
+kb_init_token "$BIN" "$LABEL"
+"$BIN" dev-cert --dir "$LOCAL/tls" >/dev/null
+export KEYBROKER_TLS_CERT="$LOCAL/tls/server.pem" KEYBROKER_TLS_KEY="$LOCAL/tls/server-key.pem"
+export KEYBROKER_LISTEN=${KEYBROKER_LISTEN:-127.0.0.1:8443}
+
+kb_log "serving https://$KEYBROKER_LISTEN (trust $LOCAL/tls/ca.pem); Ctrl-C stops"
+kb_log "the crypto endpoints have no authentication yet: keep the listener on loopback"
+"$BIN" serve &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; kb_stop_postgres "$LOCAL/pg"' INT TERM EXIT
+wait $SERVER

@@ -1,0 +1,796 @@
+//! `api` is the only module that knows HTTP: the axum router, thin handlers that parse requests
+//! into validated types, the one [`ApiError`] that picks every status and error code, and the
+//! OpenAPI document. Business logic lives in `broker`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::{OpenApi, ToSchema};
+use zeroize::Zeroizing;
+
+use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, WrapRequest};
+use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The use cases.
+    pub broker: Arc<Broker>,
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let request_id = axum::http::HeaderName::from_static(REQUEST_ID);
+    Router::new()
+        .route("/v1/datakey", post(datakey))
+        .route("/v1/datakey/batch", post(datakey_batch))
+        .route("/v1/wrap", post(wrap))
+        .route("/v1/wrap/batch", post(wrap_batch))
+        .route("/v1/unwrap", post(unwrap))
+        .route("/v1/unwrap/batch", post(unwrap_batch))
+        .route("/v1/rewrap", post(rewrap))
+        .route("/v1/rewrap/batch", post(rewrap_batch))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(attach_request_id))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Every error the API returns. Each variant's doc says its status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid_json`: the body is not JSON.
+    #[error("the request body is not valid JSON")]
+    InvalidJson,
+    /// 415 `unsupported_media_type`: no `Content-Type: application/json`.
+    #[error("the request body must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 413 `payload_too_large`: over the configured body limit.
+    #[error("the request body is larger than the configured limit")]
+    PayloadTooLarge,
+    /// 422 `invalid_request`: valid JSON of the wrong shape (types, unknown or missing fields).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 400 `invalid_base64`: a field that must be standard padded base64 is not.
+    #[error("field `{0}` is not valid base64 (standard alphabet, with padding)")]
+    InvalidBase64(&'static str),
+    /// 422 `invalid_key_length`: key material outside 16..=64 bytes.
+    #[error("key material must be 16 to 64 bytes")]
+    InvalidKeyLength,
+    /// 422 `invalid_context`: an encryption context over the limits.
+    #[error("{0}")]
+    InvalidContext(crate::crypto::ContextError),
+    /// 400 `invalid_blob` or `unsupported_blob_version`: a string that is not a blob we read.
+    #[error("{0}")]
+    InvalidBlob(BlobError),
+    /// 422 `batch_too_large` / `empty_batch`, `unknown_mk_version`, `context_mismatch`; 503
+    /// `hsm_unavailable`, `database_unavailable`, `no_active_key`; 500 `internal_error`.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// 404 `not_found`.
+    #[error("no such endpoint")]
+    NotFound,
+    /// 405 `method_not_allowed`.
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use BrokerError as B;
+        match self {
+            Self::InvalidJson => (StatusCode::BAD_REQUEST, "invalid_json"),
+            Self::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::InvalidBase64(_) => (StatusCode::BAD_REQUEST, "invalid_base64"),
+            Self::InvalidKeyLength => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_key_length"),
+            Self::InvalidContext(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_context"),
+            Self::InvalidBlob(BlobError::UnsupportedFormat) => {
+                (StatusCode::BAD_REQUEST, "unsupported_blob_version")
+            }
+            Self::InvalidBlob(_) => (StatusCode::BAD_REQUEST, "invalid_blob"),
+            Self::Broker(B::UnknownMasterKey(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "unknown_mk_version")
+            }
+            Self::Broker(B::NotAuthentic) => (StatusCode::UNPROCESSABLE_ENTITY, "context_mismatch"),
+            Self::Broker(B::BatchTooLarge { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "batch_too_large")
+            }
+            Self::Broker(B::EmptyBatch) => (StatusCode::UNPROCESSABLE_ENTITY, "empty_batch"),
+            Self::Broker(B::NoActiveKey) => (StatusCode::SERVICE_UNAVAILABLE, "no_active_key"),
+            Self::Broker(B::HsmUnavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "hsm_unavailable")
+            }
+            Self::Broker(B::DatabaseUnavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
+            Self::Broker(B::Hsm(_) | B::Store(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        }
+    }
+
+    /// The client-facing body. Server-side failures say only what kind of part failed: the
+    /// detail (PKCS#11 return codes, SQL) goes to the log, never to the client.
+    fn body(&self) -> ErrorBody {
+        let (status, code) = self.status_and_code();
+        let message = if status.is_server_error() {
+            match self {
+                Self::Broker(BrokerError::HsmUnavailable(_)) => {
+                    "the HSM is unavailable; retry later".to_owned()
+                }
+                Self::Broker(BrokerError::DatabaseUnavailable(_)) => {
+                    "the database is unavailable; retry later".to_owned()
+                }
+                Self::Broker(BrokerError::NoActiveKey) => {
+                    "no master key is active; an officer must run `keybroker hsm init`".to_owned()
+                }
+                _ => "internal error; the request id identifies it in the server log".to_owned(),
+            }
+        } else {
+            self.to_string()
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+                request_id: None,
+            },
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => Self::InvalidRequest(e.body_text()),
+            JsonRejection::JsonSyntaxError(_) => Self::InvalidJson,
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            _ => Self::InvalidJson,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            // The full chain of sources, for the operator; the client gets the body below.
+            let mut detail = self.to_string();
+            let mut source = std::error::Error::source(&self);
+            while let Some(s) = source {
+                detail.push_str(": ");
+                detail.push_str(&s.to_string());
+                source = s.source();
+            }
+            tracing::error!(target: "keybroker::api", code, error = %detail, "request failed");
+        } else {
+            tracing::debug!(target: "keybroker::api", code, "request refused");
+        }
+        let body = self.body();
+        let mut response = (status, Json(&body)).into_response();
+        response.extensions_mut().insert(body);
+        response
+    }
+}
+
+/// Adds the request id to every error body, so a caller can quote it to an operator.
+async fn attach_request_id(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let response = next.run(request).await;
+    let (Some(request_id), Some(body)) = (request_id, response.extensions().get::<ErrorBody>())
+    else {
+        return response;
+    };
+    let mut body = body.clone();
+    body.error.request_id = Some(request_id);
+    let (mut parts, _) = response.into_parts();
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s, so malformed input gets our error shape.
+struct ApiJson<T>(T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(Self(value))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire types
+
+/// The error shape of every endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A stable machine code, a human message, and the request id.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `context_mismatch`, `hsm_unavailable`.
+    #[schema(example = "context_mismatch")]
+    pub code: String,
+    /// Human-readable explanation; never contains key material.
+    pub message: String,
+    /// The `x-request-id` of the request, also sent as a response header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Encryption context: a string map bound into the blob's AAD; keys are sorted before binding.
+type ContextMap = BTreeMap<String, String>;
+
+/// `POST /v1/datakey` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataKeyBody {
+    /// Bound as AAD; the same map must be given to unwrap.
+    #[serde(default)]
+    pub context: Option<ContextMap>,
+    /// Whether to return the plaintext DEK as well (default true).
+    #[serde(default)]
+    pub plaintext: Option<bool>,
+}
+
+/// `POST /v1/datakey` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DataKeyResponse {
+    /// `kb:v1:<mk_version>:<base64url(iv||ciphertext||tag)>`.
+    #[schema(example = "kb:v1:1:3q2-7wAAAAAAAAAA...")]
+    pub wrapped: String,
+    /// The 32-byte DEK, standard base64; absent when `plaintext: false` was asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<String>,
+    /// The master-key version that sealed the DEK.
+    pub mk_version: u32,
+}
+
+/// `POST /v1/wrap` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WrapBody {
+    /// 16 to 64 bytes of key material, standard base64 with padding.
+    pub plaintext: String,
+    /// Bound as AAD.
+    #[serde(default)]
+    pub context: Option<ContextMap>,
+}
+
+/// `POST /v1/wrap` and `POST /v1/rewrap` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WrappedResponse {
+    /// The blob.
+    pub wrapped: String,
+    /// The master-key version that sealed it.
+    pub mk_version: u32,
+}
+
+/// `POST /v1/unwrap` and `POST /v1/rewrap` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlobBody {
+    /// A blob from `datakey`, `wrap` or `rewrap`.
+    pub wrapped: String,
+    /// The context the blob was sealed with.
+    #[serde(default)]
+    pub context: Option<ContextMap>,
+}
+
+/// `POST /v1/unwrap` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnwrapResponse {
+    /// The key material, standard base64.
+    pub plaintext: String,
+}
+
+/// `POST /v1/datakey/batch` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataKeyBatchBody {
+    /// 1 to the configured maximum (default 1000) requests.
+    pub items: Vec<DataKeyBody>,
+}
+
+/// `POST /v1/wrap/batch` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WrapBatchBody {
+    /// 1 to the configured maximum (default 1000) requests.
+    pub items: Vec<WrapBody>,
+}
+
+/// `POST /v1/unwrap/batch` and `POST /v1/rewrap/batch` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlobBatchBody {
+    /// 1 to the configured maximum (default 1000) requests.
+    pub items: Vec<BlobBody>,
+}
+
+/// One result of a batch: the single call's response, or its error.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchItem<T> {
+    /// The item succeeded.
+    Ok(T),
+    /// The item failed; the others are unaffected.
+    Err(ErrorBody),
+}
+
+/// `POST /v1/datakey/batch` response: results in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DataKeyBatchResponse {
+    /// One per request item, same order.
+    pub items: Vec<BatchItem<DataKeyResponse>>,
+}
+
+/// `POST /v1/wrap/batch` and `POST /v1/rewrap/batch` response: results in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WrappedBatchResponse {
+    /// One per request item, same order.
+    pub items: Vec<BatchItem<WrappedResponse>>,
+}
+
+/// `POST /v1/unwrap/batch` response: results in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnwrapBatchResponse {
+    /// One per request item, same order.
+    pub items: Vec<BatchItem<UnwrapResponse>>,
+}
+
+/// `GET /healthz` and `GET /readyz` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok`, or `unavailable` (readyz only).
+    pub status: String,
+    /// Per part (`token`, `database`): `ok` or the error code (readyz only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing at the edge
+
+fn parse_context(map: Option<ContextMap>) -> Result<EncryptionContext, ApiError> {
+    EncryptionContext::new(map.unwrap_or_default()).map_err(ApiError::InvalidContext)
+}
+
+fn parse_datakey(body: DataKeyBody) -> Result<DataKeyRequest, ApiError> {
+    Ok(DataKeyRequest {
+        context: parse_context(body.context)?,
+        with_plaintext: body.plaintext.unwrap_or(true),
+    })
+}
+
+fn parse_wrap(body: WrapBody) -> Result<WrapRequest, ApiError> {
+    // Decode into a zeroizing buffer: the caller's key must not linger in freed memory.
+    let bytes = Zeroizing::new(
+        STANDARD
+            .decode(body.plaintext.as_bytes())
+            .map_err(|_| ApiError::InvalidBase64("plaintext"))?,
+    );
+    let key = KeyMaterial::new(bytes).map_err(|_| ApiError::InvalidKeyLength)?;
+    // The request's base64 copy of the key is wiped as well.
+    let mut text = body.plaintext;
+    zeroize::Zeroize::zeroize(&mut text);
+    Ok(WrapRequest {
+        key,
+        context: parse_context(body.context)?,
+    })
+}
+
+fn parse_blob(body: BlobBody) -> Result<BlobRequest, ApiError> {
+    Ok(BlobRequest {
+        wrapped: WrappedBlob::parse(&body.wrapped).map_err(ApiError::InvalidBlob)?,
+        context: parse_context(body.context)?,
+    })
+}
+
+fn datakey_response(key: crate::broker::DataKey) -> DataKeyResponse {
+    DataKeyResponse {
+        mk_version: key.wrapped.mk_version().get(),
+        wrapped: key.wrapped.to_string(),
+        plaintext: key.plaintext.map(|p| STANDARD.encode(p.as_slice())),
+    }
+}
+
+fn wrapped_response(blob: WrappedBlob) -> WrappedResponse {
+    WrappedResponse {
+        mk_version: blob.mk_version().get(),
+        wrapped: blob.to_string(),
+    }
+}
+
+fn unwrap_response(plaintext: Zeroizing<Vec<u8>>) -> UnwrapResponse {
+    UnwrapResponse {
+        plaintext: STANDARD.encode(plaintext.as_slice()),
+    }
+}
+
+/// Runs a batch: items that fail to parse get their error in place, the rest go to the broker
+/// in one call, and the results come back in request order.
+async fn run_batch<B, R, O, W, Fut>(
+    bodies: Vec<B>,
+    parse: impl Fn(B) -> Result<R, ApiError>,
+    call: impl FnOnce(Vec<R>) -> Fut,
+    respond: impl Fn(O) -> W,
+) -> Result<Vec<BatchItem<W>>, ApiError>
+where
+    Fut: std::future::Future<Output = Result<Vec<Result<O, BrokerError>>, BrokerError>>,
+{
+    let parsed: Vec<Result<R, ApiError>> = bodies.into_iter().map(parse).collect();
+    let mut valid = Vec::new();
+    let mut slots = Vec::with_capacity(parsed.len());
+    for item in parsed {
+        match item {
+            Ok(request) => {
+                valid.push(request);
+                slots.push(None);
+            }
+            Err(e) => slots.push(Some(e)),
+        }
+    }
+    let mut results = if valid.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        call(valid).await?.into_iter()
+    };
+    let mut out = Vec::with_capacity(slots.len());
+    for slot in slots {
+        let item = match slot {
+            Some(err) => BatchItem::Err(err.body()),
+            None => match results.next() {
+                Some(Ok(value)) => BatchItem::Ok(respond(value)),
+                Some(Err(err)) => BatchItem::Err(ApiError::from(err).body()),
+                None => BatchItem::Err(ApiError::Broker(BrokerError::EmptyBatch).body()),
+            },
+        };
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// Checks a batch's size before any item is parsed.
+fn check_batch_size<T>(state: &AppState, items: &[T]) -> Result<(), ApiError> {
+    let max = state.broker.limits().max_batch;
+    if items.is_empty() {
+        return Err(BrokerError::EmptyBatch.into());
+    }
+    if items.len() > max {
+        return Err(BrokerError::BatchTooLarge { max }.into());
+    }
+    Ok(())
+}
+
+/// A single call is a batch of one: the same path, and its one result or error.
+fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
+    results
+        .pop()
+        .unwrap_or(Err(BrokerError::EmptyBatch))
+        .map_err(ApiError::from)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+/// Generate a data key.
+///
+/// A 256-bit DEK from the token's RNG, sealed by the token under the active master key
+/// (AES-256-GCM, 96-bit random IV, 128-bit tag) with the context bound as AAD.
+#[utoipa::path(post, path = "/v1/datakey", tag = "crypto",
+    request_body = DataKeyBody,
+    responses(
+        (status = 200, description = "The data key", body = DataKeyResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape or invalid context", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn datakey(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DataKeyBody>,
+) -> Result<Json<DataKeyResponse>, ApiError> {
+    let request = parse_datakey(body)?;
+    let key = single(state.broker.datakeys(vec![request]).await?)?;
+    Ok(Json(datakey_response(key)))
+}
+
+/// Generate data keys in a batch.
+#[utoipa::path(post, path = "/v1/datakey/batch", tag = "crypto",
+    request_body = DataKeyBatchBody,
+    responses(
+        (status = 200, description = "One result or error per item, in order", body = DataKeyBatchResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn datakey_batch(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DataKeyBatchBody>,
+) -> Result<Json<DataKeyBatchResponse>, ApiError> {
+    check_batch_size(&state, &body.items)?;
+    let items = run_batch(
+        body.items,
+        parse_datakey,
+        |reqs| state.broker.datakeys(reqs),
+        datakey_response,
+    )
+    .await?;
+    Ok(Json(DataKeyBatchResponse { items }))
+}
+
+/// Wrap caller key material.
+///
+/// Seals 16 to 64 bytes under the active master key with the context bound as AAD.
+#[utoipa::path(post, path = "/v1/wrap", tag = "crypto",
+    request_body = WrapBody,
+    responses(
+        (status = 200, description = "The blob", body = WrappedResponse),
+        (status = 400, description = "`invalid_json` or `invalid_base64`", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `invalid_key_length` or `invalid_context`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn wrap(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<WrapBody>,
+) -> Result<Json<WrappedResponse>, ApiError> {
+    let request = parse_wrap(body)?;
+    let blob = single(state.broker.wrap(vec![request]).await?)?;
+    Ok(Json(wrapped_response(blob)))
+}
+
+/// Wrap caller key material in a batch.
+#[utoipa::path(post, path = "/v1/wrap/batch", tag = "crypto",
+    request_body = WrapBatchBody,
+    responses(
+        (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn wrap_batch(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<WrapBatchBody>,
+) -> Result<Json<WrappedBatchResponse>, ApiError> {
+    check_batch_size(&state, &body.items)?;
+    let items = run_batch(
+        body.items,
+        parse_wrap,
+        |reqs| state.broker.wrap(reqs),
+        wrapped_response,
+    )
+    .await?;
+    Ok(Json(WrappedBatchResponse { items }))
+}
+
+/// Unwrap a blob.
+///
+/// Opens a blob inside the token with the context it was sealed with.
+#[utoipa::path(post, path = "/v1/unwrap", tag = "crypto",
+    request_body = BlobBody,
+    responses(
+        (status = 200, description = "The key material", body = UnwrapResponse),
+        (status = 400, description = "`invalid_json`, `invalid_blob` or `unsupported_blob_version`", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch` (other context or altered blob)", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`", body = ErrorBody),
+    ))]
+async fn unwrap(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BlobBody>,
+) -> Result<Json<UnwrapResponse>, ApiError> {
+    let request = parse_blob(body)?;
+    let plaintext = single(state.broker.unwrap(vec![request]).await?)?;
+    Ok(Json(unwrap_response(plaintext)))
+}
+
+/// Unwrap blobs in a batch.
+#[utoipa::path(post, path = "/v1/unwrap/batch", tag = "crypto",
+    request_body = BlobBatchBody,
+    responses(
+        (status = 200, description = "One result or error per item, in order", body = UnwrapBatchResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`", body = ErrorBody),
+    ))]
+async fn unwrap_batch(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BlobBatchBody>,
+) -> Result<Json<UnwrapBatchResponse>, ApiError> {
+    check_batch_size(&state, &body.items)?;
+    let items = run_batch(
+        body.items,
+        parse_blob,
+        |reqs| state.broker.unwrap(reqs),
+        unwrap_response,
+    )
+    .await?;
+    Ok(Json(UnwrapBatchResponse { items }))
+}
+
+/// Rewrap a blob under the active master key.
+///
+/// Decrypts and re-encrypts inside the broker; the plaintext is never returned.
+#[utoipa::path(post, path = "/v1/rewrap", tag = "crypto",
+    request_body = BlobBody,
+    responses(
+        (status = 200, description = "The new blob", body = WrappedResponse),
+        (status = 400, description = "`invalid_json`, `invalid_blob` or `unsupported_blob_version`", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn rewrap(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BlobBody>,
+) -> Result<Json<WrappedResponse>, ApiError> {
+    let request = parse_blob(body)?;
+    let blob = single(state.broker.rewrap(vec![request]).await?)?;
+    Ok(Json(wrapped_response(blob)))
+}
+
+/// Rewrap blobs in a batch.
+#[utoipa::path(post, path = "/v1/rewrap/batch", tag = "crypto",
+    request_body = BlobBatchBody,
+    responses(
+        (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+    ))]
+async fn rewrap_batch(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BlobBatchBody>,
+) -> Result<Json<WrappedBatchResponse>, ApiError> {
+    check_batch_size(&state, &body.items)?;
+    let items = run_batch(
+        body.items,
+        parse_blob,
+        |reqs| state.broker.rewrap(reqs),
+        wrapped_response,
+    )
+    .await?;
+    Ok(Json(WrappedBatchResponse { items }))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = HealthResponse)))]
+async fn healthz() -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".to_owned(),
+        checks: BTreeMap::new(),
+    })
+}
+
+/// Readiness: a token session and Postgres both answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = HealthResponse),
+        (status = 503, description = "Token or database unavailable; `checks` says which", body = HealthResponse),
+    ))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    let readiness = state.broker.readiness().await;
+    let mut checks = BTreeMap::new();
+    let mut ready = true;
+    for (part, result) in [("token", readiness.token), ("database", readiness.database)] {
+        let verdict = match result {
+            Ok(()) => "ok".to_owned(),
+            Err(err) => {
+                ready = false;
+                let err = ApiError::from(err);
+                tracing::warn!(target: "keybroker::api", part, error = %err, "not ready");
+                err.status_and_code().1.to_owned()
+            }
+        };
+        checks.insert(part.to_owned(), verdict);
+    }
+    let (status, word) = if ready {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let body = HealthResponse {
+        status: word.to_owned(),
+        checks,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document of every endpoint, request, response and error shape.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keybroker",
+        description = "HSM-backed key broker: data keys generated, wrapped and unwrapped inside a PKCS#11 token. Every error is `{\"error\": {\"code\", \"message\", \"request_id\"}}`."
+    ),
+    paths(
+        datakey, datakey_batch, wrap, wrap_batch, unwrap, unwrap_batch, rewrap, rewrap_batch,
+        healthz, readyz, openapi
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    tags(
+        (name = "crypto", description = "Stateless data-key operations"),
+        (name = "operations", description = "Health, readiness, this document"),
+    )
+)]
+pub struct ApiDoc;

@@ -1,0 +1,396 @@
+//! `broker` holds the use cases: data keys, wrap, unwrap, rewrap (single and batch), master-key
+//! set-up and rotation, readiness. It orders calls to the token (`hsm`) and the database
+//! (`store`) and knows nothing of HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use crate::crypto::{
+    Aad, DEK_LEN, EncryptionContext, KeyMaterial, MasterKeyVersion, WrappedBlob,
+};
+use crate::hsm::{Hsm, HsmError, InitReport, TokenSession};
+use crate::store::{Store, StoreError};
+
+/// How long a broker keeps sealing under the active version it last read before asking Postgres
+/// again. Another node's rotation takes effect here within this time; a seal made under the
+/// previous version in between stays valid (that version is decrypt-only, not gone).
+const ACTIVE_VERSION_TTL: Duration = Duration::from_secs(1);
+/// Bounds of the adaptive seal reservation block (see [`SealBudget`]).
+const MIN_SEAL_BLOCK: u64 = 16;
+const MAX_SEAL_BLOCK: u64 = 65_536;
+
+/// What a use case can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The blob names a master-key version the token does not hold.
+    #[error("master key version {0} is unknown")]
+    UnknownMasterKey(MasterKeyVersion),
+    /// The blob does not authenticate: another context, or it was altered.
+    #[error("the wrapped blob does not authenticate under this context")]
+    NotAuthentic,
+    /// A batch with more items than allowed.
+    #[error("a batch may hold at most {max} items")]
+    BatchTooLarge {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A batch with no items.
+    #[error("a batch must hold at least one item")]
+    EmptyBatch,
+    /// No master key is active in the database.
+    #[error("no master key version is active")]
+    NoActiveKey,
+    /// The token is unreachable.
+    #[error("the HSM is unavailable")]
+    HsmUnavailable(#[source] HsmError),
+    /// Postgres is unreachable.
+    #[error("the database is unavailable")]
+    DatabaseUnavailable(#[source] StoreError),
+    /// A token failure that is not an outage (a bug, a misconfigured token).
+    #[error("HSM operation failed")]
+    Hsm(#[source] HsmError),
+    /// A database failure that is not an outage.
+    #[error("database operation failed")]
+    Store(#[source] StoreError),
+}
+
+impl From<HsmError> for BrokerError {
+    fn from(err: HsmError) -> Self {
+        match err {
+            HsmError::UnknownMasterKey(v) => Self::UnknownMasterKey(v),
+            HsmError::NotAuthentic => Self::NotAuthentic,
+            // A refused PIN at run time means the token locked us out: an outage for callers.
+            e if e.is_unavailable() || matches!(e, HsmError::PinRefused) => Self::HsmUnavailable(e),
+            e => Self::Hsm(e),
+        }
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NoActiveMasterKey => Self::NoActiveKey,
+            e if e.is_unavailable() => Self::DatabaseUnavailable(e),
+            e => Self::Store(e),
+        }
+    }
+}
+
+/// Limits the broker enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most items in one batch call.
+    pub max_batch: usize,
+}
+
+/// A data key: the blob, and the plaintext when the caller asked for it.
+pub struct DataKey {
+    /// The DEK sealed under the active master key.
+    pub wrapped: WrappedBlob,
+    /// The DEK itself, zeroized on drop.
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// One `datakey` request.
+#[derive(Debug, Clone)]
+pub struct DataKeyRequest {
+    /// Bound into the AAD.
+    pub context: EncryptionContext,
+    /// Whether to return the plaintext DEK as well.
+    pub with_plaintext: bool,
+}
+
+/// One `wrap` request.
+#[derive(Debug)]
+pub struct WrapRequest {
+    /// The caller's key material.
+    pub key: KeyMaterial,
+    /// Bound into the AAD.
+    pub context: EncryptionContext,
+}
+
+/// One `unwrap` or `rewrap` request.
+#[derive(Debug, Clone)]
+pub struct BlobRequest {
+    /// The blob.
+    pub wrapped: WrappedBlob,
+    /// The context it was sealed with.
+    pub context: EncryptionContext,
+}
+
+/// Readiness of the parts the broker depends on.
+#[derive(Debug)]
+pub struct Readiness {
+    /// `Ok` when a token session answers.
+    pub token: Result<(), BrokerError>,
+    /// `Ok` when Postgres answers.
+    pub database: Result<(), BrokerError>,
+}
+
+/// The active master-key version this broker seals under, with seals reserved in Postgres.
+/// Seals are reserved in blocks so that counting them costs one query per block or per
+/// [`ACTIVE_VERSION_TTL`], not one per request; the block grows while traffic drains it early
+/// and shrinks while it goes unused, and unused seals are handed back at each refresh.
+struct SealBudget {
+    version: Option<MasterKeyVersion>,
+    remaining: u64,
+    fetched: Instant,
+    block: u64,
+}
+
+/// The use cases. Cheap to share behind an `Arc`.
+pub struct Broker {
+    hsm: Hsm,
+    store: Store,
+    limits: Limits,
+    budget: Mutex<SealBudget>,
+}
+
+impl Broker {
+    /// Combines a token pool and a database.
+    pub fn new(hsm: Hsm, store: Store, limits: Limits) -> Self {
+        Self {
+            hsm,
+            store,
+            limits,
+            budget: Mutex::new(SealBudget {
+                version: None,
+                remaining: 0,
+                fetched: Instant::now(),
+                block: MIN_SEAL_BLOCK,
+            }),
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The token pool (for the benchmark and the officer commands).
+    pub fn hsm(&self) -> &Hsm {
+        &self.hsm
+    }
+
+    /// The database (for the officer commands).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// `hsm init`: creates what is missing on the token (never a second MK v1), then records the
+    /// token's master-key versions in Postgres, making the highest active if none is.
+    ///
+    /// # Errors
+    /// An unsafe existing key, a token failure or a database failure.
+    pub async fn initialise(&self) -> Result<InitReport, BrokerError> {
+        let report = self.hsm.ensure_keys().await?;
+        self.store.adopt_master_keys(&report.master_keys).await?;
+        Ok(report)
+    }
+
+    /// Creates master key v(N+1) on the token and makes it active for new seals; older versions
+    /// stay usable for unwrap and rewrap.
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn rotate_master_key(&self) -> Result<MasterKeyVersion, BrokerError> {
+        let on_token = self.hsm.master_key_versions().await?;
+        let in_db = self.store.master_keys().await?;
+        let highest = on_token
+            .iter()
+            .copied()
+            .chain(in_db.iter().map(|row| row.version))
+            .max()
+            .unwrap_or(MasterKeyVersion::FIRST);
+        let next = highest.next().ok_or(BrokerError::Hsm(HsmError::Unexpected(
+            "master key versions exhausted",
+        )))?;
+        self.hsm.create_master_key(next).await?;
+        self.store.activate_new_master_key(next).await?;
+        // Seal under the new version from the next call on, on this node at least.
+        self.budget.lock().await.fetched = Instant::now() - ACTIVE_VERSION_TTL;
+        Ok(next)
+    }
+
+    /// Checks the token and the database, each on its own.
+    pub async fn readiness(&self) -> Readiness {
+        let (token, database) = tokio::join!(self.hsm.ping(), self.store.ping());
+        Readiness {
+            token: token.map_err(BrokerError::from),
+            database: database.map_err(BrokerError::from),
+        }
+    }
+
+    /// New data keys from the token's RNG, each sealed under the active master key.
+    ///
+    /// # Errors
+    /// Whole-call failures (batch size, outages); each item has its own result.
+    pub async fn datakeys(
+        &self,
+        items: Vec<DataKeyRequest>,
+    ) -> Result<Vec<Result<DataKey, BrokerError>>, BrokerError> {
+        self.check_batch(items.len())?;
+        let version = self.reserve_seals(items.len()).await?;
+        self.each_item(items, move |token, item| {
+            let dek = token.random(DEK_LEN)?;
+            let aad = Aad {
+                mk_version: version,
+                client_id: None,
+                key_ref: None,
+                context: &item.context,
+            };
+            let payload = token.seal(version, &dek, &aad.bytes())?;
+            Ok(DataKey {
+                wrapped: WrappedBlob::new(version, payload),
+                plaintext: item.with_plaintext.then_some(dek),
+            })
+        })
+        .await
+    }
+
+    /// Seals callers' key material under the active master key.
+    ///
+    /// # Errors
+    /// Whole-call failures (batch size, outages); each item has its own result.
+    pub async fn wrap(
+        &self,
+        items: Vec<WrapRequest>,
+    ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
+        self.check_batch(items.len())?;
+        let version = self.reserve_seals(items.len()).await?;
+        self.each_item(items, move |token, item| {
+            let aad = Aad {
+                mk_version: version,
+                client_id: None,
+                key_ref: None,
+                context: &item.context,
+            };
+            let payload = token.seal(version, item.key.expose(), &aad.bytes())?;
+            Ok(WrappedBlob::new(version, payload))
+        })
+        .await
+    }
+
+    /// Opens blobs with the context they were sealed with.
+    ///
+    /// # Errors
+    /// Whole-call failures (batch size, outages); each item has its own result.
+    pub async fn unwrap(
+        &self,
+        items: Vec<BlobRequest>,
+    ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
+        self.check_batch(items.len())?;
+        self.each_item(items, |token, item| open(token, item)).await
+    }
+
+    /// Re-seals blobs under the active master key inside this process: the plaintext exists only
+    /// in a zeroizing buffer between the two token calls and is never returned.
+    ///
+    /// # Errors
+    /// Whole-call failures (batch size, outages); each item has its own result.
+    pub async fn rewrap(
+        &self,
+        items: Vec<BlobRequest>,
+    ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
+        self.check_batch(items.len())?;
+        let version = self.reserve_seals(items.len()).await?;
+        self.each_item(items, move |token, item| {
+            let plaintext = open(token, item)?;
+            let aad = Aad {
+                mk_version: version,
+                client_id: None,
+                key_ref: None,
+                context: &item.context,
+            };
+            let payload = token.seal(version, &plaintext, &aad.bytes())?;
+            Ok(WrappedBlob::new(version, payload))
+        })
+        .await
+    }
+
+    fn check_batch(&self, len: usize) -> Result<(), BrokerError> {
+        if len == 0 {
+            return Err(BrokerError::EmptyBatch);
+        }
+        if len > self.limits.max_batch {
+            return Err(BrokerError::BatchTooLarge {
+                max: self.limits.max_batch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `op` over every item in one token call. A token outage aborts the whole call (the
+    /// HSM layer then retries it once on a fresh session); any other failure is the item's own.
+    async fn each_item<I, O, F>(
+        &self,
+        items: Vec<I>,
+        op: F,
+    ) -> Result<Vec<Result<O, BrokerError>>, BrokerError>
+    where
+        I: Send + Sync + 'static,
+        O: Send + 'static,
+        F: Fn(&mut TokenSession<'_>, &I) -> Result<O, HsmError> + Send + Sync + 'static,
+    {
+        let items = Arc::new(items);
+        let op = Arc::new(op);
+        let results = self
+            .hsm
+            .run(move |token| {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    match op(token, item) {
+                        Err(e) if e.is_unavailable() => return Err(e),
+                        other => out.push(other),
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.map_err(BrokerError::from))
+            .collect())
+    }
+
+    /// Reserves `n` seals and returns the version to seal under (see [`SealBudget`]).
+    async fn reserve_seals(&self, n: usize) -> Result<MasterKeyVersion, BrokerError> {
+        let n = n as u64;
+        let mut budget = self.budget.lock().await;
+        let fresh = budget.fetched.elapsed() < ACTIVE_VERSION_TTL;
+        if let Some(version) = budget.version {
+            if fresh && budget.remaining >= n {
+                budget.remaining -= n;
+                return Ok(version);
+            }
+        }
+        budget.block = if fresh {
+            (budget.block * 2).min(MAX_SEAL_BLOCK)
+        } else if budget.remaining > budget.block / 2 {
+            (budget.block / 2).max(MIN_SEAL_BLOCK)
+        } else {
+            budget.block
+        };
+        let want = budget.block.max(n);
+        let unused = budget.version.map(|v| (v, budget.remaining));
+        let version = self.store.reserve_seals(unused, want).await?;
+        budget.version = Some(version);
+        budget.remaining = want - n;
+        budget.fetched = Instant::now();
+        Ok(version)
+    }
+}
+
+fn open(token: &mut TokenSession<'_>, item: &BlobRequest) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    let version = item.wrapped.mk_version();
+    let aad = Aad {
+        mk_version: version,
+        client_id: None,
+        key_ref: None,
+        context: &item.context,
+    };
+    token.unseal(version, item.wrapped.payload(), &aad.bytes())
+}

@@ -1,0 +1,123 @@
+//! `config` turns flags and environment variables into the settings each layer needs. Secrets
+//! (PINs) come only from the environment or a file, never from a flag, so they do not show in
+//! `ps` output, and nothing here prints them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::hsm::HsmConfig;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required secret is in neither `NAME` nor `NAME_FILE`.
+    #[error("set {0} or {0}_FILE (a file holding it)")]
+    MissingSecret(&'static str),
+    /// `NAME_FILE` names a file we cannot read.
+    #[error("cannot read {name}_FILE")]
+    SecretFile {
+        /// The variable.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads a secret from the environment variable `name`, or from the file named by `name_FILE`
+/// (trailing newline removed).
+///
+/// # Errors
+/// [`ConfigError`] when neither is set or the file cannot be read.
+pub fn read_secret(name: &'static str) -> Result<SecretString, ConfigError> {
+    if let Ok(value) = std::env::var(name) {
+        return Ok(SecretString::from(value));
+    }
+    let Ok(path) = std::env::var(format!("{name}_FILE")) else {
+        return Err(ConfigError::MissingSecret(name));
+    };
+    let mut text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::SecretFile { name, source })?;
+    let trimmed = text.trim_end_matches(['\r', '\n']).to_owned();
+    zeroize::Zeroize::zeroize(&mut text);
+    Ok(SecretString::from(trimmed))
+}
+
+/// Where the token is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// Path of the PKCS#11 module (the vendor's library).
+    #[arg(long, env = "PKCS11_MODULE", default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+    pub pkcs11_module: PathBuf,
+    /// Label of the token keybroker uses.
+    #[arg(long, env = "KEYBROKER_TOKEN_LABEL", default_value = "keybroker")]
+    pub token_label: String,
+    /// Sessions in the pool, i.e. token calls at once. SoftHSM2 serialises work, so more than
+    /// the core count buys nothing there; a networked HSM wants more.
+    #[arg(long, env = "KEYBROKER_HSM_POOL_SIZE", default_value_t = 2)]
+    pub hsm_pool_size: usize,
+    /// How long a call waits for a session and the token's answer, in milliseconds.
+    #[arg(long, env = "KEYBROKER_HSM_TIMEOUT_MS", default_value_t = 5000)]
+    pub hsm_timeout_ms: u64,
+}
+
+impl TokenArgs {
+    /// The HSM layer's settings, with the user PIN from `KEYBROKER_PIN` or `KEYBROKER_PIN_FILE`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the PIN is not available.
+    pub fn hsm_config(&self) -> Result<HsmConfig, ConfigError> {
+        Ok(HsmConfig {
+            module: self.pkcs11_module.clone(),
+            token_label: self.token_label.clone(),
+            pin: read_secret("KEYBROKER_PIN")?,
+            pool_size: self.hsm_pool_size,
+            op_timeout: Duration::from_millis(self.hsm_timeout_ms),
+        })
+    }
+}
+
+/// Where Postgres is.
+#[derive(Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL, e.g. postgres://user@127.0.0.1:5432/keybroker.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Most connections this process opens.
+    #[arg(long, env = "KEYBROKER_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field("database_url", &"[REDACTED]")
+            .field("db_max_connections", &self.db_max_connections)
+            .finish()
+    }
+}
+
+/// How to serve HTTPS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on. The crypto endpoints have no authentication yet: keep the default
+    /// loopback address until clients and tokens exist.
+    #[arg(long, env = "KEYBROKER_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "KEYBROKER_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// PEM private key for TLS.
+    #[arg(long, env = "KEYBROKER_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Most items in one batch request.
+    #[arg(long, env = "KEYBROKER_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "KEYBROKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+}

@@ -1,0 +1,954 @@
+//! `hsm` owns the PKCS#11 token and is the only user of `cryptoki`: module loading, login, a
+//! bounded pool of sessions used off the async executor, object templates, cached handles, and
+//! the operations keybroker needs (random, AES-GCM seal/unseal). It knows nothing of HTTP or SQL.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
+
+/// Label of keybroker's ES256 token-signing key pair (both halves), version 1.
+pub const SIGNING_KEY_LABEL: &str = "keybroker-sign-v1";
+/// Label of keybroker's HMAC-SHA256 audit/pepper key, version 1.
+pub const AUDIT_KEY_LABEL: &str = "keybroker-audit-v1";
+/// Every object keybroker creates has a label with this prefix.
+const LABEL_PREFIX: &str = "keybroker-";
+/// DER of the OID of NIST P-256 (prime256v1), the CKA_EC_PARAMS of the signing key.
+const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// How to reach the token.
+#[derive(Clone)]
+pub struct HsmConfig {
+    /// Path of the vendor's PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token keybroker uses.
+    pub token_label: String,
+    /// The user PIN.
+    pub pin: SecretString,
+    /// How many sessions may run operations at once.
+    pub pool_size: usize,
+    /// How long a caller waits for a session and the token's answer before giving up.
+    pub op_timeout: Duration,
+}
+
+impl fmt::Debug for HsmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmConfig")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"[REDACTED]")
+            .field("pool_size", &self.pool_size)
+            .field("op_timeout", &self.op_timeout)
+            .finish()
+    }
+}
+
+/// What went wrong at the token.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("cannot load or initialise the PKCS#11 module {path}")]
+    Module {
+        /// The module path.
+        path: PathBuf,
+        /// What cryptoki said.
+        #[source]
+        source: CkError,
+    },
+    /// No slot holds a token with the configured label.
+    #[error("no token labelled {0:?} is present")]
+    TokenNotFound(String),
+    /// The token refused the PIN (wrong, locked or expired).
+    #[error("the token refused the PIN")]
+    PinRefused,
+    /// The blob names a master-key version that is not on the token.
+    #[error("master key version {0} is not on the token")]
+    UnknownMasterKey(MasterKeyVersion),
+    /// A GCM decryption failed: the ciphertext, tag, IV or AAD is not the one sealed.
+    #[error("the ciphertext does not authenticate")]
+    NotAuthentic,
+    /// An existing keybroker object does not have the attributes keybroker requires.
+    #[error("token object {label} is unsafe: {why}")]
+    UnsafeObject {
+        /// The object's label.
+        label: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// An object keybroker is about to create already exists.
+    #[error("token object {0} already exists")]
+    AlreadyExists(String),
+    /// The token, its slot or our session is gone (device removed, token not present,
+    /// session closed, …), even after one retry on a fresh session.
+    #[error("the token is unreachable")]
+    Unavailable(#[source] CkError),
+    /// No session became free, or the token did not answer, within the deadline.
+    #[error("the token did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Any other PKCS#11 failure.
+    #[error("PKCS#11 call failed")]
+    Pkcs11(#[source] CkError),
+    /// The token answered with something impossible (e.g. a ciphertext of the wrong size).
+    #[error("unexpected answer from the token: {0}")]
+    Unexpected(&'static str),
+    /// The blocking worker that ran the call panicked or was cancelled.
+    #[error("the token worker stopped")]
+    Worker,
+}
+
+impl HsmError {
+    /// Whether the token or its session is at fault (retry on a fresh session; 503 if it lasts).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Timeout(_) | Self::TokenNotFound(_) | Self::Worker
+        )
+    }
+}
+
+/// Sorts a raw cryptoki error into the variants callers act on. The decrypt path refines
+/// authentication failures itself (see [`TokenSession::unseal`]).
+fn classify(err: CkError) -> HsmError {
+    match &err {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::DeviceRemoved
+            | RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::SessionCount
+            | RvError::SlotIdInvalid
+            | RvError::UserNotLoggedIn
+            | RvError::CryptokiNotInitialized
+            // A cached handle that no longer resolves: the token was re-inserted or re-loaded.
+            | RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid => HsmError::Unavailable(err),
+            RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired => {
+                HsmError::PinRefused
+            }
+            _ => HsmError::Pkcs11(err),
+        },
+        _ => HsmError::Pkcs11(err),
+    }
+}
+
+/// The process-wide PKCS#11 context. PKCS#11 allows one `C_Initialize` per process, so every
+/// [`Hsm`] in the process shares it (tests build several).
+fn shared_context(module: &Path) -> Result<Pkcs11, HsmError> {
+    static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
+    let cell = CONTEXT.get_or_init(|| Mutex::new(None));
+    let mut slot = lock(cell);
+    if let Some((path, ctx)) = slot.as_ref() {
+        if path == module {
+            return Ok(ctx.clone());
+        }
+    }
+    let module_err = |source| HsmError::Module {
+        path: module.to_path_buf(),
+        source,
+    };
+    let ctx = Pkcs11::new(module).map_err(module_err)?;
+    // Without OS locking two threads crashed SoftHSM (PLATFORM.md).
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(module_err(e)),
+    }
+    *slot = Some((module.to_path_buf(), ctx.clone()));
+    Ok(ctx)
+}
+
+/// Locks a mutex, recovering the data if a thread panicked while holding it: every structure we
+/// guard stays consistent between statements, so a poisoned lock holds nothing half-done.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A logged-in pool of sessions on one token. Cheap to clone.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+    op_timeout: Duration,
+}
+
+impl fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token_label", &self.inner.token_label)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    ctx: Pkcs11,
+    token_label: String,
+    pin: SecretString,
+    /// The slot holding our token; re-resolved after a fault (a re-inserted token may move).
+    slot: Mutex<Option<Slot>>,
+    idle: Mutex<Vec<PooledSession>>,
+    /// Bumped on every fault: sessions opened before it are discarded instead of reused.
+    generation: AtomicU64,
+    /// Token-object handles of master keys, looked up once and dropped on a fault.
+    mk_handles: Mutex<HashMap<MasterKeyVersion, ObjectHandle>>,
+}
+
+struct PooledSession {
+    session: Session,
+    generation: u64,
+    /// Per-session copies of master keys (CKA_TOKEN=false): they stay on the token, sensitive and
+    /// non-extractable, but SoftHSM serves them from memory, about 4× faster than token objects.
+    mk_copies: HashMap<MasterKeyVersion, ObjectHandle>,
+}
+
+impl Hsm {
+    /// Loads the module, finds the token and logs in once, so that a wrong PIN or a missing token
+    /// fails at start-up rather than at the first request.
+    ///
+    /// # Errors
+    /// [`HsmError::Module`], [`HsmError::TokenNotFound`], [`HsmError::PinRefused`], or any
+    /// other failure of the first session.
+    pub async fn connect(config: HsmConfig) -> Result<Self, HsmError> {
+        let pool_size = config.pool_size.max(1);
+        let op_timeout = config.op_timeout;
+        let inner = tokio::task::spawn_blocking(move || -> Result<Inner, HsmError> {
+            let inner = Inner {
+                ctx: shared_context(&config.module)?,
+                token_label: config.token_label,
+                pin: config.pin,
+                slot: Mutex::new(None),
+                idle: Mutex::new(Vec::new()),
+                generation: AtomicU64::new(0),
+                mk_handles: Mutex::new(HashMap::new()),
+            };
+            let first = inner.open_session()?;
+            inner.checkin(first);
+            Ok(inner)
+        })
+        .await
+        .map_err(|_| HsmError::Worker)??;
+        Ok(Self {
+            inner: Arc::new(inner),
+            permits: Arc::new(Semaphore::new(pool_size)),
+            op_timeout,
+        })
+    }
+
+    /// Runs `op` on a pooled, logged-in session in a blocking thread. When the session or token
+    /// fails, the pool is dropped, a fresh session is opened (logging in again if needed) and `op`
+    /// runs once more; `op` must therefore be safe to repeat, which every token operation here is.
+    ///
+    /// # Errors
+    /// What `op` returned, [`HsmError::Unavailable`] when the retry failed too, or
+    /// [`HsmError::Timeout`] when no session was free, or the token did not answer, in time.
+    pub async fn run<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut TokenSession<'_>) -> Result<T, HsmError> + Send + 'static,
+    {
+        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| HsmError::Timeout(self.op_timeout))?
+            .map_err(|_| HsmError::Worker)?;
+        let inner = self.inner.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            // The permit travels with the thread: a call that outlives its deadline still holds
+            // its place, so a hung token cannot make us open ever more sessions.
+            let _permit = permit;
+            inner.with_session(&op)
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(HsmError::Timeout(self.op_timeout)),
+            Ok(Err(_)) => Err(HsmError::Worker),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Checks that the token answers: a session can be had and keybroker's audit key can be
+    /// found on the token itself (not in a cache).
+    ///
+    /// # Errors
+    /// Any [`HsmError`]; [`HsmError::is_unavailable`] tells whether the token is unreachable.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run(|s| {
+            find_one(&s.pooled.session, ObjectClass::SECRET_KEY, AUDIT_KEY_LABEL)?
+                .map(|_| ())
+                .ok_or(HsmError::Unexpected("the audit key is missing from the token"))
+        })
+        .await
+    }
+
+    /// The label of the token this pool is logged in to.
+    pub fn token_label(&self) -> &str {
+        &self.inner.token_label
+    }
+
+    /// Runs `op` on a fresh read-write session (key creation, status). Officer commands only:
+    /// it is not pooled.
+    async fn admin<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let slot = inner.slot()?;
+            let session = inner.ctx.open_rw_session(slot).map_err(classify)?;
+            inner.login(&session)?;
+            op(&session)
+        })
+        .await
+        .map_err(|_| HsmError::Worker)?
+    }
+
+    /// Makes sure the token holds everything keybroker needs: master key v1 (if no master key
+    /// exists yet), the ES256 signing key pair and the audit HMAC key. Existing objects are
+    /// checked, never replaced. Returns the master-key versions on the token, ascending.
+    ///
+    /// # Errors
+    /// [`HsmError::UnsafeObject`] when an existing keybroker key is extractable or not
+    /// sensitive; any token failure.
+    pub async fn ensure_keys(&self) -> Result<InitReport, HsmError> {
+        self.admin(|session| {
+            let mut report = InitReport::default();
+            for (label, handle) in find_labelled(session, ObjectClass::SECRET_KEY)? {
+                check_secret_is_safe(session, handle, &label)?;
+            }
+            for (label, handle) in find_labelled(session, ObjectClass::PRIVATE_KEY)? {
+                check_secret_is_safe(session, handle, &label)?;
+            }
+            let mut versions = master_key_versions(session)?;
+            if versions.is_empty() {
+                create_master_key(session, MasterKeyVersion::FIRST)?;
+                report.created.push(MasterKeyVersion::FIRST.token_label());
+                versions.push(MasterKeyVersion::FIRST);
+            }
+            if find_one(session, ObjectClass::PRIVATE_KEY, SIGNING_KEY_LABEL)?.is_none() {
+                create_signing_key(session, SIGNING_KEY_LABEL)?;
+                report.created.push(SIGNING_KEY_LABEL.to_owned());
+            }
+            if find_one(session, ObjectClass::SECRET_KEY, AUDIT_KEY_LABEL)?.is_none() {
+                create_audit_key(session, AUDIT_KEY_LABEL)?;
+                report.created.push(AUDIT_KEY_LABEL.to_owned());
+            }
+            report.master_keys = versions;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// Creates master key `version` on the token.
+    ///
+    /// # Errors
+    /// [`HsmError::AlreadyExists`] when an object with its label exists; any token failure.
+    pub async fn create_master_key(&self, version: MasterKeyVersion) -> Result<(), HsmError> {
+        self.admin(move |session| create_master_key(session, version))
+            .await
+    }
+
+    /// The master-key versions present on the token, ascending.
+    ///
+    /// # Errors
+    /// Any token failure.
+    pub async fn master_key_versions(&self) -> Result<Vec<MasterKeyVersion>, HsmError> {
+        self.admin(|session| master_key_versions(session)).await
+    }
+
+    /// Describes every keybroker object on the token: labels and flags, never a value.
+    ///
+    /// # Errors
+    /// Any token failure.
+    pub async fn status(&self) -> Result<Vec<ObjectInfo>, HsmError> {
+        self.admin(|session| {
+            let mut out = Vec::new();
+            for class in [
+                ObjectClass::SECRET_KEY,
+                ObjectClass::PRIVATE_KEY,
+                ObjectClass::PUBLIC_KEY,
+            ] {
+                for (label, handle) in find_labelled(session, class)? {
+                    out.push(describe(session, handle, label, class)?);
+                }
+            }
+            out.sort_by(|a, b| a.label.cmp(&b.label).then(a.class.cmp(b.class)));
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Initialises the token in the first slot that has an uninitialised one (SoftHSM2 always keeps
+/// one free), then sets the user PIN. For development and CI tokens; a production HSM is
+/// initialised with its vendor's tools.
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`] when no free slot exists; any token failure.
+pub async fn init_token(
+    module: PathBuf,
+    label: String,
+    so_pin: SecretString,
+    user_pin: SecretString,
+) -> Result<(), HsmError> {
+    tokio::task::spawn_blocking(move || {
+        let ctx = shared_context(&module)?;
+        let slots = ctx.get_slots_with_token().map_err(classify)?;
+        for slot in &slots {
+            let info = ctx.get_token_info(*slot).map_err(classify)?;
+            if info.token_initialized() && info.label().trim_end() == label {
+                return Err(HsmError::AlreadyExists(label));
+            }
+        }
+        let mut free = None;
+        for slot in slots {
+            if !ctx.get_token_info(slot).map_err(classify)?.token_initialized() {
+                free = Some(slot);
+                break;
+            }
+        }
+        let slot = free.ok_or_else(|| HsmError::TokenNotFound("(a free slot)".to_owned()))?;
+        ctx.init_token(slot, &so_pin, &label).map_err(classify)?;
+        let session = ctx.open_rw_session(slot).map_err(classify)?;
+        session.login(UserType::So, Some(&so_pin)).map_err(classify)?;
+        session.init_pin(&user_pin).map_err(classify)?;
+        session.logout().map_err(classify)?;
+        Ok(())
+    })
+    .await
+    .map_err(|_| HsmError::Worker)?
+}
+
+/// What [`Hsm::ensure_keys`] found and did.
+#[derive(Debug, Default, Clone)]
+pub struct InitReport {
+    /// Labels of the objects created by this call.
+    pub created: Vec<String>,
+    /// Master-key versions on the token, ascending.
+    pub master_keys: Vec<MasterKeyVersion>,
+}
+
+/// One keybroker object on the token, as `hsm status` shows it. There is no value field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// CKA_LABEL.
+    pub label: String,
+    /// CKA_ID, hex.
+    pub id: String,
+    /// `secret-key`, `private-key` or `public-key`.
+    pub class: &'static str,
+    /// `aes`, `ec`, `generic-secret` or `other`.
+    pub key_type: &'static str,
+    /// CKA_SENSITIVE (secret and private keys).
+    pub sensitive: Option<bool>,
+    /// CKA_EXTRACTABLE (secret and private keys).
+    pub extractable: Option<bool>,
+    /// CKA_NEVER_EXTRACTABLE (secret and private keys).
+    pub never_extractable: Option<bool>,
+    /// CKA_WRAP.
+    pub wrap: Option<bool>,
+    /// CKA_UNWRAP.
+    pub unwrap: Option<bool>,
+    /// CKA_ENCRYPT.
+    pub encrypt: Option<bool>,
+    /// CKA_DECRYPT.
+    pub decrypt: Option<bool>,
+}
+
+impl Inner {
+    fn with_session<T>(
+        &self,
+        op: &dyn Fn(&mut TokenSession<'_>) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let mut last_fault = None;
+        for _attempt in 0..2 {
+            let mut pooled = match self.checkout() {
+                Ok(pooled) => pooled,
+                Err(e) if e.is_unavailable() => {
+                    self.invalidate();
+                    last_fault = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let result = op(&mut TokenSession {
+                inner: self,
+                pooled: &mut pooled,
+            });
+            match result {
+                Err(e) if e.is_unavailable() => {
+                    tracing::warn!(target: "keybroker::hsm", error = %e, "token session failed; reopening");
+                    drop(pooled);
+                    self.invalidate();
+                    last_fault = Some(e);
+                }
+                other => {
+                    self.checkin(pooled);
+                    return other;
+                }
+            }
+        }
+        Err(last_fault.unwrap_or(HsmError::Worker))
+    }
+
+    fn checkout(&self) -> Result<PooledSession, HsmError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        loop {
+            let candidate = lock(&self.idle).pop();
+            match candidate {
+                Some(pooled) if pooled.generation == generation => return Ok(pooled),
+                Some(stale) => drop(stale),
+                None => return self.open_session(),
+            }
+        }
+    }
+
+    fn checkin(&self, pooled: PooledSession) {
+        if pooled.generation == self.generation.load(Ordering::Acquire) {
+            lock(&self.idle).push(pooled);
+        }
+    }
+
+    /// Forgets every session, handle and the slot after a fault; the next call starts afresh.
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let stale: Vec<PooledSession> = std::mem::take(&mut *lock(&self.idle));
+        drop(stale);
+        lock(&self.mk_handles).clear();
+        *lock(&self.slot) = None;
+    }
+
+    fn open_session(&self) -> Result<PooledSession, HsmError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let slot = self.slot()?;
+        let session = self.ctx.open_ro_session(slot).map_err(classify)?;
+        self.login(&session)?;
+        Ok(PooledSession {
+            session,
+            generation,
+            mk_copies: HashMap::new(),
+        })
+    }
+
+    fn login(&self, session: &Session) -> Result<(), HsmError> {
+        match session.login(UserType::User, Some(&self.pin)) {
+            // Login is per application: once one session logged in, the others are too. This
+            // says nothing about the PIN, which the first login already checked.
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    fn slot(&self) -> Result<Slot, HsmError> {
+        let mut cached = lock(&self.slot);
+        if let Some(slot) = *cached {
+            return Ok(slot);
+        }
+        for slot in self.ctx.get_slots_with_token().map_err(classify)? {
+            let info = self.ctx.get_token_info(slot).map_err(classify)?;
+            if info.token_initialized() && info.label().trim_end() == self.token_label {
+                *cached = Some(slot);
+                return Ok(slot);
+            }
+        }
+        Err(HsmError::TokenNotFound(self.token_label.clone()))
+    }
+}
+
+/// A logged-in session lent to one [`Hsm::run`] call.
+pub struct TokenSession<'a> {
+    inner: &'a Inner,
+    pooled: &'a mut PooledSession,
+}
+
+impl TokenSession<'_> {
+    /// `len` bytes from the token's RNG.
+    ///
+    /// # Errors
+    /// Any token failure.
+    pub fn random(&mut self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let mut out = Zeroizing::new(vec![0u8; len]);
+        self.pooled
+            .session
+            .generate_random_slice(&mut out)
+            .map_err(classify)?;
+        Ok(out)
+    }
+
+    /// AES-256-GCM under master key `version`, with a fresh 96-bit IV from the token's RNG and a
+    /// 128-bit tag. Returns `iv || ciphertext || tag`.
+    ///
+    /// # Errors
+    /// [`HsmError::UnknownMasterKey`], or any token failure.
+    pub fn seal(
+        &mut self,
+        version: MasterKeyVersion,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let key = self.master_key(version)?;
+        // SoftHSM cannot make GCM IVs itself, so the IV comes from the token's RNG here.
+        let mut iv = [0u8; GCM_IV_LEN];
+        self.pooled
+            .session
+            .generate_random_slice(&mut iv)
+            .map_err(classify)?;
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
+            .map_err(|_| HsmError::Unexpected("GCM parameters rejected"))?;
+        let sealed = self
+            .pooled
+            .session
+            .encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            .map_err(classify)?;
+        if sealed.len() != plaintext.len() + GCM_TAG_LEN {
+            return Err(HsmError::Unexpected("GCM output has the wrong length"));
+        }
+        let mut out = Vec::with_capacity(GCM_IV_LEN + sealed.len());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens what [`TokenSession::seal`] made.
+    ///
+    /// # Errors
+    /// [`HsmError::NotAuthentic`] when the payload or AAD differ from what was sealed;
+    /// [`HsmError::UnknownMasterKey`]; any token failure.
+    pub fn unseal(
+        &mut self,
+        version: MasterKeyVersion,
+        payload: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        if payload.len() < GCM_IV_LEN + GCM_TAG_LEN {
+            return Err(HsmError::NotAuthentic);
+        }
+        let key = self.master_key(version)?;
+        let (iv, sealed) = payload.split_at(GCM_IV_LEN);
+        let mut iv_param = [0u8; GCM_IV_LEN];
+        iv_param.copy_from_slice(iv);
+        let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
+            .map_err(|_| HsmError::Unexpected("GCM parameters rejected"))?;
+        match self
+            .pooled
+            .session
+            .decrypt(&Mechanism::AesGcm(params), key, sealed)
+        {
+            Ok(plain) => Ok(Zeroizing::new(plain)),
+            // A bad tag is CKR_GENERAL_ERROR on SoftHSM2 and CKR_ENCRYPTED_DATA_INVALID on
+            // others; both mean "does not authenticate", whatever the vendor.
+            Err(CkError::Pkcs11(
+                RvError::GeneralError
+                | RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid,
+                _,
+            )) => Err(HsmError::NotAuthentic),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Finds master key `version` on the token itself, bypassing every cache.
+    fn find_master_key(&mut self, version: MasterKeyVersion) -> Result<ObjectHandle, HsmError> {
+        find_one(
+            &self.pooled.session,
+            ObjectClass::SECRET_KEY,
+            &version.token_label(),
+        )?
+        .ok_or(HsmError::UnknownMasterKey(version))
+    }
+
+    /// The handle to use for master key `version` in this session: its session copy if one
+    /// could be made, else the token object.
+    fn master_key(&mut self, version: MasterKeyVersion) -> Result<ObjectHandle, HsmError> {
+        if let Some(handle) = self.pooled.mk_copies.get(&version) {
+            return Ok(*handle);
+        }
+        let cached = lock(&self.inner.mk_handles).get(&version).copied();
+        let token_handle = match cached {
+            Some(handle) => handle,
+            None => {
+                let handle = self.find_master_key(version)?;
+                lock(&self.inner.mk_handles).insert(version, handle);
+                handle
+            }
+        };
+        let handle = match self
+            .pooled
+            .session
+            .copy_object(token_handle, &[Attribute::Token(false)])
+        {
+            Ok(copy) => copy,
+            Err(e) => match classify(e) {
+                fault @ HsmError::Unavailable(_) => return Err(fault),
+                // Some HSMs forbid copies (CKA_COPYABLE=false); the token object works, slower.
+                other => {
+                    tracing::debug!(target: "keybroker::hsm", error = %other, "no session copy of the master key");
+                    token_handle
+                }
+            },
+        };
+        self.pooled.mk_copies.insert(version, handle);
+        Ok(handle)
+    }
+}
+
+fn find_one(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Option<ObjectHandle>, HsmError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(classify)?;
+    Ok(found.into_iter().next())
+}
+
+/// Every token object of `class` whose label starts with keybroker's prefix.
+fn find_labelled(
+    session: &Session,
+    class: ObjectClass,
+) -> Result<Vec<(String, ObjectHandle)>, HsmError> {
+    let handles = session
+        .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
+        .map_err(classify)?;
+    let mut out = Vec::new();
+    for handle in handles {
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::Label])
+            .map_err(classify)?;
+        for attr in attrs {
+            if let Attribute::Label(bytes) = attr {
+                let label = String::from_utf8_lossy(&bytes).into_owned();
+                if label.starts_with(LABEL_PREFIX) {
+                    out.push((label, handle));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn master_key_versions(session: &Session) -> Result<Vec<MasterKeyVersion>, HsmError> {
+    let mut versions: Vec<MasterKeyVersion> = find_labelled(session, ObjectClass::SECRET_KEY)?
+        .into_iter()
+        .filter_map(|(label, _)| {
+            let n = label.strip_prefix("keybroker-mk-v")?.parse().ok()?;
+            let version = MasterKeyVersion::new(n)?;
+            // Only canonical labels count: "keybroker-mk-v01" is not version 1.
+            (version.token_label() == label).then_some(version)
+        })
+        .collect();
+    versions.sort();
+    versions.dedup();
+    Ok(versions)
+}
+
+fn bool_attrs(
+    session: &Session,
+    handle: ObjectHandle,
+    types: &[AttributeType],
+) -> Result<HashMap<AttributeType, bool>, HsmError> {
+    let attrs = session.get_attributes(handle, types).map_err(classify)?;
+    let mut out = HashMap::new();
+    for attr in attrs {
+        let (ty, value) = match attr {
+            Attribute::Sensitive(v) => (AttributeType::Sensitive, v),
+            Attribute::Extractable(v) => (AttributeType::Extractable, v),
+            Attribute::NeverExtractable(v) => (AttributeType::NeverExtractable, v),
+            Attribute::Wrap(v) => (AttributeType::Wrap, v),
+            Attribute::Unwrap(v) => (AttributeType::Unwrap, v),
+            Attribute::Encrypt(v) => (AttributeType::Encrypt, v),
+            Attribute::Decrypt(v) => (AttributeType::Decrypt, v),
+            _ => continue,
+        };
+        out.insert(ty, value);
+    }
+    Ok(out)
+}
+
+fn check_secret_is_safe(
+    session: &Session,
+    handle: ObjectHandle,
+    label: &str,
+) -> Result<(), HsmError> {
+    let flags = bool_attrs(
+        session,
+        handle,
+        &[AttributeType::Sensitive, AttributeType::Extractable],
+    )?;
+    let unsafe_object = |why| HsmError::UnsafeObject {
+        label: label.to_owned(),
+        why,
+    };
+    if flags.get(&AttributeType::Sensitive) != Some(&true) {
+        return Err(unsafe_object("not sensitive"));
+    }
+    if flags.get(&AttributeType::Extractable) != Some(&false) {
+        return Err(unsafe_object("extractable"));
+    }
+    Ok(())
+}
+
+fn describe(
+    session: &Session,
+    handle: ObjectHandle,
+    label: String,
+    class: ObjectClass,
+) -> Result<ObjectInfo, HsmError> {
+    let attrs = session
+        .get_attributes(handle, &[AttributeType::Id, AttributeType::KeyType])
+        .map_err(classify)?;
+    let mut id = String::new();
+    let mut key_type = "other";
+    for attr in attrs {
+        match attr {
+            Attribute::Id(bytes) => id = bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            Attribute::KeyType(kt) if kt == KeyType::AES => key_type = "aes",
+            Attribute::KeyType(kt) if kt == KeyType::EC => key_type = "ec",
+            Attribute::KeyType(kt) if kt == KeyType::GENERIC_SECRET => key_type = "generic-secret",
+            _ => {}
+        }
+    }
+    // Ask only for what the class defines: a private key has no CKA_WRAP, a public key no
+    // CKA_SENSITIVE, and some tokens answer CKR_ATTRIBUTE_TYPE_INVALID for the others.
+    let secret_flags = [
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::NeverExtractable,
+    ];
+    let wanted: Vec<AttributeType> = if class == ObjectClass::SECRET_KEY {
+        let mut all = secret_flags.to_vec();
+        all.extend([
+            AttributeType::Wrap,
+            AttributeType::Unwrap,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+        ]);
+        all
+    } else if class == ObjectClass::PRIVATE_KEY {
+        let mut all = secret_flags.to_vec();
+        all.extend([AttributeType::Unwrap, AttributeType::Decrypt]);
+        all
+    } else {
+        vec![AttributeType::Wrap, AttributeType::Encrypt]
+    };
+    let flags = bool_attrs(session, handle, &wanted)?;
+    let class_name = if class == ObjectClass::SECRET_KEY {
+        "secret-key"
+    } else if class == ObjectClass::PRIVATE_KEY {
+        "private-key"
+    } else {
+        "public-key"
+    };
+    Ok(ObjectInfo {
+        label,
+        id,
+        class: class_name,
+        key_type,
+        sensitive: flags.get(&AttributeType::Sensitive).copied(),
+        extractable: flags.get(&AttributeType::Extractable).copied(),
+        never_extractable: flags.get(&AttributeType::NeverExtractable).copied(),
+        wrap: flags.get(&AttributeType::Wrap).copied(),
+        unwrap: flags.get(&AttributeType::Unwrap).copied(),
+        encrypt: flags.get(&AttributeType::Encrypt).copied(),
+        decrypt: flags.get(&AttributeType::Decrypt).copied(),
+    })
+}
+
+/// The attributes every keybroker secret key shares: on the token, private to the logged-in
+/// user, sensitive, never extractable, and nothing allowed unless the caller says so. We spell
+/// each one out because defaults differ by vendor (SoftHSM2 sets CKA_SIGN on AES keys).
+fn locked_secret_template(label: &str, id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+        Attribute::Derive(false),
+        Attribute::Unwrap(false),
+    ]
+}
+
+fn create_master_key(session: &Session, version: MasterKeyVersion) -> Result<(), HsmError> {
+    let label = version.token_label();
+    if find_one(session, ObjectClass::SECRET_KEY, &label)?.is_some() {
+        return Err(HsmError::AlreadyExists(label));
+    }
+    let mut template = locked_secret_template(&label, label.as_bytes());
+    template.extend([
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Wrap(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ]);
+    session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .map_err(classify)?;
+    Ok(())
+}
+
+fn create_audit_key(session: &Session, label: &str) -> Result<(), HsmError> {
+    let mut template = locked_secret_template(label, label.as_bytes());
+    template.extend([
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Wrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+    ]);
+    session
+        .generate_key(&Mechanism::GenericSecretKeyGen, &template)
+        .map_err(classify)?;
+    Ok(())
+}
+
+fn create_signing_key(session: &Session, label: &str) -> Result<(), HsmError> {
+    let id = label.as_bytes().to_vec();
+    let public = [
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.clone()),
+    ];
+    let mut private = locked_secret_template(label, &id);
+    private.extend([Attribute::Sign(true), Attribute::Decrypt(false)]);
+    session
+        .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+        .map_err(classify)?;
+    Ok(())
+}

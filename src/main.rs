@@ -1,0 +1,344 @@
+//! The `keybroker` command: `serve`, the officer's `hsm …` commands, `dev-cert` and `bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use keybroker::broker::{Broker, Limits};
+use keybroker::config::{DatabaseArgs, ServeArgs, TokenArgs, read_secret};
+use keybroker::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
+use keybroker::hsm::{self, Hsm};
+use keybroker::server::RunningServer;
+use keybroker::store::Store;
+use keybroker::tls;
+
+#[derive(Debug, Parser)]
+#[command(name = "keybroker", version, about = "HSM-backed key broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTPS API.
+    Serve {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Security-officer commands on the token.
+    Hsm {
+        #[command(subcommand)]
+        command: HsmCommand,
+    },
+    /// Make (once) a development CA and server certificate in a folder.
+    DevCert {
+        /// Folder for ca.pem, server.pem and server-key.pem.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Measure the token's raw seal rate through the HSM layer (no HTTP).
+    Bench {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// How long each measurement runs, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent callers of the HSM layer.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// Initialise a token in a free slot (SoftHSM2 and other software tokens). PINs come from
+    /// KEYBROKER_SO_PIN and KEYBROKER_PIN (or their _FILE forms), never from flags.
+    InitToken {
+        #[command(flatten)]
+        token: TokenArgs,
+    },
+    /// Create master key v1, the signing key pair and the audit key where missing, check the
+    /// existing ones, and record the master keys in Postgres. Idempotent.
+    Init {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// List keybroker's objects on the token (flags only, never a value) and the master-key
+    /// versions recorded in Postgres.
+    Status {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Create master key v(N+1) and make it active for new seals.
+    RotateMaster {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn run(command: Command) -> Result<(), BoxError> {
+    match command {
+        Command::Serve { token, db, serve } => serve_api(token, db, serve).await,
+        Command::Hsm { command } => run_hsm(command).await,
+        Command::DevCert { dir } => {
+            let cert = tls::ensure_dev_certificate(&dir)?;
+            println!("CA (trust this):  {}", cert.ca.display());
+            println!("server cert:      {}", cert.cert.display());
+            println!("server key:       {}", cert.key.display());
+            Ok(())
+        }
+        Command::Bench {
+            token,
+            seconds,
+            concurrency,
+        } => bench_token(token, seconds, concurrency).await,
+    }
+}
+
+async fn broker(token: &TokenArgs, db: &DatabaseArgs, limits: Limits) -> Result<Broker, BoxError> {
+    let hsm = Hsm::connect(token.hsm_config()?).await?;
+    let store = Store::connect_lazy(&db.database_url, db.db_max_connections)?;
+    store.migrate().await?;
+    Ok(Broker::new(hsm, store, limits))
+}
+
+async fn serve_api(token: TokenArgs, db: DatabaseArgs, serve: ServeArgs) -> Result<(), BoxError> {
+    let tls_config = tls::server_config(&serve.tls_cert, &serve.tls_key)?;
+    let limits = Limits {
+        max_batch: serve.max_batch,
+    };
+    let broker = Arc::new(broker(&token, &db, limits).await?);
+    let mut server =
+        RunningServer::start(broker, serve.listen, tls_config, serve.max_body_bytes).await?;
+    tracing::info!(addr = %server.addr, token = %token.token_label, "serving https");
+    tokio::select! {
+        result = server.wait() => result?,
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            server.shutdown().await?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
+    let limits = Limits { max_batch: 1 };
+    match command {
+        HsmCommand::InitToken { token } => {
+            let so_pin = read_secret("KEYBROKER_SO_PIN")?;
+            let user_pin = read_secret("KEYBROKER_PIN")?;
+            hsm::init_token(
+                token.pkcs11_module.clone(),
+                token.token_label.clone(),
+                so_pin,
+                user_pin,
+            )
+            .await?;
+            println!("initialised token {:?}", token.token_label);
+        }
+        HsmCommand::Init { token, db } => {
+            let broker = broker(&token, &db, limits).await?;
+            let report = broker.initialise().await?;
+            if report.created.is_empty() {
+                println!("token {:?} already initialised; nothing created", token.token_label);
+            }
+            for label in &report.created {
+                println!("created {label}");
+            }
+            print_master_keys(&broker).await?;
+        }
+        HsmCommand::Status { token, db } => {
+            let broker = broker(&token, &db, limits).await?;
+            print_status(&broker).await?;
+        }
+        HsmCommand::RotateMaster { token, db } => {
+            let broker = broker(&token, &db, limits).await?;
+            let version = broker.rotate_master_key().await?;
+            println!("master key v{version} created and active");
+            print_master_keys(&broker).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn print_status(broker: &Broker) -> Result<(), BoxError> {
+    let objects = broker.hsm().status().await?;
+    let flag = |v: Option<bool>| match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    };
+    println!(
+        "{:<22} {:<12} {:<15} {:<9} {:<11} {:<17} {:<5} {:<7} {:<8} {:<8} ID",
+        "LABEL",
+        "CLASS",
+        "KEY TYPE",
+        "SENSITIVE",
+        "EXTRACTABLE",
+        "NEVER-EXTRACTABLE",
+        "WRAP",
+        "UNWRAP",
+        "ENCRYPT",
+        "DECRYPT"
+    );
+    for o in objects {
+        println!(
+            "{:<22} {:<12} {:<15} {:<9} {:<11} {:<17} {:<5} {:<7} {:<8} {:<8} {}",
+            o.label,
+            o.class,
+            o.key_type,
+            flag(o.sensitive),
+            flag(o.extractable),
+            flag(o.never_extractable),
+            flag(o.wrap),
+            flag(o.unwrap),
+            flag(o.encrypt),
+            flag(o.decrypt),
+            o.id
+        );
+    }
+    println!();
+    print_master_keys(broker).await
+}
+
+async fn print_master_keys(broker: &Broker) -> Result<(), BoxError> {
+    println!(
+        "{:<8} {:<13} {:<15} CREATED",
+        "MK", "STATE", "SEALS (BOUND)"
+    );
+    for row in broker.store().master_keys().await? {
+        println!(
+            "v{:<7} {:<13} {:<15} {}",
+            row.version, row.state, row.seals_reserved, row.created_at
+        );
+    }
+    Ok(())
+}
+
+/// Seals a fresh DEK through [`Hsm::run`] again and again, as `datakey` does minus HTTP and
+/// Postgres, and prints the rate and latency percentiles.
+async fn bench_token(token: TokenArgs, seconds: u64, concurrency: usize) -> Result<(), BoxError> {
+    let hsm = Hsm::connect(token.hsm_config()?).await?;
+    let version = MasterKeyVersion::FIRST;
+    let context = EncryptionContext::default();
+    let aad = Aad {
+        mk_version: version,
+        client_id: None,
+        key_ref: None,
+        context: &context,
+    }
+    .bytes();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let hsm = hsm.clone();
+        let aad = aad.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let aad = aad.clone();
+                let start = Instant::now();
+                hsm.run(move |t| {
+                    let dek = t.random(DEK_LEN)?;
+                    t.seal(version, &dek, &aad)
+                })
+                .await?;
+                latencies.push(start.elapsed());
+            }
+            Ok::<_, hsm::HsmError>(latencies)
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| {
+        let i = ((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1));
+        all.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "token_seal concurrency={} ops={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1}",
+        concurrency.max(1),
+        all.len(),
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99)
+    );
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! `server` wires the pieces into a running HTTPS listener: it owns start-up and graceful
+//! shutdown, and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use tokio::task::JoinHandle;
+
+use crate::api::{AppState, router};
+use crate::broker::Broker;
+
+/// How long in-flight requests may take to finish after a shutdown is asked for.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A listening server.
+pub struct RunningServer {
+    /// The address it listens on (useful when the port was 0).
+    pub addr: SocketAddr,
+    handle: Handle<SocketAddr>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds `listen` and serves the API over TLS in a background task.
+    ///
+    /// # Errors
+    /// An I/O error when the address cannot be bound.
+    pub async fn start(
+        broker: Arc<Broker>,
+        listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        max_body_bytes: usize,
+    ) -> std::io::Result<Self> {
+        let app = router(AppState { broker }, max_body_bytes);
+        let handle = Handle::new();
+        let server = axum_server::bind_rustls(listen, RustlsConfig::from_config(tls))
+            .handle(handle.clone());
+        let task = tokio::spawn(async move {
+            server
+                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
+        });
+        let Some(addr) = handle.listening().await else {
+            // The serve task ended before listening: report its bind error.
+            return match task.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(std::io::Error::other("the server stopped before listening")),
+            };
+        };
+        Ok(Self { addr, handle, task })
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (up to a grace period), and
+    /// waits for the server to stop.
+    ///
+    /// # Errors
+    /// The server task's I/O error, if it failed.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.handle.graceful_shutdown(Some(GRACE));
+        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// Waits until the server stops by itself (it only does on error).
+    ///
+    /// # Errors
+    /// The server task's I/O error.
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
