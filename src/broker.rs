@@ -283,7 +283,8 @@ impl Broker {
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
-        self.each_item(items, |token, item| open(token, item)).await
+        let results = self.each_item(items, |token, item| open(token, item)).await?;
+        self.explain_missing_versions(results).await
     }
 
     /// Re-seals blobs under the active master key inside this process: the plaintext exists only
@@ -297,7 +298,7 @@ impl Broker {
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
-        self.each_item(items, move |token, item| {
+        let results = self.each_item(items, move |token, item| {
             let plaintext = open(token, item)?;
             let aad = Aad {
                 mk_version: version,
@@ -308,7 +309,36 @@ impl Broker {
             let payload = token.seal(version, &plaintext, &aad.bytes())?;
             Ok(WrappedBlob::new(version, payload))
         })
-        .await
+        .await?;
+        self.explain_missing_versions(results).await
+    }
+
+    /// A blob's master-key version that the token does not hold is the caller's mistake only
+    /// if we never had that version; a version we recorded and did not destroy is missing
+    /// because the token is not the one it should be, which is an outage.
+    async fn explain_missing_versions<T>(
+        &self,
+        mut results: Vec<Result<T, BrokerError>>,
+    ) -> Result<Vec<Result<T, BrokerError>>, BrokerError> {
+        let missing = |r: &Result<T, BrokerError>| matches!(r, Err(BrokerError::UnknownMasterKey(_)));
+        if !results.iter().any(missing) {
+            return Ok(results);
+        }
+        let recorded = self.store.master_keys().await?;
+        for result in &mut results {
+            if let Err(BrokerError::UnknownMasterKey(v)) = result {
+                let version = *v;
+                if recorded
+                    .iter()
+                    .any(|row| row.version == version && row.state != "destroyed")
+                {
+                    *result = Err(BrokerError::HsmUnavailable(HsmError::ObjectMissing(
+                        version.token_label(),
+                    )));
+                }
+            }
+        }
+        Ok(results)
     }
 
     fn check_batch(&self, len: usize) -> Result<(), BrokerError> {

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -100,6 +100,10 @@ pub enum HsmError {
     /// No session became free, or the token did not answer, within the deadline.
     #[error("the token did not answer within {0:?}")]
     Timeout(Duration),
+    /// A keybroker object that must be on the token cannot be found there: the token was
+    /// replaced, emptied or lost its storage. An outage, not a caller's mistake.
+    #[error("token object {0} is missing")]
+    ObjectMissing(String),
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 call failed")]
     Pkcs11(#[source] CkError),
@@ -116,7 +120,11 @@ impl HsmError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Timeout(_) | Self::TokenNotFound(_) | Self::Worker
+            Self::Unavailable(_)
+                | Self::Timeout(_)
+                | Self::TokenNotFound(_)
+                | Self::ObjectMissing(_)
+                | Self::Worker
         )
     }
 }
@@ -149,29 +157,83 @@ fn classify(err: CkError) -> HsmError {
     }
 }
 
-/// The process-wide PKCS#11 context. PKCS#11 allows one `C_Initialize` per process, so every
+/// How often, at most, a token that stays unreachable makes us re-initialise the module.
+const REINIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The process-wide PKCS#11 module. PKCS#11 allows one `C_Initialize` per process, so every
 /// [`Hsm`] in the process shares it (tests build several).
-fn shared_context(module: &Path) -> Result<Pkcs11, HsmError> {
-    static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
-    let cell = CONTEXT.get_or_init(|| Mutex::new(None));
-    let mut slot = lock(cell);
-    if let Some((path, ctx)) = slot.as_ref() {
-        if path == module {
-            return Ok(ctx.clone());
+struct Module {
+    ctx: Pkcs11,
+    path: PathBuf,
+    /// Token calls hold it shared; re-initialising holds it exclusively, because `C_Finalize`
+    /// while another thread is inside the module is undefined behaviour.
+    lifecycle: RwLock<()>,
+    last_reinit: Mutex<Option<Instant>>,
+}
+
+impl Module {
+    fn shared(path: &Path) -> Result<Arc<Self>, HsmError> {
+        static MODULE: OnceLock<Mutex<Option<Arc<Module>>>> = OnceLock::new();
+        let cell = MODULE.get_or_init(|| Mutex::new(None));
+        let mut current = lock(cell);
+        if let Some(module) = current.as_ref() {
+            if module.path == path {
+                return Ok(module.clone());
+            }
+        }
+        let module_err = |source| HsmError::Module {
+            path: path.to_path_buf(),
+            source,
+        };
+        let ctx = Pkcs11::new(path).map_err(module_err)?;
+        Self::initialize(&ctx).map_err(module_err)?;
+        let module = Arc::new(Self {
+            ctx,
+            path: path.to_path_buf(),
+            lifecycle: RwLock::new(()),
+            last_reinit: Mutex::new(None),
+        });
+        *current = Some(module.clone());
+        Ok(module)
+    }
+
+    fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
+        // Without OS locking two threads crashed SoftHSM (PLATFORM.md).
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+            Err(e) => Err(e),
         }
     }
-    let module_err = |source| HsmError::Module {
-        path: module.to_path_buf(),
-        source,
-    };
-    let ctx = Pkcs11::new(module).map_err(module_err)?;
-    // Without OS locking two threads crashed SoftHSM (PLATFORM.md).
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(module_err(e)),
+
+    /// Shared access for one token call.
+    fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.lifecycle
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-    *slot = Some((module.to_path_buf(), ctx.clone()));
-    Ok(ctx)
+
+    /// `C_Finalize` then `C_Initialize`, once per [`REINIT_INTERVAL`] at most. Some modules
+    /// (SoftHSM2 among them) never see a token again after it went away until they are
+    /// re-initialised; real HSM vendors recommend the same after a failover. Every session of
+    /// the process dies with it; callers reopen theirs on the next call.
+    fn reinitialize(&self) {
+        let _exclusive = self
+            .lifecycle
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = lock(&self.last_reinit);
+        if last.is_some_and(|at| at.elapsed() < REINIT_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::warn!(target: "keybroker::hsm", "token unreachable; re-initialising the PKCS#11 module");
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(target: "keybroker::hsm", error = %e, "C_Finalize failed");
+        }
+        if let Err(e) = Self::initialize(&self.ctx) {
+            tracing::warn!(target: "keybroker::hsm", error = %e, "C_Initialize failed");
+        }
+    }
 }
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it: every structure we
@@ -197,7 +259,7 @@ impl fmt::Debug for Hsm {
 }
 
 struct Inner {
-    ctx: Pkcs11,
+    module: Arc<Module>,
     token_label: String,
     pin: SecretString,
     /// The slot holding our token; re-resolved after a fault (a re-inserted token may move).
@@ -229,7 +291,7 @@ impl Hsm {
         let op_timeout = config.op_timeout;
         let inner = tokio::task::spawn_blocking(move || -> Result<Inner, HsmError> {
             let inner = Inner {
-                ctx: shared_context(&config.module)?,
+                module: Module::shared(&config.module)?,
                 token_label: config.token_label,
                 pin: config.pin,
                 slot: Mutex::new(None),
@@ -237,7 +299,10 @@ impl Hsm {
                 generation: AtomicU64::new(0),
                 mk_handles: Mutex::new(HashMap::new()),
             };
-            let first = inner.open_session()?;
+            let first = {
+                let _shared = inner.module.enter();
+                inner.open_session()?
+            };
             inner.checkin(first);
             Ok(inner)
         })
@@ -290,7 +355,7 @@ impl Hsm {
         self.run(|s| {
             find_one(&s.pooled.session, ObjectClass::SECRET_KEY, AUDIT_KEY_LABEL)?
                 .map(|_| ())
-                .ok_or(HsmError::Unexpected("the audit key is missing from the token"))
+                .ok_or_else(|| HsmError::ObjectMissing(AUDIT_KEY_LABEL.to_owned()))
         })
         .await
     }
@@ -309,8 +374,13 @@ impl Hsm {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            let _shared = inner.module.enter();
             let slot = inner.slot()?;
-            let session = inner.ctx.open_rw_session(slot).map_err(classify)?;
+            let session = inner
+                .module
+                .ctx
+                .open_rw_session(slot)
+                .map_err(classify)?;
             inner.login(&session)?;
             op(&session)
         })
@@ -407,7 +477,9 @@ pub async fn init_token(
     user_pin: SecretString,
 ) -> Result<(), HsmError> {
     tokio::task::spawn_blocking(move || {
-        let ctx = shared_context(&module)?;
+        let module = Module::shared(&module)?;
+        let _shared = module.enter();
+        let ctx = &module.ctx;
         let slots = ctx.get_slots_with_token().map_err(classify)?;
         for slot in &slots {
             let info = ctx.get_token_info(*slot).map_err(classify)?;
@@ -471,12 +543,18 @@ pub struct ObjectInfo {
 }
 
 impl Inner {
+    /// One try, a retry on a fresh session, and, when the token still cannot be reached, a last
+    /// try after re-initialising the module (rate-limited; see [`Module::reinitialize`]).
     fn with_session<T>(
         &self,
         op: &dyn Fn(&mut TokenSession<'_>) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let mut last_fault = None;
-        for _attempt in 0..2 {
+        for attempt in 0..3 {
+            if attempt == 2 {
+                self.module.reinitialize();
+            }
+            let _shared = self.module.enter();
             let mut pooled = match self.checkout() {
                 Ok(pooled) => pooled,
                 Err(e) if e.is_unavailable() => {
@@ -492,7 +570,7 @@ impl Inner {
             });
             match result {
                 Err(e) if e.is_unavailable() => {
-                    tracing::warn!(target: "keybroker::hsm", error = %e, "token session failed; reopening");
+                    tracing::warn!(target: "keybroker::hsm", error = %e, attempt, "token call failed; reopening the session");
                     drop(pooled);
                     self.invalidate();
                     last_fault = Some(e);
@@ -536,7 +614,7 @@ impl Inner {
     fn open_session(&self) -> Result<PooledSession, HsmError> {
         let generation = self.generation.load(Ordering::Acquire);
         let slot = self.slot()?;
-        let session = self.ctx.open_ro_session(slot).map_err(classify)?;
+        let session = self.module.ctx.open_ro_session(slot).map_err(classify)?;
         self.login(&session)?;
         Ok(PooledSession {
             session,
@@ -559,8 +637,11 @@ impl Inner {
         if let Some(slot) = *cached {
             return Ok(slot);
         }
-        for slot in self.ctx.get_slots_with_token().map_err(classify)? {
-            let info = self.ctx.get_token_info(slot).map_err(classify)?;
+        // Any failure to list slots or read token info means we cannot reach our token (SoftHSM2
+        // answers CKR_GENERAL_ERROR once its storage went away).
+        let ctx = &self.module.ctx;
+        for slot in ctx.get_slots_with_token().map_err(HsmError::Unavailable)? {
+            let info = ctx.get_token_info(slot).map_err(HsmError::Unavailable)?;
             if info.token_initialized() && info.label().trim_end() == self.token_label {
                 *cached = Some(slot);
                 return Ok(slot);
@@ -601,7 +682,12 @@ impl TokenSession<'_> {
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        let key = self.master_key(version)?;
+        // The version we seal under comes from our own records, so its absence from the token
+        // is an outage, not a caller's mistake.
+        let key = self.master_key(version).map_err(|e| match e {
+            HsmError::UnknownMasterKey(v) => HsmError::ObjectMissing(v.token_label()),
+            other => other,
+        })?;
         // SoftHSM cannot make GCM IVs itself, so the IV comes from the token's RNG here.
         let mut iv = [0u8; GCM_IV_LEN];
         self.pooled
