@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
-use crate::crypto::{
-    Aad, DEK_LEN, EncryptionContext, KeyMaterial, MasterKeyVersion, WrappedBlob,
-};
+use crate::crypto::{Aad, DEK_LEN, EncryptionContext, KeyMaterial, MasterKeyVersion, WrappedBlob};
 use crate::hsm::{Hsm, HsmError, InitReport, TokenSession};
 use crate::store::{Store, StoreError};
 
@@ -197,18 +195,27 @@ impl Broker {
     /// # Errors
     /// A token or database failure.
     pub async fn rotate_master_key(&self) -> Result<MasterKeyVersion, BrokerError> {
-        let on_token = self.hsm.master_key_versions().await?;
-        let in_db = self.store.master_keys().await?;
-        let highest = on_token
-            .iter()
-            .copied()
-            .chain(in_db.iter().map(|row| row.version))
-            .max()
-            .unwrap_or(MasterKeyVersion::FIRST);
-        let next = highest.next().ok_or(BrokerError::Hsm(HsmError::Unexpected(
-            "master key versions exhausted",
-        )))?;
-        self.hsm.create_master_key(next).await?;
+        // Another broker may create the same next version between our look and our create;
+        // then we look again. (Step 5 coordinates rotation through Postgres.)
+        let mut attempts = 0;
+        let next = loop {
+            let on_token = self.hsm.master_key_versions().await?;
+            let in_db = self.store.master_keys().await?;
+            let highest = on_token
+                .iter()
+                .copied()
+                .chain(in_db.iter().map(|row| row.version))
+                .max()
+                .unwrap_or(MasterKeyVersion::FIRST);
+            let next = highest.next().ok_or(BrokerError::Hsm(HsmError::Unexpected(
+                "master key versions exhausted",
+            )))?;
+            match self.hsm.create_master_key(next).await {
+                Ok(()) => break next,
+                Err(HsmError::AlreadyExists(_)) if attempts < 5 => attempts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
         self.store.activate_new_master_key(next).await?;
         // Seal under the new version from the next call on, on this node at least.
         self.budget.lock().await.fetched = Instant::now() - ACTIVE_VERSION_TTL;
@@ -283,7 +290,7 @@ impl Broker {
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
-        let results = self.each_item(items, |token, item| open(token, item)).await?;
+        let results = self.each_item(items, open).await?;
         self.explain_missing_versions(results).await
     }
 
@@ -298,18 +305,19 @@ impl Broker {
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
-        let results = self.each_item(items, move |token, item| {
-            let plaintext = open(token, item)?;
-            let aad = Aad {
-                mk_version: version,
-                client_id: None,
-                key_ref: None,
-                context: &item.context,
-            };
-            let payload = token.seal(version, &plaintext, &aad.bytes())?;
-            Ok(WrappedBlob::new(version, payload))
-        })
-        .await?;
+        let results = self
+            .each_item(items, move |token, item| {
+                let plaintext = open(token, item)?;
+                let aad = Aad {
+                    mk_version: version,
+                    client_id: None,
+                    key_ref: None,
+                    context: &item.context,
+                };
+                let payload = token.seal(version, &plaintext, &aad.bytes())?;
+                Ok(WrappedBlob::new(version, payload))
+            })
+            .await?;
         self.explain_missing_versions(results).await
     }
 
@@ -320,7 +328,8 @@ impl Broker {
         &self,
         mut results: Vec<Result<T, BrokerError>>,
     ) -> Result<Vec<Result<T, BrokerError>>, BrokerError> {
-        let missing = |r: &Result<T, BrokerError>| matches!(r, Err(BrokerError::UnknownMasterKey(_)));
+        let missing =
+            |r: &Result<T, BrokerError>| matches!(r, Err(BrokerError::UnknownMasterKey(_)));
         if !results.iter().any(missing) {
             return Ok(results);
         }
@@ -391,11 +400,12 @@ impl Broker {
         let n = n as u64;
         let mut budget = self.budget.lock().await;
         let fresh = budget.fetched.elapsed() < ACTIVE_VERSION_TTL;
-        if let Some(version) = budget.version {
-            if fresh && budget.remaining >= n {
-                budget.remaining -= n;
-                return Ok(version);
-            }
+        if let Some(version) = budget.version
+            && fresh
+            && budget.remaining >= n
+        {
+            budget.remaining -= n;
+            return Ok(version);
         }
         budget.block = if fresh {
             (budget.block * 2).min(MAX_SEAL_BLOCK)

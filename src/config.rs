@@ -39,8 +39,8 @@ pub fn read_secret(name: &'static str) -> Result<SecretString, ConfigError> {
     let Ok(path) = std::env::var(format!("{name}_FILE")) else {
         return Err(ConfigError::MissingSecret(name));
     };
-    let mut text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::SecretFile { name, source })?;
+    let mut text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile { name, source })?;
     let trimmed = text.trim_end_matches(['\r', '\n']).to_owned();
     zeroize::Zeroize::zeroize(&mut text);
     Ok(SecretString::from(trimmed))
@@ -50,7 +50,11 @@ pub fn read_secret(name: &'static str) -> Result<SecretString, ConfigError> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenArgs {
     /// Path of the PKCS#11 module (the vendor's library).
-    #[arg(long, env = "PKCS11_MODULE", default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+    #[arg(
+        long,
+        env = "PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
     pub pkcs11_module: PathBuf,
     /// Label of the token keybroker uses.
     #[arg(long, env = "KEYBROKER_TOKEN_LABEL", default_value = "keybroker")]

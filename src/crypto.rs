@@ -211,7 +211,10 @@ impl EncryptionContext {
         let field_ok = |s: &str, allow_empty: bool| {
             (allow_empty || !s.is_empty()) && s.len() <= MAX_CONTEXT_FIELD_LEN
         };
-        if !map.iter().all(|(k, v)| field_ok(k, false) && field_ok(v, true)) {
+        if !map
+            .iter()
+            .all(|(k, v)| field_ok(k, false) && field_ok(v, true))
+        {
             return Err(ContextError::BadField);
         }
         Ok(Self(map))

@@ -176,10 +176,10 @@ impl Module {
         static MODULE: OnceLock<Mutex<Option<Arc<Module>>>> = OnceLock::new();
         let cell = MODULE.get_or_init(|| Mutex::new(None));
         let mut current = lock(cell);
-        if let Some(module) = current.as_ref() {
-            if module.path == path {
-                return Ok(module.clone());
-            }
+        if let Some(module) = current.as_ref()
+            && module.path == path
+        {
+            return Ok(module.clone());
         }
         let module_err = |source| HsmError::Module {
             path: path.to_path_buf(),
@@ -376,11 +376,7 @@ impl Hsm {
         tokio::task::spawn_blocking(move || {
             let _shared = inner.module.enter();
             let slot = inner.slot()?;
-            let session = inner
-                .module
-                .ctx
-                .open_rw_session(slot)
-                .map_err(classify)?;
+            let session = inner.module.ctx.open_rw_session(slot).map_err(classify)?;
             inner.login(&session)?;
             op(&session)
         })
@@ -438,7 +434,7 @@ impl Hsm {
     /// # Errors
     /// Any token failure.
     pub async fn master_key_versions(&self) -> Result<Vec<MasterKeyVersion>, HsmError> {
-        self.admin(|session| master_key_versions(session)).await
+        self.admin(master_key_versions).await
     }
 
     /// Describes every keybroker object on the token: labels and flags, never a value.
@@ -489,7 +485,11 @@ pub async fn init_token(
         }
         let mut free = None;
         for slot in slots {
-            if !ctx.get_token_info(slot).map_err(classify)?.token_initialized() {
+            if !ctx
+                .get_token_info(slot)
+                .map_err(classify)?
+                .token_initialized()
+            {
                 free = Some(slot);
                 break;
             }
@@ -497,7 +497,9 @@ pub async fn init_token(
         let slot = free.ok_or_else(|| HsmError::TokenNotFound("(a free slot)".to_owned()))?;
         ctx.init_token(slot, &so_pin, &label).map_err(classify)?;
         let session = ctx.open_rw_session(slot).map_err(classify)?;
-        session.login(UserType::So, Some(&so_pin)).map_err(classify)?;
+        session
+            .login(UserType::So, Some(&so_pin))
+            .map_err(classify)?;
         session.init_pin(&user_pin).map_err(classify)?;
         session.logout().map_err(classify)?;
         Ok(())

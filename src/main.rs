@@ -102,7 +102,10 @@ fn main() -> ExitCode {
         .init();
     tls::install_crypto_provider();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -213,7 +216,10 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             let broker = broker(&token, &db, limits).await?;
             let report = broker.initialise().await?;
             if report.created.is_empty() {
-                println!("token {:?} already initialised; nothing created", token.token_label);
+                println!(
+                    "token {:?} already initialised; nothing created",
+                    token.token_label
+                );
             }
             for label in &report.created {
                 println!("created {label}");

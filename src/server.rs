@@ -36,8 +36,8 @@ impl RunningServer {
     ) -> std::io::Result<Self> {
         let app = router(AppState { broker }, max_body_bytes);
         let handle = Handle::new();
-        let server = axum_server::bind_rustls(listen, RustlsConfig::from_config(tls))
-            .handle(handle.clone());
+        let server =
+            axum_server::bind_rustls(listen, RustlsConfig::from_config(tls)).handle(handle.clone());
         let task = tokio::spawn(async move {
             server
                 .serve(app.into_make_service_with_connect_info::<SocketAddr>())
@@ -60,7 +60,9 @@ impl RunningServer {
     /// The server task's I/O error, if it failed.
     pub async fn shutdown(self) -> std::io::Result<()> {
         self.handle.graceful_shutdown(Some(GRACE));
-        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// Waits until the server stops by itself (it only does on error).

@@ -1,1 +1,13 @@
+//! The integration suite: one binary (each `tests/*.rs` would link separately and slowly).
+//! Everything runs against the real SoftHSM2 token and the real Postgres that
+//! `scripts/test.sh` sets up, over real HTTPS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod bad_input;
+mod child_process;
+mod crypto_api;
+mod custody;
+mod openapi;

@@ -1,0 +1,292 @@
+//! Master keys cannot leave the token, and the officer commands are idempotent and honest.
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use secrecy::SecretString;
+
+use crate::common::{fresh_database, hsm_config, pkcs11_module, token_label, user_pin};
+use keybroker::broker::{Broker, Limits};
+use keybroker::hsm::{self, Hsm, HsmError};
+use keybroker::store::Store;
+
+/// Our own cryptoki context, independent of keybroker's HSM layer (it may share the process's
+/// `C_Initialize`, which is allowed).
+fn raw_session(label: &str) -> Session {
+    let ctx = Pkcs11::new(pkcs11_module()).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == label)
+        .expect("token present");
+    let session = ctx.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(&SecretString::from(user_pin()))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("login: {e}"),
+    }
+    session
+}
+
+fn find_key(session: &Session, label: &str) -> ObjectHandle {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{label} not on the token"))
+}
+
+fn rv(err: &CkError) -> Option<RvError> {
+    match err {
+        CkError::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_master_key_cannot_be_read_wrapped_or_made_extractable() {
+    let session = raw_session(&token_label());
+    let mk = find_key(&session, "keybroker-mk-v1");
+
+    // CKA_VALUE: SoftHSM2 answers with no value, other tokens with CKR_ATTRIBUTE_SENSITIVE.
+    match session.get_attributes(mk, &[AttributeType::Value]) {
+        Ok(attrs) => {
+            for attr in attrs {
+                if let Attribute::Value(bytes) = attr {
+                    assert!(bytes.is_empty(), "CKA_VALUE of the master key was readable");
+                }
+            }
+        }
+        Err(e) => assert_eq!(rv(&e), Some(RvError::AttributeSensitive), "{e}"),
+    }
+
+    // C_WrapKey under a wrapping key we control fails.
+    let wrapping = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+            ],
+        )
+        .unwrap();
+    for mechanism in [Mechanism::AesKeyWrapPad, Mechanism::AesKeyWrap] {
+        let err = session.wrap_key(&mechanism, wrapping, mk).unwrap_err();
+        assert_eq!(rv(&err), Some(RvError::KeyUnextractable), "{err}");
+    }
+
+    // CKA_EXTRACTABLE cannot be set back to true, on the key or on a copy of it.
+    let err = session
+        .update_attributes(mk, &[Attribute::Extractable(true)])
+        .unwrap_err();
+    assert_eq!(rv(&err), Some(RvError::AttributeReadOnly), "{err}");
+    assert!(
+        session
+            .copy_object(mk, &[Attribute::Token(false), Attribute::Extractable(true)])
+            .is_err(),
+        "a copy of the master key could be made extractable"
+    );
+    assert!(
+        session
+            .copy_object(mk, &[Attribute::Token(false), Attribute::Sensitive(false)])
+            .is_err(),
+        "a copy of the master key could be made non-sensitive"
+    );
+
+    let flags = session
+        .get_attributes(
+            mk,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Token,
+                AttributeType::Private,
+            ],
+        )
+        .unwrap();
+    for flag in flags {
+        match flag {
+            Attribute::Sensitive(v) | Attribute::NeverExtractable(v) => assert!(v),
+            Attribute::Extractable(v) => assert!(!v),
+            Attribute::Token(v) | Attribute::Private(v) => assert!(v),
+            other => panic!("unexpected attribute {other:?}"),
+        }
+    }
+    session.destroy_object(wrapping).unwrap();
+}
+
+#[test]
+fn pkcs11_tool_shows_the_master_key_sensitive_and_never_extractable() {
+    // The PIN goes through the environment, not the command line.
+    let output = std::process::Command::new("pkcs11-tool")
+        .args(["--module"])
+        .arg(pkcs11_module())
+        .args([
+            "--token-label",
+            &token_label(),
+            "--login",
+            "--pin",
+            "env:KB_TEST_PKCS11_TOOL_PIN",
+        ])
+        .args(["--list-objects", "--type", "secrkey"])
+        .env("KB_TEST_PKCS11_TOOL_PIN", user_pin())
+        .output()
+        .expect("pkcs11-tool runs");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let block = text
+        .split("Secret Key Object")
+        .find(|b| b.contains("label:      keybroker-mk-v1\n"))
+        .unwrap_or_else(|| panic!("keybroker-mk-v1 not listed:\n{text}"));
+    let access = block
+        .lines()
+        .find(|l| l.trim_start().starts_with("Access:"))
+        .unwrap_or_else(|| panic!("no Access line:\n{block}"));
+    let flags: Vec<&str> = access
+        .trim_start()
+        .trim_start_matches("Access:")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert!(flags.contains(&"sensitive"), "{access}");
+    assert!(flags.contains(&"never extractable"), "{access}");
+    assert!(!flags.contains(&"extractable"), "{access}");
+    assert!(block.contains("AES length 32"), "{block}");
+}
+
+#[tokio::test]
+async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
+    let store = Store::connect_lazy(&fresh_database().await, 2).unwrap();
+    store.migrate().await.unwrap();
+    let broker = Broker::new(
+        Hsm::connect(hsm_config()).await.unwrap(),
+        store,
+        Limits { max_batch: 1 },
+    );
+    let first = broker.initialise().await.unwrap();
+    let second = broker.initialise().await.unwrap();
+    assert!(second.created.is_empty(), "{:?}", second.created);
+    assert_eq!(first.master_keys, second.master_keys);
+    let objects = broker.hsm().status().await.unwrap();
+    let v1: Vec<_> = objects
+        .iter()
+        .filter(|o| o.label == "keybroker-mk-v1")
+        .collect();
+    assert_eq!(v1.len(), 1, "exactly one MK v1");
+    assert_eq!(v1[0].sensitive, Some(true));
+    assert_eq!(v1[0].extractable, Some(false));
+    assert_eq!(v1[0].never_extractable, Some(true));
+    assert_eq!((v1[0].wrap, v1[0].unwrap), (Some(false), Some(false)));
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.label == "keybroker-sign-v1" && o.class == "private-key")
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.label == "keybroker-audit-v1" && o.key_type == "generic-secret")
+    );
+
+    // The database records exactly one active version.
+    let rows = broker.store().master_keys().await.unwrap();
+    assert_eq!(rows.iter().filter(|r| r.state == "active").count(), 1);
+}
+
+#[tokio::test]
+async fn hsm_init_refuses_a_token_whose_master_key_is_extractable() {
+    // A token of our own, so the shared one stays clean.
+    let label = format!(
+        "kb-unsafe-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    hsm::init_token(
+        pkcs11_module(),
+        label.clone(),
+        SecretString::from("so-pin-for-this-test"),
+        SecretString::from(user_pin()),
+    )
+    .await
+    .unwrap();
+    {
+        let session = raw_session(&label);
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Label(b"keybroker-mk-v1".to_vec()),
+                ],
+            )
+            .unwrap();
+    }
+    let mut config = hsm_config();
+    config.token_label = label;
+    let hsm = Hsm::connect(config).await.unwrap();
+    match hsm.ensure_keys().await {
+        Err(HsmError::UnsafeObject { label, .. }) => assert_eq!(label, "keybroker-mk-v1"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing was created next to the unsafe key.
+    assert!(
+        hsm.status()
+            .await
+            .unwrap()
+            .iter()
+            .all(|o| o.label == "keybroker-mk-v1")
+    );
+}
+
+#[tokio::test]
+async fn hsm_status_command_lists_flags_and_no_secret() {
+    let db = fresh_database().await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["hsm", "status"])
+        .env("DATABASE_URL", &db)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mk_line = stdout
+        .lines()
+        .find(|l| l.starts_with("keybroker-mk-v1 "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let columns: Vec<&str> = mk_line.split_whitespace().collect();
+    // LABEL CLASS KEY-TYPE SENSITIVE EXTRACTABLE NEVER-EXTRACTABLE WRAP UNWRAP ENCRYPT DECRYPT ID
+    assert_eq!(
+        &columns[1..10],
+        [
+            "secret-key",
+            "aes",
+            "yes",
+            "no",
+            "yes",
+            "no",
+            "no",
+            "yes",
+            "yes"
+        ]
+    );
+    assert!(!stdout.contains(&user_pin()) && !stderr.contains(&user_pin()));
+}
