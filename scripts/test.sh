@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
-kb_install_deps
+kb_install_deps python3
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)
 chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg

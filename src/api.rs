@@ -545,6 +545,7 @@ fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape or invalid context", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn datakey(
     State(state): State<AppState>,
@@ -565,6 +566,7 @@ async fn datakey(
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn datakey_batch(
     State(state): State<AppState>,
@@ -593,6 +595,7 @@ async fn datakey_batch(
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `invalid_key_length` or `invalid_context`", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn wrap(
     State(state): State<AppState>,
@@ -613,6 +616,7 @@ async fn wrap(
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn wrap_batch(
     State(state): State<AppState>,
@@ -640,7 +644,8 @@ async fn wrap_batch(
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch` (other context or altered blob)", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, or `database_unavailable` while checking an unknown master-key version", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn unwrap(
     State(state): State<AppState>,
@@ -660,7 +665,8 @@ async fn unwrap(
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, or `database_unavailable` while checking an unknown master-key version", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn unwrap_batch(
     State(state): State<AppState>,
@@ -689,6 +695,7 @@ async fn unwrap_batch(
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch`", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn rewrap(
     State(state): State<AppState>,
@@ -709,6 +716,7 @@ async fn rewrap(
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
         (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
     ))]
 async fn rewrap_batch(
     State(state): State<AppState>,

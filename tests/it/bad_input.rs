@@ -267,7 +267,7 @@ async fn unknown_paths_and_methods_get_the_error_shape() {
 async fn oversized_bodies_and_batches_are_refused() {
     let server = TestServer::start_with(Limits { max_batch: 5 }, 64 * 1024).await;
     let huge = json!({"context": {"k": "x".repeat(70 * 1024)}});
-    let (status, body) = server.post("/v1/datakey", &huge).await;
+    let (status, body) = server.post_oversized("/v1/datakey", &huge).await;
     assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
 
     let items: Vec<_> = (0..6).map(|_| json!({})).collect();
@@ -296,7 +296,7 @@ async fn oversized_bodies_and_batches_are_refused() {
 async fn default_limits_are_one_mebibyte_and_a_thousand_items() {
     let server = TestServer::start().await;
     let just_over = json!({"context": {"k": "x".repeat(1024 * 1024)}});
-    let (status, body) = server.post("/v1/datakey", &just_over).await;
+    let (status, body) = server.post_oversized("/v1/datakey", &just_over).await;
     assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
     let items: Vec<_> = (0..1001).map(|_| json!({"plaintext": false})).collect();
     let (status, body) = server

@@ -85,8 +85,9 @@ impl ChildServer {
         }
     }
 
-    /// SIGTERM, then the exit status and the whole log.
-    fn stop(mut self) -> String {
+    /// SIGTERM, then the whole log. It waits asynchronously: our HTTP/2 connections must keep
+    /// answering the server's shutdown handshake, or it waits out its whole grace period.
+    async fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let start = Instant::now();
@@ -95,7 +96,7 @@ impl ChildServer {
                 let _ = self.child.kill();
                 panic!("the server did not stop on SIGTERM");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         std::fs::read_to_string(&self.log).unwrap()
     }
@@ -173,7 +174,7 @@ async fn a_lost_token_gives_503_and_service_returns_without_a_restart() {
     assert_eq!(body["plaintext"], key["plaintext"]);
     let (status, _) = server.request("/v1/datakey", Some(&json!({}))).await;
     assert_eq!(status, 200);
-    server.stop();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -236,7 +237,7 @@ async fn a_whole_session_log_holds_no_key_material_and_no_pin() {
         .await;
     assert_eq!(status, 422);
 
-    let log = server.stop();
+    let log = server.stop().await;
     assert!(log.contains("serving https"), "the log was captured: {log}");
     assert!(log.contains("request refused"), "refusals are logged");
     assert!(!log.contains(&user_pin()), "the PIN appears in the log");

@@ -41,6 +41,18 @@ pub fn hsm_config() -> HsmConfig {
     }
 }
 
+/// Server logs go to the test output (RUST_LOG), so `scripts/test.sh` can check the whole
+/// run's log for secrets.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A scratch folder for this test process.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -85,11 +97,14 @@ pub fn https_client() -> reqwest::Client {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // HTTP/2, as most clients negotiate: an early 413 then arrives as a response, not as a
+    // reset of a half-sent HTTP/1.1 body.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     reqwest::Client::builder()
         .tls_backend_preconfigured(config)
         .build()
@@ -110,8 +125,14 @@ impl TestServer {
     }
 
     pub async fn start_with(limits: Limits, max_body_bytes: usize) -> Self {
+        Self::start_on(&fresh_database().await, limits, max_body_bytes).await
+    }
+
+    /// Serves on the database at `database_url` (already created).
+    pub async fn start_on(database_url: &str, limits: Limits, max_body_bytes: usize) -> Self {
         tls::install_crypto_provider();
-        let store = Store::connect_lazy(&fresh_database().await, 4).unwrap();
+        init_logging();
+        let store = Store::connect_lazy(database_url, 4).unwrap();
         store.migrate().await.unwrap();
         let hsm = Hsm::connect(hsm_config()).await.unwrap();
         let broker = Arc::new(Broker::new(hsm, store, limits));
@@ -144,6 +165,26 @@ impl TestServer {
             .await
             .unwrap();
         read(response).await
+    }
+
+    /// POSTs a body the server refuses before reading it all (over the size limit). The server
+    /// answers at once; a client still sending may then see its stream reset before it reads
+    /// that answer, which is a transport race, not the server's verdict, so we send again.
+    pub async fn post_oversized(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut last_error = None;
+        for _ in 0..5 {
+            match self
+                .client
+                .post(format!("{}{path}", self.base))
+                .json(body)
+                .send()
+                .await
+            {
+                Ok(response) => return read(response).await,
+                Err(e) => last_error = Some(e),
+            }
+        }
+        panic!("no answer to an oversized body: {last_error:?}")
     }
 
     /// POSTs raw bytes with a content type.

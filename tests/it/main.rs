@@ -10,4 +10,6 @@ mod bad_input;
 mod child_process;
 mod crypto_api;
 mod custody;
+mod database_outage;
+mod examples;
 mod openapi;

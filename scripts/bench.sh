@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Benchmark: (a) the raw token rate of the seal the broker uses, through the HSM layer with no
+# HTTP, and (b) HTTPS datakey and unwrap requests/s with p50/p99 latency at 1, 16 and 64
+# keep-alive connections (wrk), and the ratio (b)/(a). Everything runs on this machine, in
+# throwaway locations, against a release build.
+#
+#   BENCH_SECONDS   seconds per measurement (default 10)
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$KB_ROOT"
+
+SECONDS_EACH=${BENCH_SECONDS:-10}
+kb_install_deps wrk curl
+
+WORK=$(mktemp -d /tmp/keybroker-bench.XXXXXX)
+chmod 755 "$WORK"
+SERVER=
+cleanup() {
+  [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  kb_stop_postgres "$WORK/pg"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+kb_log "building keybroker (release)"
+cargo build --release --quiet
+BIN="$KB_ROOT/target/release/keybroker"
+
+kb_setup_softhsm "$WORK/softhsm"
+kb_secret_file "$WORK/secrets/so.pin"
+kb_secret_file "$WORK/secrets/user.pin"
+export KEYBROKER_SO_PIN_FILE="$WORK/secrets/so.pin" KEYBROKER_PIN_FILE="$WORK/secrets/user.pin"
+kb_setup_postgres "$WORK/pg" keybroker
+kb_init_token "$BIN" keybroker-bench >/dev/null
+"$BIN" dev-cert --dir "$WORK/tls" >/dev/null
+
+# (a) the token alone: inside one blocking call (the token's own rate), then one HSM-layer
+# call per seal from 1, 2 and 16 tasks. The best layer rate is the (a) of the ratio.
+kb_log "token seal rate, ${SECONDS_EACH}s per run"
+declare -A TOKEN_RATE
+BEST=0
+for c in 0 1 2 16; do
+  line=$("$BIN" bench --seconds "$SECONDS_EACH" --concurrency "$c" 2>/dev/null)
+  echo "  $line"
+  TOKEN_RATE[$c]=$(sed -n 's/.*ops_per_s=\([0-9]*\).*/\1/p' <<<"$line")
+  if [ "$c" -gt 0 ] && [ "${TOKEN_RATE[$c]}" -gt "$BEST" ]; then BEST=${TOKEN_RATE[$c]}; fi
+done
+
+# (b) the server over HTTPS.
+PORT=$(kb_free_port)
+KEYBROKER_TLS_CERT="$WORK/tls/server.pem" KEYBROKER_TLS_KEY="$WORK/tls/server-key.pem" \
+  KEYBROKER_LISTEN="127.0.0.1:$PORT" RUST_LOG=warn "$BIN" serve 2>"$WORK/server.log" &
+SERVER=$!
+URL="https://127.0.0.1:$PORT"
+for _ in $(seq 100); do curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev/null && break; sleep 0.1; done
+
+CONTEXT='{"tenant":"bench","purpose":"datakey"}'
+BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' \
+  -d "{\"context\":$CONTEXT,\"plaintext\":false}" "$URL/v1/datakey" | sed 's/.*"wrapped":"\([^"]*\)".*/\1/')
+cat >"$WORK/datakey.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"context":$CONTEXT}'
+LUA
+cat >"$WORK/unwrap.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"wrapped":"$BLOB","context":$CONTEXT}'
+LUA
+
+# wrk prints latency in us/ms/s; normalise to milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+    printf "%.2f", n }'
+}
+
+ROWS=()
+for endpoint in datakey unwrap; do
+  for c in 1 16 64; do
+    threads=$(( c < 2 ? 1 : 2 ))
+    out=$(wrk -t"$threads" -c"$c" -d"${SECONDS_EACH}s" --latency -s "$WORK/$endpoint.lua" "$URL/v1/$endpoint")
+    rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    errors=$(awk '/Non-2xx or 3xx responses:/ {print $5}' <<<"$out")
+    ratio=$(awk -v r="$rps" -v t="$BEST" 'BEGIN {printf "%.2f", r / t}')
+    ROWS+=("$(printf '| %-7s | %5s | %8s | %8s | %8s | %5s | %6s |' "$endpoint" "$c" "$rps" "$p50" "$p99" "$ratio" "${errors:-0}")")
+    kb_log "$endpoint c=$c: $rps req/s, p50 ${p50} ms, p99 ${p99} ms"
+  done
+done
+
+echo
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(. /etc/os-release; echo "$PRETTY_NAME"), $(softhsm2-util --version | head -1 | sed 's/^/SoftHSM /')"
+echo "token seal (RNG 32 B + AES-256-GCM), no HTTP: ${TOKEN_RATE[0]} ops/s inside one blocking call;"
+echo "through the HSM layer, one call per seal: ${TOKEN_RATE[1]} / ${TOKEN_RATE[2]} / ${TOKEN_RATE[16]} ops/s with 1 / 2 / 16 callers"
+echo "(a) = best HSM-layer rate = $BEST ops/s"
+echo
+echo "| op      | conns |    req/s | p50 (ms) | p99 (ms) | (b)/(a) | non-2xx |"
+echo "|---------|-------|----------|----------|----------|-------|--------|"
+printf '%s\n' "${ROWS[@]}"
