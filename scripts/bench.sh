@@ -40,7 +40,8 @@ kb_log "token seal rate, ${SECONDS_EACH}s per run"
 declare -A TOKEN_RATE
 BEST=0
 for c in 0 1 2 16; do
-  line=$("$BIN" bench --seconds "$SECONDS_EACH" --concurrency "$c" 2>/dev/null)
+  line=$("$BIN" bench --seconds "$SECONDS_EACH" --concurrency "$c" 2>"$WORK/bench.err") \
+    || { cat "$WORK/bench.err" >&2; exit 1; }
   echo "  $line"
   TOKEN_RATE[$c]=$(sed -n 's/.*ops_per_s=\([0-9]*\).*/\1/p' <<<"$line")
   if [ "$c" -gt 0 ] && [ "${TOKEN_RATE[$c]}" -gt "$BEST" ]; then BEST=${TOKEN_RATE[$c]}; fi

@@ -511,14 +511,7 @@ where
 
 /// Checks a batch's size before any item is parsed.
 fn check_batch_size<T>(state: &AppState, items: &[T]) -> Result<(), ApiError> {
-    let max = state.broker.limits().max_batch;
-    if items.is_empty() {
-        return Err(BrokerError::EmptyBatch.into());
-    }
-    if items.len() > max {
-        return Err(BrokerError::BatchTooLarge { max }.into());
-    }
-    Ok(())
+    Ok(state.broker.check_batch(items.len())?)
 }
 
 /// A single call is a batch of one: the same path, and its one result or error.

@@ -350,7 +350,11 @@ impl Broker {
         Ok(results)
     }
 
-    fn check_batch(&self, len: usize) -> Result<(), BrokerError> {
+    /// Checks a batch's size against the limits.
+    ///
+    /// # Errors
+    /// [`BrokerError::EmptyBatch`] or [`BrokerError::BatchTooLarge`].
+    pub fn check_batch(&self, len: usize) -> Result<(), BrokerError> {
         if len == 0 {
             return Err(BrokerError::EmptyBatch);
         }

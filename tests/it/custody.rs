@@ -7,7 +7,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
 
-use crate::common::{fresh_database, hsm_config, pkcs11_module, token_label, user_pin};
+use crate::common::{TestServer, fresh_database, hsm_config, pkcs11_module, token_label, user_pin};
 use keybroker::broker::{Broker, Limits};
 use keybroker::hsm::{self, Hsm, HsmError};
 use keybroker::store::Store;
@@ -289,4 +289,40 @@ async fn hsm_status_command_lists_flags_and_no_secret() {
         ]
     );
     assert!(!stdout.contains(&user_pin()) && !stderr.contains(&user_pin()));
+}
+
+#[tokio::test]
+async fn a_lost_login_is_restored_and_the_caller_sees_success() {
+    let server = TestServer::start().await;
+    let (status, key) = server.post("/v1/datakey", &serde_json::json!({})).await;
+    assert_eq!(status, 200, "{key}");
+
+    // Log the whole application out from a session of our own (login state is per
+    // application), as a token reset would: the pool's sessions lose their login.
+    let session = raw_session(&token_label());
+    session.logout().unwrap();
+    let visible = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(b"keybroker-mk-v1".to_vec()),
+        ])
+        .unwrap();
+    assert!(visible.is_empty(), "the logout did not take effect");
+    drop(session);
+
+    for _ in 0..3 {
+        let (status, body) = server
+            .post(
+                "/v1/unwrap",
+                &serde_json::json!({"wrapped": key["wrapped"]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["plaintext"], key["plaintext"]);
+        let (status, body) = server.post("/v1/datakey", &serde_json::json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = server.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
 }
