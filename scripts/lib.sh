@@ -38,8 +38,7 @@ kb_free_port() {
 kb_secret_file() {
   local file=$1
   [ -s "$file" ] && return 0
-  mkdir -p "$(dirname "$file")"
-  (umask 077; head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$file")
+  (umask 077; mkdir -p "$(dirname "$file")"; head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$file")
 }
 
 # SoftHSM2 config and token folder under DIR; exports SOFTHSM2_CONF and PKCS11_MODULE.

@@ -2,6 +2,9 @@
 # README command 1: set everything up under .local/ (once) and serve https://127.0.0.1:8443.
 # Ctrl-C stops the server and the local Postgres.
 set -euo pipefail
+# Ctrl-C also ends whatever reads our output (e.g. `| tee`); a write to it must not kill this
+# script before its clean-up has stopped the server and Postgres.
+trap '' PIPE
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
@@ -24,8 +27,19 @@ if [ -z "${PKCS11_MODULE:-}" ] || [ "$PKCS11_MODULE" = "$KB_SOFTHSM_MODULE" ]; t
   export KEYBROKER_PIN_FILE="$LOCAL/secrets/user.pin"
 fi
 
+SERVER=
+cleanup() {
+  set +e
+  if [ -n "$SERVER" ]; then
+    kill -TERM "$SERVER" 2>/dev/null
+    wait "$SERVER" 2>/dev/null
+  fi
+  kb_stop_postgres "$LOCAL/pg"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 kb_setup_postgres "$LOCAL/pg" keybroker
-trap 'kb_stop_postgres "$LOCAL/pg"' EXIT
 
 kb_init_token "$BIN" "$LABEL"
 "$BIN" dev-cert --dir "$LOCAL/tls" >/dev/null
@@ -36,5 +50,4 @@ kb_log "serving https://$KEYBROKER_LISTEN (trust $LOCAL/tls/ca.pem); Ctrl-C stop
 kb_log "the crypto endpoints have no authentication yet: keep the listener on loopback"
 "$BIN" serve &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; kb_stop_postgres "$LOCAL/pg"' INT TERM EXIT
-wait $SERVER
+wait "$SERVER"
