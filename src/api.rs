@@ -407,6 +407,33 @@ pub struct HealthResponse {
     pub checks: BTreeMap<String, String>,
 }
 
+/// The error answers of every crypto endpoint, all in the one error shape. Only its OpenAPI
+/// description is used.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum CryptoErrorResponses {
+    /// `invalid_json`, `invalid_base64`, `invalid_blob` or `unsupported_blob_version`
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `payload_too_large`: the body is over the configured limit
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// `unsupported_media_type`: the body is not sent as `application/json`
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// `invalid_request` (wrong types, unknown or missing fields), `invalid_key_length`,
+    /// `invalid_context`, `empty_batch`, `batch_too_large`, `unknown_mk_version`,
+    /// `context_mismatch` (another context, or an altered blob)
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// `internal_error`: a bug; the request id finds it in the server log
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// `hsm_unavailable`, `database_unavailable` or `no_active_key`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 // ---------------------------------------------------------------------------------------------
 // Parsing at the edge
 
@@ -533,12 +560,7 @@ fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
     request_body = DataKeyBody,
     responses(
         (status = 200, description = "The data key", body = DataKeyResponse),
-        (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape or invalid context", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn datakey(
     State(state): State<AppState>,
@@ -554,12 +576,7 @@ async fn datakey(
     request_body = DataKeyBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = DataKeyBatchResponse),
-        (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn datakey_batch(
     State(state): State<AppState>,
@@ -583,12 +600,7 @@ async fn datakey_batch(
     request_body = WrapBody,
     responses(
         (status = 200, description = "The blob", body = WrappedResponse),
-        (status = 400, description = "`invalid_json` or `invalid_base64`", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `invalid_key_length` or `invalid_context`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn wrap(
     State(state): State<AppState>,
@@ -604,12 +616,7 @@ async fn wrap(
     request_body = WrapBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
-        (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn wrap_batch(
     State(state): State<AppState>,
@@ -633,12 +640,7 @@ async fn wrap_batch(
     request_body = BlobBody,
     responses(
         (status = 200, description = "The key material", body = UnwrapResponse),
-        (status = 400, description = "`invalid_json`, `invalid_blob` or `unsupported_blob_version`", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch` (other context or altered blob)", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, or `database_unavailable` while checking an unknown master-key version", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn unwrap(
     State(state): State<AppState>,
@@ -654,12 +656,7 @@ async fn unwrap(
     request_body = BlobBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = UnwrapBatchResponse),
-        (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, or `database_unavailable` while checking an unknown master-key version", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn unwrap_batch(
     State(state): State<AppState>,
@@ -683,12 +680,7 @@ async fn unwrap_batch(
     request_body = BlobBody,
     responses(
         (status = 200, description = "The new blob", body = WrappedResponse),
-        (status = 400, description = "`invalid_json`, `invalid_blob` or `unsupported_blob_version`", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `unknown_mk_version`, `context_mismatch`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn rewrap(
     State(state): State<AppState>,
@@ -704,12 +696,7 @@ async fn rewrap(
     request_body = BlobBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
-        (status = 400, description = "Not JSON", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "Wrong shape, `empty_batch` or `batch_too_large`", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable`, `database_unavailable` or `no_active_key`", body = ErrorBody),
-        (status = 500, description = "`internal_error`: a bug; the request id finds it in the log", body = ErrorBody),
+        CryptoErrorResponses,
     ))]
 async fn rewrap_batch(
     State(state): State<AppState>,

@@ -39,7 +39,7 @@ async fn the_document_describes_every_endpoint_and_error() {
         let responses = op["responses"].as_object().unwrap();
         assert!(responses.contains_key("200"), "{path}");
         if method == "post" {
-            for code in ["400", "413", "415", "422", "503"] {
+            for code in ["400", "413", "415", "422", "500", "503"] {
                 let schema = &responses[code]["content"]["application/json"]["schema"]["$ref"];
                 assert_eq!(
                     schema.as_str(),
@@ -53,6 +53,11 @@ async fn the_document_describes_every_endpoint_and_error() {
             );
         }
     }
+    assert_eq!(
+        doc["paths"]["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
+            ["$ref"],
+        "#/components/schemas/HealthResponse"
+    );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for name in [
         "ErrorBody",
