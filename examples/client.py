@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """A keybroker client in plain Python 3 (standard library only).
 
-Asks for a data key bound to an encryption context, keeps only the wrapped blob (as an
+Gets an access token with its client credentials (OAuth 2.0 client_credentials, HTTP Basic),
+asks for a data key bound to an encryption context, keeps only the wrapped blob (as an
 application would store it next to its data), and later unwraps it to get the key back.
 
-    KEYBROKER_URL=https://127.0.0.1:8443 KEYBROKER_CA=.local/tls/ca.pem python3 examples/client.py
+    python3 examples/client.py      # after ./scripts/run.sh, from the repository root
+
+KEYBROKER_URL, KEYBROKER_CA and KEYBROKER_CREDENTIALS (a JSON file with client_id and
+client_secret) default to what ./scripts/run.sh sets up.
 """
 
 import base64
@@ -13,11 +17,30 @@ import os
 import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 URL = os.environ.get("KEYBROKER_URL", "https://127.0.0.1:8443")
 CA = os.environ.get("KEYBROKER_CA", ".local/tls/ca.pem")
+CREDENTIALS = os.environ.get("KEYBROKER_CREDENTIALS", ".local/admin-credentials.json")
 TLS = ssl.create_default_context(cafile=CA)
+
+
+def get_token():
+    """client_credentials grant with HTTP Basic; a machine client simply asks again on expiry."""
+    with open(CREDENTIALS) as f:
+        creds = json.load(f)
+    basic = base64.b64encode(f"{creds['client_id']}:{creds['client_secret']}".encode()).decode()
+    request = urllib.request.Request(
+        URL + "/v1/oauth/token",
+        data=urllib.parse.urlencode({"grant_type": "client_credentials"}).encode(),
+        headers={"Authorization": "Basic " + basic},
+    )
+    with urllib.request.urlopen(request, context=TLS, timeout=10) as response:
+        return json.load(response)["access_token"]
+
+
+TOKEN = get_token()
 
 
 def call(path, body):
@@ -25,7 +48,7 @@ def call(path, body):
     request = urllib.request.Request(
         URL + path,
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": "Bearer " + TOKEN},
     )
     try:
         with urllib.request.urlopen(request, context=TLS, timeout=10) as response:

@@ -231,21 +231,24 @@ impl Broker {
         }
     }
 
-    /// New data keys from the token's RNG, each sealed under the active master key.
+    /// New data keys from the token's RNG, each sealed under the active master key for `owner`
+    /// (a client id, bound into the AAD: no other client can open the blob).
     ///
     /// # Errors
     /// Whole-call failures (batch size, outages); each item has its own result.
     pub async fn datakeys(
         &self,
+        owner: &str,
         items: Vec<DataKeyRequest>,
     ) -> Result<Vec<Result<DataKey, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
+        let owner = owner.to_owned();
         self.each_item(items, move |token, item| {
             let dek = token.random(DEK_LEN)?;
             let aad = Aad {
                 mk_version: version,
-                client_id: None,
+                client_id: Some(&owner),
                 key_ref: None,
                 context: &item.context,
             };
@@ -264,14 +267,16 @@ impl Broker {
     /// Whole-call failures (batch size, outages); each item has its own result.
     pub async fn wrap(
         &self,
+        owner: &str,
         items: Vec<WrapRequest>,
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
+        let owner = owner.to_owned();
         self.each_item(items, move |token, item| {
             let aad = Aad {
                 mk_version: version,
-                client_id: None,
+                client_id: Some(&owner),
                 key_ref: None,
                 context: &item.context,
             };
@@ -287,10 +292,14 @@ impl Broker {
     /// Whole-call failures (batch size, outages); each item has its own result.
     pub async fn unwrap(
         &self,
+        owner: &str,
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
-        let results = self.each_item(items, open).await?;
+        let owner = owner.to_owned();
+        let results = self
+            .each_item(items, move |token, item| open(token, &owner, item))
+            .await?;
         self.explain_missing_versions(results).await
     }
 
@@ -301,16 +310,18 @@ impl Broker {
     /// Whole-call failures (batch size, outages); each item has its own result.
     pub async fn rewrap(
         &self,
+        owner: &str,
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
+        let owner = owner.to_owned();
         let results = self
             .each_item(items, move |token, item| {
-                let plaintext = open(token, item)?;
+                let plaintext = open(token, &owner, item)?;
                 let aad = Aad {
                     mk_version: version,
-                    client_id: None,
+                    client_id: Some(&owner),
                     key_ref: None,
                     context: &item.context,
                 };
@@ -428,11 +439,16 @@ impl Broker {
     }
 }
 
-fn open(token: &mut TokenSession<'_>, item: &BlobRequest) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+/// Opens a blob sealed for `owner` (the client id bound into its AAD).
+fn open(
+    token: &mut TokenSession<'_>,
+    owner: &str,
+    item: &BlobRequest,
+) -> Result<Zeroizing<Vec<u8>>, HsmError> {
     let version = item.wrapped.mk_version();
     let aad = Aad {
         mk_version: version,
-        client_id: None,
+        client_id: Some(owner),
         key_ref: None,
         context: &item.context,
     };

@@ -3,11 +3,14 @@
 //! `ps` output, and nothing here prints them.
 
 use std::net::SocketAddr;
+
+use ipnet::IpNet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::auth::AuthConfig;
 use crate::hsm::HsmConfig;
 
 /// Why the configuration is unusable.
@@ -108,8 +111,7 @@ impl std::fmt::Debug for DatabaseArgs {
 /// How to serve HTTPS.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on. The crypto endpoints have no authentication yet: keep the default
-    /// loopback address until clients and tokens exist.
+    /// Address to listen on.
     #[arg(long, env = "KEYBROKER_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
     /// PEM certificate chain for TLS.
@@ -124,4 +126,43 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "KEYBROKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+/// How access tokens are issued and checked.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthArgs {
+    /// The broker's public base URL: the `iss` of its tokens, and with `/v1/oauth/token` the
+    /// `aud` that client assertions must carry. Default: https:// and the listen address.
+    #[arg(long, env = "KEYBROKER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// The `aud` of access tokens.
+    #[arg(long, env = "KEYBROKER_TOKEN_AUDIENCE", default_value = "keybroker")]
+    pub token_audience: String,
+    /// Access-token lifetime, in seconds.
+    #[arg(long, env = "KEYBROKER_TOKEN_TTL_SECS", default_value_t = 300)]
+    pub token_ttl_secs: u64,
+    /// Clock skew allowed on `exp`/`nbf`, in seconds.
+    #[arg(long, env = "KEYBROKER_TOKEN_LEEWAY_SECS", default_value_t = 30)]
+    pub token_leeway_secs: u64,
+    /// Proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For is believed.
+    #[arg(long, env = "KEYBROKER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl AuthArgs {
+    /// The token settings, for a server listening on `listen`.
+    pub fn auth_config(&self, listen: SocketAddr) -> AuthConfig {
+        AuthConfig {
+            issuer: self
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("https://{listen}"))
+                .trim_end_matches('/')
+                .to_owned(),
+            audience: self.token_audience.clone(),
+            token_ttl: Duration::from_secs(self.token_ttl_secs),
+            leeway: self.token_leeway_secs,
+            trusted_proxies: self.trusted_proxies.clone(),
+        }
+    }
 }

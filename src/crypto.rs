@@ -231,7 +231,7 @@ impl EncryptionContext {
 pub struct Aad<'a> {
     /// The master-key version that seals (or sealed) the blob.
     pub mk_version: MasterKeyVersion,
-    /// The owning client; `None` until clients exist (step 2 fills it in).
+    /// The owning client. Every blob the API seals carries one.
     pub client_id: Option<&'a str>,
     /// The managed key and its version, when the DEK belongs to one.
     pub key_ref: Option<&'a str>,

@@ -269,6 +269,8 @@ struct Inner {
     generation: AtomicU64,
     /// Token-object handles of master keys, looked up once and dropped on a fault.
     mk_handles: Mutex<HashMap<MasterKeyVersion, ObjectHandle>>,
+    /// Token-object handles of the signing private key and the audit/pepper key, by label.
+    key_handles: Mutex<HashMap<&'static str, ObjectHandle>>,
 }
 
 struct PooledSession {
@@ -298,6 +300,7 @@ impl Hsm {
                 idle: Mutex::new(Vec::new()),
                 generation: AtomicU64::new(0),
                 mk_handles: Mutex::new(HashMap::new()),
+                key_handles: Mutex::new(HashMap::new()),
             };
             let first = {
                 let _shared = inner.module.enter();
@@ -356,6 +359,30 @@ impl Hsm {
             find_one(&s.pooled.session, ObjectClass::SECRET_KEY, AUDIT_KEY_LABEL)?
                 .map(|_| ())
                 .ok_or_else(|| HsmError::ObjectMissing(AUDIT_KEY_LABEL.to_owned()))
+        })
+        .await
+    }
+
+    /// CKA_EC_POINT of the token-signing public key, as the token gives it (usually a DER OCTET
+    /// STRING around the uncompressed point).
+    ///
+    /// # Errors
+    /// [`HsmError::ObjectMissing`] when the key pair is not on the token; any token failure.
+    pub async fn signing_public_key(&self) -> Result<Vec<u8>, HsmError> {
+        self.run(|s| {
+            let session = &s.pooled.session;
+            let handle = find_one(session, ObjectClass::PUBLIC_KEY, SIGNING_KEY_LABEL)?
+                .ok_or_else(|| HsmError::ObjectMissing(SIGNING_KEY_LABEL.to_owned()))?;
+            let attrs = session
+                .get_attributes(handle, &[AttributeType::EcPoint])
+                .map_err(classify)?;
+            attrs
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::EcPoint(point) => Some(point),
+                    _ => None,
+                })
+                .ok_or(HsmError::Unexpected("the signing key has no CKA_EC_POINT"))
         })
         .await
     }
@@ -610,6 +637,7 @@ impl Inner {
         let stale: Vec<PooledSession> = std::mem::take(&mut *lock(&self.idle));
         drop(stale);
         lock(&self.mk_handles).clear();
+        lock(&self.key_handles).clear();
         *lock(&self.slot) = None;
     }
 
@@ -750,6 +778,54 @@ impl TokenSession<'_> {
             )) => Err(HsmError::NotAuthentic),
             Err(e) => Err(classify(e)),
         }
+    }
+
+    /// ECDSA P-256 with the token-signing key over a SHA-256 digest the caller computed
+    /// (CKM_ECDSA is raw ECDSA; tokens rarely offer CKM_ECDSA_SHA256). Returns `r || s`, which is
+    /// the JWS ES256 signature format.
+    ///
+    /// # Errors
+    /// [`HsmError::ObjectMissing`] without a signing key; any token failure.
+    pub fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<[u8; 64], HsmError> {
+        let key = self.named_key(ObjectClass::PRIVATE_KEY, SIGNING_KEY_LABEL)?;
+        let signature = self
+            .pooled
+            .session
+            .sign(&Mechanism::Ecdsa, key, digest)
+            .map_err(classify)?;
+        signature
+            .try_into()
+            .map_err(|_| HsmError::Unexpected("ECDSA signature is not 64 bytes"))
+    }
+
+    /// HMAC-SHA256 with keybroker's pepper/audit key, inside the token.
+    ///
+    /// # Errors
+    /// [`HsmError::ObjectMissing`] without the key; any token failure.
+    pub fn hmac(&mut self, data: &[u8]) -> Result<[u8; 32], HsmError> {
+        let key = self.named_key(ObjectClass::SECRET_KEY, AUDIT_KEY_LABEL)?;
+        let mac = self
+            .pooled
+            .session
+            .sign(&Mechanism::Sha256Hmac, key, data)
+            .map_err(classify)?;
+        mac.try_into()
+            .map_err(|_| HsmError::Unexpected("HMAC-SHA256 is not 32 bytes"))
+    }
+
+    /// The token-object handle of a fixed keybroker key, looked up once.
+    fn named_key(
+        &mut self,
+        class: ObjectClass,
+        label: &'static str,
+    ) -> Result<ObjectHandle, HsmError> {
+        if let Some(handle) = lock(&self.inner.key_handles).get(label) {
+            return Ok(*handle);
+        }
+        let handle = find_one(&self.pooled.session, class, label)?
+            .ok_or_else(|| HsmError::ObjectMissing(label.to_owned()))?;
+        lock(&self.inner.key_handles).insert(label, handle);
+        Ok(handle)
     }
 
     /// Finds master key `version` on the token itself, bypassing every cache.

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+use keybroker::api::AppState;
+use keybroker::auth::{Authenticator, Client, ClientSecret, ClientSpec};
 use keybroker::broker::{Broker, Limits};
-use keybroker::config::{DatabaseArgs, ServeArgs, TokenArgs, read_secret};
+use keybroker::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs, read_secret};
 use keybroker::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
 use keybroker::hsm::{self, Hsm};
 use keybroker::server::RunningServer;
@@ -32,11 +34,22 @@ enum Command {
         db: DatabaseArgs,
         #[command(flatten)]
         serve: ServeArgs,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Security-officer commands on the token.
     Hsm {
         #[command(subcommand)]
         command: HsmCommand,
+    },
+    /// Security-officer commands on clients.
+    Client {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(subcommand)]
+        command: ClientCommand,
     },
     /// Make (once) a development CA and server certificate in a folder.
     DevCert {
@@ -72,6 +85,17 @@ enum HsmCommand {
         token: TokenArgs,
         #[command(flatten)]
         db: DatabaseArgs,
+        /// Where to write the bootstrap admin's credentials as JSON (mode 0600), when this run
+        /// creates them; they are printed either way, once.
+        #[arg(long)]
+        admin_credentials_out: Option<PathBuf>,
+        /// The broker's public base URL, for the `token_url` in those credentials.
+        #[arg(
+            long,
+            env = "KEYBROKER_PUBLIC_URL",
+            default_value = "https://127.0.0.1:8443"
+        )]
+        public_url: String,
     },
     /// List keybroker's objects on the token (flags only, never a value) and the master-key
     /// versions recorded in Postgres.
@@ -87,6 +111,53 @@ enum HsmCommand {
         token: TokenArgs,
         #[command(flatten)]
         db: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Register a client; its secret is printed once.
+    Register {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// An allowed source address (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<String>,
+        /// An allowed source network (repeatable).
+        #[arg(long = "cidr")]
+        cidrs: Vec<String>,
+        /// `strict`: only from the addresses given; `none`: from anywhere.
+        #[arg(long, value_parser = ["strict", "none"])]
+        ip_mode: String,
+        /// Space-separated scopes, e.g. "datakey unwrap keys:*".
+        #[arg(long)]
+        scopes: String,
+        /// A P-256 public key (SPKI PEM file) for private_key_jwt.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// List clients.
+    List,
+    /// Show one client.
+    Show {
+        /// Client id.
+        id: uuid::Uuid,
+    },
+    /// Disable a client: its live tokens stop working at once.
+    Disable {
+        /// Client id.
+        id: uuid::Uuid,
+    },
+    /// Enable a client again.
+    Enable {
+        /// Client id.
+        id: uuid::Uuid,
+    },
+    /// Delete a client.
+    Delete {
+        /// Client id.
+        id: uuid::Uuid,
     },
 }
 
@@ -134,8 +205,14 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 async fn run(command: Command) -> Result<(), BoxError> {
     match command {
-        Command::Serve { token, db, serve } => serve_api(token, db, serve).await,
+        Command::Serve {
+            token,
+            db,
+            serve,
+            auth,
+        } => serve_api(token, db, serve, auth).await,
         Command::Hsm { command } => run_hsm(command).await,
+        Command::Client { token, db, command } => run_client(token, db, command).await,
         Command::DevCert { dir } => {
             let cert = tls::ensure_dev_certificate(&dir)?;
             println!("CA (trust this):  {}", cert.ca.display());
@@ -158,14 +235,28 @@ async fn broker(token: &TokenArgs, db: &DatabaseArgs, limits: Limits) -> Result<
     Ok(Broker::new(hsm, store, limits))
 }
 
-async fn serve_api(token: TokenArgs, db: DatabaseArgs, serve: ServeArgs) -> Result<(), BoxError> {
+async fn serve_api(
+    token: TokenArgs,
+    db: DatabaseArgs,
+    serve: ServeArgs,
+    auth: AuthArgs,
+) -> Result<(), BoxError> {
     let tls_config = tls::server_config(&serve.tls_cert, &serve.tls_key)?;
     let limits = Limits {
         max_batch: serve.max_batch,
     };
     let broker = Arc::new(broker(&token, &db, limits).await?);
+    let auth = Arc::new(
+        Authenticator::load(
+            broker.hsm().clone(),
+            broker.store().clone(),
+            auth.auth_config(serve.listen),
+        )
+        .await?,
+    );
+    let state = AppState { broker, auth };
     let mut server =
-        RunningServer::start(broker, serve.listen, tls_config, serve.max_body_bytes).await?;
+        RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
     tracing::info!(addr = %server.addr, token = %token.token_label, "serving https");
     tokio::select! {
         result = server.wait() => result?,
@@ -212,7 +303,12 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             .await?;
             println!("initialised token {:?}", token.token_label);
         }
-        HsmCommand::Init { token, db } => {
+        HsmCommand::Init {
+            token,
+            db,
+            admin_credentials_out,
+            public_url,
+        } => {
             let broker = broker(&token, &db, limits).await?;
             let report = broker.initialise().await?;
             if report.created.is_empty() {
@@ -225,6 +321,15 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
                 println!("created {label}");
             }
             print_master_keys(&broker).await?;
+            let auth = authenticator(&broker, &public_url).await?;
+            if let Some((client, secret)) = auth.bootstrap_admin().await? {
+                print_bootstrap(
+                    &client,
+                    &secret,
+                    &public_url,
+                    admin_credentials_out.as_deref(),
+                )?;
+            }
         }
         HsmCommand::Status { token, db } => {
             let broker = broker(&token, &db, limits).await?;
@@ -238,6 +343,122 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
         }
     }
     Ok(())
+}
+
+async fn authenticator(broker: &Broker, public_url: &str) -> Result<Authenticator, BoxError> {
+    let config = AuthArgs {
+        public_url: Some(public_url.to_owned()),
+        token_audience: "keybroker".to_owned(),
+        token_ttl_secs: 300,
+        token_leeway_secs: 30,
+        trusted_proxies: Vec::new(),
+    }
+    .auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
+    Ok(Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?)
+}
+
+/// Shows the bootstrap admin's credentials once, and writes them to `out` (mode 0600) if asked.
+fn print_bootstrap(
+    client: &Client,
+    secret: &ClientSecret,
+    public_url: &str,
+    out: Option<&std::path::Path>,
+) -> Result<(), BoxError> {
+    let token_url = format!("{}/v1/oauth/token", public_url.trim_end_matches('/'));
+    println!();
+    println!("bootstrap admin client (shown once; keep the secret somewhere safe):");
+    println!("  client_id:     {}", client.id);
+    println!("  client_secret: {}", secret.expose());
+    println!("  token_url:     {token_url}");
+    if let Some(path) = out {
+        let json = serde_json::json!({
+            "client_id": client.id,
+            "client_secret": secret.expose(),
+            "token_url": token_url,
+        });
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path)?;
+        std::io::Write::write_all(&mut file, format!("{json:#}\n").as_bytes())?;
+        println!("  written to:    {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_client(
+    token: TokenArgs,
+    db: DatabaseArgs,
+    command: ClientCommand,
+) -> Result<(), BoxError> {
+    let broker = broker(&token, &db, Limits { max_batch: 1 }).await?;
+    let auth = authenticator(&broker, "https://127.0.0.1:8443").await?;
+    match command {
+        ClientCommand::Register {
+            name,
+            ips,
+            cidrs,
+            ip_mode,
+            scopes,
+            public_key,
+        } => {
+            let public_key = public_key.map(std::fs::read_to_string).transpose()?;
+            let addresses: Vec<String> = ips.into_iter().chain(cidrs).collect();
+            let spec = ClientSpec::new(name, &ip_mode, &addresses, &scopes, public_key)?;
+            let (client, secret) = auth.register(spec).await?;
+            print_client(&client);
+            println!("client_secret: {} (shown once)", secret.expose());
+        }
+        ClientCommand::List => {
+            let mut after = None;
+            loop {
+                let page = auth.clients(after, 200).await?;
+                for client in &page {
+                    println!(
+                        "{}  {:<8}  {:<6}  {}",
+                        client.id,
+                        if client.active { "active" } else { "disabled" },
+                        format!("{:?}", client.ip_policy)
+                            .split('(')
+                            .next()
+                            .unwrap_or(""),
+                        client.name
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 200 => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        ClientCommand::Show { id } => print_client(&auth.client(id).await?),
+        ClientCommand::Disable { id } => print_client(&auth.set_active(id, false).await?),
+        ClientCommand::Enable { id } => print_client(&auth.set_active(id, true).await?),
+        ClientCommand::Delete { id } => {
+            auth.delete(id).await?;
+            println!("deleted {id}");
+        }
+    }
+    Ok(())
+}
+
+fn print_client(client: &Client) {
+    println!("client_id:  {}", client.id);
+    println!("name:       {}", client.name);
+    println!(
+        "state:      {}",
+        if client.active { "active" } else { "disabled" }
+    );
+    println!("ip policy:  {:?}", client.ip_policy);
+    println!("scopes:     {}", client.scopes);
+    println!(
+        "public key: {}",
+        if client.public_key_pem.is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
 }
 
 async fn print_status(broker: &Broker) -> Result<(), BoxError> {

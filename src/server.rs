@@ -10,7 +10,6 @@ use axum_server::tls_rustls::RustlsConfig;
 use tokio::task::JoinHandle;
 
 use crate::api::{AppState, router};
-use crate::broker::Broker;
 
 /// How long in-flight requests may take to finish after a shutdown is asked for.
 const GRACE: Duration = Duration::from_secs(10);
@@ -29,12 +28,12 @@ impl RunningServer {
     /// # Errors
     /// An I/O error when the address cannot be bound.
     pub async fn start(
-        broker: Arc<Broker>,
+        state: AppState,
         listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
         max_body_bytes: usize,
     ) -> std::io::Result<Self> {
-        let app = router(AppState { broker }, max_body_bytes);
+        let app = router(state, max_body_bytes);
         let handle = Handle::new();
         let server =
             axum_server::bind_rustls(listen, RustlsConfig::from_config(tls)).handle(handle.clone());

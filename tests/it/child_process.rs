@@ -17,6 +17,9 @@ struct ChildServer {
     base: String,
     log: PathBuf,
     client: reqwest::Client,
+    /// The bootstrap admin's secret, from the credentials file `hsm init` wrote.
+    admin_secret: String,
+    token: String,
 }
 
 impl ChildServer {
@@ -40,23 +43,50 @@ impl ChildServer {
                 .env("RUST_LOG", "trace");
             cmd
         };
-        let init = command(&["hsm", "init"]).output().unwrap();
+        let credentials = log.with_file_name("admin-credentials.json");
+        let init = command(&["hsm", "init", "--admin-credentials-out"])
+            .arg(&credentials)
+            .output()
+            .unwrap();
         assert!(init.status.success(), "{init:?}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&credentials).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
+        let credentials: Value =
+            serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap();
         let log_file = std::fs::File::create(&log).unwrap();
         let child = command(&["serve"])
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             base: format!("https://127.0.0.1:{port}"),
             log,
             client: https_client(),
+            admin_secret: credentials["client_secret"].as_str().unwrap().to_owned(),
+            token: String::new(),
         };
         server
             .wait_for("/healthz", 200, Duration::from_secs(30))
             .await;
+        // client_secret_basic, as most OAuth libraries send it.
+        let response = server
+            .client
+            .post(format!("{}/v1/oauth/token", server.base))
+            .basic_auth(
+                credentials["client_id"].as_str().unwrap(),
+                Some(&server.admin_secret),
+            )
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(response).await;
+        assert_eq!(status, 200, "{body}");
+        server.token = body["access_token"].as_str().unwrap().to_owned();
         server
     }
 
@@ -66,7 +96,7 @@ impl ChildServer {
             Some(body) => self.client.post(url).json(body),
             None => self.client.get(url),
         };
-        read(request.send().await.unwrap()).await
+        read(request.bearer_auth(&self.token).send().await.unwrap()).await
     }
 
     /// Polls `path` until it answers `status` (a readiness probe's loop, not a timing test).
@@ -248,6 +278,9 @@ async fn a_whole_session_log_holds_no_key_material_and_no_pin() {
         .await;
     assert_eq!(status, 422);
 
+    // Secrets of the session itself: the admin's client secret and access token.
+    secrets.push(server.admin_secret.clone());
+    secrets.push(server.token.clone());
     let log = server.stop().await;
     assert!(log.contains("serving https"), "the log was captured: {log}");
     assert!(log.contains("request refused"), "refusals are logged");

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keybroker::api::AppState;
+use keybroker::auth::{AuthConfig, Authenticator, ClientSpec, IpPolicy};
 use keybroker::broker::{Broker, Limits};
 use keybroker::hsm::{Hsm, HsmConfig};
 use keybroker::server::RunningServer;
@@ -89,6 +91,12 @@ pub fn dev_certificate() -> tls::DevCertificate {
 
 /// An HTTPS client that trusts only the dev CA.
 pub fn https_client() -> reqwest::Client {
+    https_client_from(None)
+}
+
+/// An HTTPS client that trusts only the dev CA and connects from `local` (any 127.0.0.0/8
+/// address works on loopback).
+pub fn https_client_from(local: Option<std::net::IpAddr>) -> reqwest::Client {
     tls::install_crypto_provider();
     let ca_pem = std::fs::read(dev_certificate().ca).unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -107,15 +115,33 @@ pub fn https_client() -> reqwest::Client {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     reqwest::Client::builder()
         .tls_backend_preconfigured(config)
+        .local_address(local)
         .build()
         .unwrap()
 }
 
-/// The broker, served in-process over TLS, on its own database.
+/// The `iss` of test tokens; the token endpoint a client assertion names is this plus
+/// `/v1/oauth/token`.
+pub const TEST_ISSUER: &str = "https://keybroker.test";
+
+/// A registered client and a token for it.
+#[derive(Debug, Clone)]
+pub struct TestClient {
+    pub id: String,
+    pub secret: String,
+    pub token: String,
+}
+
+/// The broker, served in-process over TLS, on its own database, with a client holding every
+/// scope whose token `post`/`get` send.
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     pub broker: Arc<Broker>,
+    pub auth: Arc<Authenticator>,
+    pub database_url: String,
+    /// Holds every scope, from anywhere.
+    pub main: TestClient,
     server: Option<RunningServer>,
 }
 
@@ -135,36 +161,93 @@ impl TestServer {
         let store = Store::connect_lazy(database_url, 4).unwrap();
         store.migrate().await.unwrap();
         let hsm = Hsm::connect(hsm_config()).await.unwrap();
-        let broker = Arc::new(Broker::new(hsm, store, limits));
+        let broker = Arc::new(Broker::new(hsm.clone(), store.clone(), limits));
         broker.initialise().await.unwrap();
+        let auth = Arc::new(
+            Authenticator::load(hsm, store, auth_config())
+                .await
+                .unwrap(),
+        );
         let cert = dev_certificate();
         let tls_config = tls::server_config(&cert.cert, &cert.key).unwrap();
         let server = RunningServer::start(
-            broker.clone(),
+            AppState {
+                broker: broker.clone(),
+                auth: auth.clone(),
+            },
             "127.0.0.1:0".parse().unwrap(),
             tls_config,
             max_body_bytes,
         )
         .await
         .unwrap();
-        Self {
+        let mut this = Self {
             base: format!("https://127.0.0.1:{}", server.addr.port()),
             client: https_client(),
             broker,
+            auth,
+            database_url: database_url.to_owned(),
+            main: TestClient {
+                id: String::new(),
+                secret: String::new(),
+                token: String::new(),
+            },
             server: Some(server),
-        }
+        };
+        this.main = this
+            .register(
+                "main",
+                IpPolicy::Any,
+                "datakey wrap unwrap rewrap keys:* secrets:* admin",
+            )
+            .await;
+        this
     }
 
-    /// POSTs a JSON body; returns status and parsed body.
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
+    /// Registers a client (through the library, as the CLI does) and gets it a token over
+    /// HTTPS with client_secret_post.
+    pub async fn register(&self, name: &str, ip_policy: IpPolicy, scopes: &str) -> TestClient {
+        let (mode, addresses) = match &ip_policy {
+            IpPolicy::Any => ("none", Vec::new()),
+            IpPolicy::Strict(nets) => ("strict", nets.iter().map(ToString::to_string).collect()),
+        };
+        let spec = ClientSpec::new(name.to_owned(), mode, &addresses, scopes, None).unwrap();
+        let (client, secret) = self.auth.register(spec).await.unwrap();
+        let id = client.id.to_string();
+        let secret = secret.expose().to_owned();
+        let token = self.token_for(&id, &secret, &self.client).await;
+        TestClient { id, secret, token }
+    }
+
+    /// A token for a client, asked for over `http` (which may be bound to another address).
+    pub async fn token_for(&self, id: &str, secret: &str, http: &reqwest::Client) -> String {
+        let response = http
+            .post(format!("{}/v1/oauth/token", self.base))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", secret),
+            ])
             .send()
             .await
             .unwrap();
-        read(response).await
+        let (status, body) = read(response).await;
+        assert_eq!(status, 200, "token endpoint: {body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// POSTs a JSON body as the main client; returns status and parsed body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_as(&self.main.token, path, body).await
+    }
+
+    /// POSTs a JSON body with a bearer token (none when empty).
+    pub async fn post_as(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+        read(request.send().await.unwrap()).await
     }
 
     /// POSTs a body the server refuses before reading it all (over the size limit). The server
@@ -176,6 +259,7 @@ impl TestServer {
             match self
                 .client
                 .post(format!("{}{path}", self.base))
+                .bearer_auth(&self.main.token)
                 .json(body)
                 .send()
                 .await
@@ -192,6 +276,7 @@ impl TestServer {
         let response = self
             .client
             .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.main.token)
             .header("content-type", content_type)
             .body(body)
             .send()
@@ -200,20 +285,35 @@ impl TestServer {
         read(response).await
     }
 
+    /// GETs as the main client.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        read(response).await
+        self.get_as(&self.main.token, path).await
+    }
+
+    /// GETs with a bearer token (none when empty).
+    pub async fn get_as(&self, token: &str, path: &str) -> (u16, Value) {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+        read(request.send().await.unwrap()).await
     }
 
     pub async fn stop(mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await.unwrap();
         }
+    }
+}
+
+/// The token settings of test servers.
+pub fn auth_config() -> AuthConfig {
+    AuthConfig {
+        issuer: TEST_ISSUER.to_owned(),
+        audience: "keybroker".to_owned(),
+        token_ttl: Duration::from_secs(300),
+        leeway: 5,
+        trusted_proxies: Vec::new(),
     }
 }
 

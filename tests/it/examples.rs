@@ -7,6 +7,13 @@ async fn the_python_client_example_runs() {
     let server = TestServer::start().await;
     let base = server.base.clone();
     let ca = dev_certificate().ca;
+    let credentials = crate::common::scratch_dir("client").join("credentials.json");
+    std::fs::write(
+        &credentials,
+        serde_json::json!({"client_id": server.main.id, "client_secret": server.main.secret})
+            .to_string(),
+    )
+    .unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/client.py");
     // Blocking is fine off the runtime: the server keeps serving on its own tasks.
     let output = tokio::task::spawn_blocking(move || {
@@ -14,6 +21,7 @@ async fn the_python_client_example_runs() {
             .arg(script)
             .env("KEYBROKER_URL", base)
             .env("KEYBROKER_CA", ca)
+            .env("KEYBROKER_CREDENTIALS", credentials)
             .output()
             .unwrap()
     })

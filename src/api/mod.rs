@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,16 +22,28 @@ use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 use zeroize::Zeroizing;
 
+use crate::auth::{AuthError, Authenticator, Caller, Scope, source_ip};
 use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, WrapRequest};
 use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
+
+mod admin;
+mod oauth;
+
+use admin::{
+    delete_client, disable_client, enable_client, get_client, list_clients, register_client,
+    update_client,
+};
+use oauth::{jwks, oauth_introspect, oauth_revoke, oauth_token};
 
 const REQUEST_ID: &str = "x-request-id";
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// The use cases.
+    /// The crypto use cases.
     pub broker: Arc<Broker>,
+    /// Clients and tokens.
+    pub auth: Arc<Authenticator>,
 }
 
 /// The whole HTTP API.
@@ -45,6 +58,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/unwrap/batch", post(unwrap_batch))
         .route("/v1/rewrap", post(rewrap))
         .route("/v1/rewrap/batch", post(rewrap_batch))
+        .route("/v1/oauth/token", post(oauth_token))
+        .route("/v1/oauth/introspect", post(oauth_introspect))
+        .route("/v1/oauth/revoke", post(oauth_revoke))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/v1/admin/clients", post(register_client).get(list_clients))
+        .route(
+            "/v1/admin/clients/{id}",
+            get(get_client).patch(update_client).delete(delete_client),
+        )
+        .route("/v1/admin/clients/{id}/disable", post(disable_client))
+        .route("/v1/admin/clients/{id}/enable", post(enable_client))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -92,6 +116,16 @@ pub enum ApiError {
     /// `hsm_unavailable`, `database_unavailable`, `no_active_key`; 500 `internal_error`.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// 401 `invalid_token`; 403 `insufficient_scope`, `ip_not_allowed`, `client_disabled`;
+    /// 404 `client_not_found`; 409 `ip_already_registered`; 422 `invalid_client_metadata`.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// 422 `invalid_request`: a query string of the wrong shape.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// 400 `invalid_request`: a form body of the wrong shape.
+    #[error("the body must be an application/x-www-form-urlencoded form with a `token` field")]
+    InvalidForm,
     /// 404 `not_found`.
     #[error("no such endpoint")]
     NotFound,
@@ -135,6 +169,9 @@ impl ApiError {
             Self::Broker(B::Hsm(_) | B::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
             }
+            Self::Auth(e) => auth_status_and_code(e),
+            Self::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::InvalidForm => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
@@ -150,6 +187,10 @@ impl ApiError {
                     "the HSM is unavailable; retry later".to_owned()
                 }
                 Self::Broker(BrokerError::DatabaseUnavailable(_)) => {
+                    "the database is unavailable; retry later".to_owned()
+                }
+                Self::Auth(AuthError::Hsm(_)) => "the HSM is unavailable; retry later".to_owned(),
+                Self::Auth(AuthError::Store(_)) => {
                     "the database is unavailable; retry later".to_owned()
                 }
                 Self::Broker(BrokerError::NoActiveKey) => {
@@ -198,10 +239,58 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(target: "keybroker::api", code, "request refused");
         }
+        let challenge = match &self {
+            Self::Auth(AuthError::MissingToken) => Some("Bearer realm=\"keybroker\"".to_owned()),
+            Self::Auth(AuthError::InvalidToken(reason)) => {
+                // One answer for every token problem; the reason is for the operator only.
+                tracing::debug!(target: "keybroker::auth", reason, "bearer token refused");
+                Some("Bearer realm=\"keybroker\", error=\"invalid_token\"".to_owned())
+            }
+            Self::Auth(AuthError::InsufficientScope(scope)) => Some(format!(
+                "Bearer realm=\"keybroker\", error=\"insufficient_scope\", scope=\"{scope}\""
+            )),
+            _ => None,
+        };
         let body = self.body();
         let mut response = (status, Json(&body)).into_response();
+        if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
         response.extensions_mut().insert(body);
         response
+    }
+}
+
+fn auth_status_and_code(err: &AuthError) -> (StatusCode, &'static str) {
+    match err {
+        AuthError::MissingToken | AuthError::InvalidToken(_) => {
+            (StatusCode::UNAUTHORIZED, "invalid_token")
+        }
+        AuthError::InsufficientScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+        AuthError::IpNotAllowed => (StatusCode::FORBIDDEN, "ip_not_allowed"),
+        AuthError::ClientDisabled => (StatusCode::FORBIDDEN, "client_disabled"),
+        AuthError::ClientNotFound => (StatusCode::NOT_FOUND, "client_not_found"),
+        AuthError::IpAlreadyRegistered => (StatusCode::CONFLICT, "ip_already_registered"),
+        AuthError::InvalidClientSpec(_) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_client_metadata")
+        }
+        // The token endpoint answers these in the OAuth shape (see `OAuthError`); elsewhere
+        // they cannot occur, but if they did they would be the caller's fault.
+        AuthError::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
+        AuthError::UnsupportedGrantType => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+        AuthError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        AuthError::InvalidScope => (StatusCode::BAD_REQUEST, "invalid_scope"),
+        AuthError::Hsm(e) if e.is_unavailable() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "hsm_unavailable")
+        }
+        AuthError::Store(e) if e.is_unavailable() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+        }
+        AuthError::Hsm(_) | AuthError::Store(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+        }
     }
 }
 
@@ -251,6 +340,65 @@ where
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(Self(value))
     }
+}
+
+/// The authenticated caller, from `Authorization: Bearer …`, checked on every protected request
+/// (see [`Authenticator::authenticate`]).
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer_token(&parts.headers).ok_or(AuthError::MissingToken)?;
+        let source = request_source(parts, state);
+        Ok(state.auth.authenticate(token, source).await?)
+    }
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+fn request_source(parts: &Parts, state: &AppState) -> std::net::IpAddr {
+    source_of(peer_of(parts), &parts.headers, state)
+}
+
+fn peer_of(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+}
+
+/// The request's source address (see [`source_of`]), for handlers that authenticate
+/// themselves (the token endpoint).
+struct Source(std::net::IpAddr);
+
+impl FromRequestParts<AppState> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(request_source(parts, state)))
+    }
+}
+
+/// The caller's address: the socket peer, or `X-Forwarded-For` when the peer is a trusted
+/// proxy. Without a peer (never, when served) it is the unspecified address, which no strict
+/// policy allows.
+fn source_of(
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    state: &AppState,
+) -> std::net::IpAddr {
+    let peer = peer.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    source_ip(peer, forwarded, &state.auth.config().trusted_proxies)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,6 +563,12 @@ enum CryptoErrorResponses {
     /// `invalid_json`, `invalid_base64`, `invalid_blob` or `unsupported_blob_version`
     #[response(status = 400)]
     BadRequest(ErrorBody),
+    /// `invalid_token`: missing, expired, revoked or otherwise bad access token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `insufficient_scope`, `ip_not_allowed` or `client_disabled`
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     /// `payload_too_large`: the body is over the configured limit
     #[response(status = 413)]
     PayloadTooLarge(ErrorBody),
@@ -557,6 +711,7 @@ fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
 /// A 256-bit DEK from the token's RNG, sealed by the token under the active master key
 /// (AES-256-GCM, 96-bit random IV, 128-bit tag) with the context bound as AAD.
 #[utoipa::path(post, path = "/v1/datakey", tag = "crypto",
+    security(("bearer" = [])),
     request_body = DataKeyBody,
     responses(
         (status = 200, description = "The data key", body = DataKeyResponse),
@@ -564,15 +719,23 @@ fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
     ))]
 async fn datakey(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<DataKeyBody>,
 ) -> Result<Json<DataKeyResponse>, ApiError> {
+    caller.require(Scope::Datakey)?;
     let request = parse_datakey(body)?;
-    let key = single(state.broker.datakeys(vec![request]).await?)?;
+    let key = single(
+        state
+            .broker
+            .datakeys(&caller.aad_id(), vec![request])
+            .await?,
+    )?;
     Ok(Json(datakey_response(key)))
 }
 
 /// Generate data keys in a batch.
 #[utoipa::path(post, path = "/v1/datakey/batch", tag = "crypto",
+    security(("bearer" = [])),
     request_body = DataKeyBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = DataKeyBatchResponse),
@@ -580,13 +743,16 @@ async fn datakey(
     ))]
 async fn datakey_batch(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<DataKeyBatchBody>,
 ) -> Result<Json<DataKeyBatchResponse>, ApiError> {
+    caller.require(Scope::Datakey)?;
     check_batch_size(&state, &body.items)?;
+    let owner = caller.aad_id();
     let items = run_batch(
         body.items,
         parse_datakey,
-        |reqs| state.broker.datakeys(reqs),
+        |reqs| state.broker.datakeys(&owner, reqs),
         datakey_response,
     )
     .await?;
@@ -597,6 +763,7 @@ async fn datakey_batch(
 ///
 /// Seals 16 to 64 bytes under the active master key with the context bound as AAD.
 #[utoipa::path(post, path = "/v1/wrap", tag = "crypto",
+    security(("bearer" = [])),
     request_body = WrapBody,
     responses(
         (status = 200, description = "The blob", body = WrappedResponse),
@@ -604,15 +771,18 @@ async fn datakey_batch(
     ))]
 async fn wrap(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<WrapBody>,
 ) -> Result<Json<WrappedResponse>, ApiError> {
+    caller.require(Scope::Wrap)?;
     let request = parse_wrap(body)?;
-    let blob = single(state.broker.wrap(vec![request]).await?)?;
+    let blob = single(state.broker.wrap(&caller.aad_id(), vec![request]).await?)?;
     Ok(Json(wrapped_response(blob)))
 }
 
 /// Wrap caller key material in a batch.
 #[utoipa::path(post, path = "/v1/wrap/batch", tag = "crypto",
+    security(("bearer" = [])),
     request_body = WrapBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
@@ -620,13 +790,16 @@ async fn wrap(
     ))]
 async fn wrap_batch(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<WrapBatchBody>,
 ) -> Result<Json<WrappedBatchResponse>, ApiError> {
+    caller.require(Scope::Wrap)?;
     check_batch_size(&state, &body.items)?;
+    let owner = caller.aad_id();
     let items = run_batch(
         body.items,
         parse_wrap,
-        |reqs| state.broker.wrap(reqs),
+        |reqs| state.broker.wrap(&owner, reqs),
         wrapped_response,
     )
     .await?;
@@ -637,6 +810,7 @@ async fn wrap_batch(
 ///
 /// Opens a blob inside the token with the context it was sealed with.
 #[utoipa::path(post, path = "/v1/unwrap", tag = "crypto",
+    security(("bearer" = [])),
     request_body = BlobBody,
     responses(
         (status = 200, description = "The key material", body = UnwrapResponse),
@@ -644,15 +818,18 @@ async fn wrap_batch(
     ))]
 async fn unwrap(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BlobBody>,
 ) -> Result<Json<UnwrapResponse>, ApiError> {
+    caller.require(Scope::Unwrap)?;
     let request = parse_blob(body)?;
-    let plaintext = single(state.broker.unwrap(vec![request]).await?)?;
+    let plaintext = single(state.broker.unwrap(&caller.aad_id(), vec![request]).await?)?;
     Ok(Json(unwrap_response(plaintext)))
 }
 
 /// Unwrap blobs in a batch.
 #[utoipa::path(post, path = "/v1/unwrap/batch", tag = "crypto",
+    security(("bearer" = [])),
     request_body = BlobBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = UnwrapBatchResponse),
@@ -660,13 +837,16 @@ async fn unwrap(
     ))]
 async fn unwrap_batch(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BlobBatchBody>,
 ) -> Result<Json<UnwrapBatchResponse>, ApiError> {
+    caller.require(Scope::Unwrap)?;
     check_batch_size(&state, &body.items)?;
+    let owner = caller.aad_id();
     let items = run_batch(
         body.items,
         parse_blob,
-        |reqs| state.broker.unwrap(reqs),
+        |reqs| state.broker.unwrap(&owner, reqs),
         unwrap_response,
     )
     .await?;
@@ -677,6 +857,7 @@ async fn unwrap_batch(
 ///
 /// Decrypts and re-encrypts inside the broker; the plaintext is never returned.
 #[utoipa::path(post, path = "/v1/rewrap", tag = "crypto",
+    security(("bearer" = [])),
     request_body = BlobBody,
     responses(
         (status = 200, description = "The new blob", body = WrappedResponse),
@@ -684,15 +865,18 @@ async fn unwrap_batch(
     ))]
 async fn rewrap(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BlobBody>,
 ) -> Result<Json<WrappedResponse>, ApiError> {
+    caller.require(Scope::Rewrap)?;
     let request = parse_blob(body)?;
-    let blob = single(state.broker.rewrap(vec![request]).await?)?;
+    let blob = single(state.broker.rewrap(&caller.aad_id(), vec![request]).await?)?;
     Ok(Json(wrapped_response(blob)))
 }
 
 /// Rewrap blobs in a batch.
 #[utoipa::path(post, path = "/v1/rewrap/batch", tag = "crypto",
+    security(("bearer" = [])),
     request_body = BlobBatchBody,
     responses(
         (status = 200, description = "One result or error per item, in order", body = WrappedBatchResponse),
@@ -700,13 +884,16 @@ async fn rewrap(
     ))]
 async fn rewrap_batch(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BlobBatchBody>,
 ) -> Result<Json<WrappedBatchResponse>, ApiError> {
+    caller.require(Scope::Rewrap)?;
     check_batch_size(&state, &body.items)?;
+    let owner = caller.aad_id();
     let items = run_batch(
         body.items,
         parse_blob,
-        |reqs| state.broker.rewrap(reqs),
+        |reqs| state.broker.rewrap(&owner, reqs),
         wrapped_response,
     )
     .await?;
@@ -773,12 +960,38 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     ),
     paths(
         datakey, datakey_batch, wrap, wrap_batch, unwrap, unwrap_batch, rewrap, rewrap_batch,
+        oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
+        admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
+        admin::disable_client, admin::enable_client, admin::delete_client,
         healthz, readyz, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth),
     tags(
         (name = "crypto", description = "Stateless data-key operations"),
+        (name = "oauth", description = "Client credentials, introspection, revocation, JWKS"),
+        (name = "admin", description = "Client registration and lockdown (scope `admin`)"),
         (name = "operations", description = "Health, readiness, this document"),
     )
 )]
 pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the protected paths refer to.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An ES256 access token from POST /v1/oauth/token"))
+                    .build(),
+            ),
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The administration API for clients (scope `admin`): register, list, get, update, disable,
+//! enable, delete.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{ApiError, ApiJson, AppState, ErrorBody};
+use crate::auth::{AuthError, Caller, Client, ClientSpec, IpPolicy, Scope};
+
+/// `POST /v1/admin/clients` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterClientBody {
+    /// Display name, 1 to 200 characters.
+    pub name: String,
+    /// `strict`: only from `ips`; `none`: from anywhere.
+    pub ip_mode: String,
+    /// Addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`, `::1`); required in strict mode. In strict
+    /// mode no two active clients may share an address.
+    #[serde(default)]
+    pub ips: Vec<String>,
+    /// Scopes: `datakey`, `wrap`, `unwrap`, `rewrap`, `keys:create`, `keys:read`,
+    /// `keys:rotate`, `keys:manage`, `secrets:read`, `secrets:write`, `admin`, or the families
+    /// `keys:*`, `secrets:*`.
+    pub scopes: Vec<String>,
+    /// A P-256 public key (SPKI PEM) for `private_key_jwt`.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// `PATCH /v1/admin/clients/{id}` request: the fields to change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateClientBody {
+    /// New display name.
+    pub name: Option<String>,
+    /// New address mode.
+    pub ip_mode: Option<String>,
+    /// New addresses or CIDRs (replace the old ones).
+    pub ips: Option<Vec<String>>,
+    /// New scopes (replace the old ones); live tokens lose what is taken away at once.
+    pub scopes: Option<Vec<String>>,
+    /// New public key; an empty string removes it.
+    pub public_key: Option<String>,
+}
+
+/// A client as the API shows it. There is no secret in it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClientBody {
+    /// The client id (UUID v4).
+    pub client_id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// `strict` or `none`.
+    pub ip_mode: String,
+    /// Allowed networks (strict mode).
+    pub ips: Vec<String>,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// The registered public key, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// `active` or `disabled`.
+    pub state: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+impl From<Client> for ClientBody {
+    fn from(c: Client) -> Self {
+        let (ip_mode, ips) = match c.ip_policy {
+            IpPolicy::Strict(nets) => ("strict", nets.iter().map(ToString::to_string).collect()),
+            IpPolicy::Any => ("none", Vec::new()),
+        };
+        Self {
+            client_id: c.id,
+            name: c.name,
+            ip_mode: ip_mode.to_owned(),
+            ips,
+            scopes: c.scopes.names(),
+            public_key: c.public_key_pem,
+            state: if c.active { "active" } else { "disabled" }.to_owned(),
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// `POST /v1/admin/clients` response: the client and its secret, shown this once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisteredClientBody {
+    /// The client.
+    pub client: ClientBody,
+    /// The client secret. Only an HMAC of it is kept: it cannot be shown again.
+    pub client_secret: String,
+}
+
+/// `GET /v1/admin/clients` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClientListBody {
+    /// Clients ordered by id.
+    pub items: Vec<ClientBody>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<Uuid>,
+}
+
+/// `GET /v1/admin/clients` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Page size, 1 to 500 (default 100).
+    pub limit: Option<u32>,
+    /// The `next_after` of the previous page.
+    pub after: Option<Uuid>,
+}
+
+fn client_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| AuthError::ClientNotFound.into())
+}
+
+/// Register a client.
+#[utoipa::path(post, path = "/v1/admin/clients", tag = "admin",
+    request_body = RegisterClientBody, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Registered; the secret is shown only here", body = RegisteredClientBody),
+        (status = 409, description = "`ip_already_registered`", body = ErrorBody),
+        (status = 422, description = "`invalid_client_metadata` or `invalid_request`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn register_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<RegisterClientBody>,
+) -> Result<(StatusCode, Json<RegisteredClientBody>), ApiError> {
+    caller.require(Scope::Admin)?;
+    let spec = ClientSpec::new(
+        body.name,
+        &body.ip_mode,
+        &body.ips,
+        &body.scopes.join(" "),
+        body.public_key,
+    )?;
+    let (client, secret) = state.auth.register(spec).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisteredClientBody {
+            client: client.into(),
+            client_secret: secret.expose().to_owned(),
+        }),
+    ))
+}
+
+/// List clients, a page at a time.
+#[utoipa::path(get, path = "/v1/admin/clients", tag = "admin",
+    params(ListQuery), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of clients", body = ClientListBody),
+        (status = 422, description = "`invalid_request`: bad query", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn list_clients(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ClientListBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::InvalidQuery("limit must be 1 to 500".to_owned()));
+    }
+    let page = state.auth.clients(query.after, limit + 1).await?;
+    let more = page.len() > limit as usize;
+    let items: Vec<ClientBody> = page
+        .into_iter()
+        .take(limit as usize)
+        .map(Into::into)
+        .collect();
+    let next_after = more.then(|| items.last().map(|c| c.client_id)).flatten();
+    Ok(Json(ClientListBody { items, next_after }))
+}
+
+/// Get a client.
+#[utoipa::path(get, path = "/v1/admin/clients/{id}", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The client", body = ClientBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn get_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ClientBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(state.auth.client(client_id(&id)?).await?.into()))
+}
+
+/// Change a client's name, addresses, scopes or public key.
+#[utoipa::path(patch, path = "/v1/admin/clients/{id}", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")),
+    request_body = UpdateClientBody, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The changed client", body = ClientBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        (status = 409, description = "`ip_already_registered`", body = ErrorBody),
+        (status = 422, description = "`invalid_client_metadata` or `invalid_request`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn update_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateClientBody>,
+) -> Result<Json<ClientBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id = client_id(&id)?;
+    let current = ClientBody::from(state.auth.client(id).await?);
+    let public_key = match body.public_key {
+        Some(pem) if pem.is_empty() => None,
+        Some(pem) => Some(pem),
+        None => current.public_key,
+    };
+    let spec = ClientSpec::new(
+        body.name.unwrap_or(current.name),
+        &body.ip_mode.unwrap_or(current.ip_mode),
+        &body.ips.unwrap_or(current.ips),
+        &body.scopes.unwrap_or(current.scopes).join(" "),
+        public_key,
+    )?;
+    Ok(Json(state.auth.update(id, spec).await?.into()))
+}
+
+/// Disable a client: every live token of it stops working at once, for good.
+#[utoipa::path(post, path = "/v1/admin/clients/{id}/disable", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The disabled client", body = ClientBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn disable_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ClientBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(
+        state.auth.set_active(client_id(&id)?, false).await?.into(),
+    ))
+}
+
+/// Enable a client again (its old tokens stay invalid; it gets new ones).
+#[utoipa::path(post, path = "/v1/admin/clients/{id}/enable", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The enabled client", body = ClientBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        (status = 409, description = "`ip_already_registered`: another active strict client took its address", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn enable_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ClientBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(
+        state.auth.set_active(client_id(&id)?, true).await?.into(),
+    ))
+}
+
+/// Delete a client; its tokens stop working at once.
+#[utoipa::path(delete, path = "/v1/admin/clients/{id}", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn delete_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Scope::Admin)?;
+    state.auth.delete(client_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The error answers every admin endpoint can give.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(super) enum AdminErrorResponses {
+    /// `invalid_token`: missing, expired, revoked or otherwise bad access token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `insufficient_scope` (needs `admin`), `ip_not_allowed` or `client_disabled`
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// `internal_error`
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// `hsm_unavailable` or `database_unavailable`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}

@@ -1,0 +1,393 @@
+//! The OAuth 2.0 endpoints: client-credentials token (RFC 6749 §4.4, with
+//! `client_secret_basic`, `client_secret_post` and RFC 7523 `private_key_jwt`), introspection
+//! (RFC 7662), revocation (RFC 7009) and the JWKS document. Token-endpoint errors use the RFC's
+//! own shape, which OAuth client libraries expect.
+
+use axum::Json;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState, ErrorBody, Source};
+use crate::auth::{
+    AuthError, Caller, ClientCredentials, Introspection, JWT_BEARER_ASSERTION, unix_now,
+};
+
+/// `POST /v1/oauth/token` form fields.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TokenForm {
+    /// Must be `client_credentials`.
+    pub grant_type: Option<String>,
+    /// Space-separated scopes; default: all the client holds.
+    pub scope: Option<String>,
+    /// `client_secret_post` (with `client_secret`) or `private_key_jwt` (optional there).
+    pub client_id: Option<String>,
+    /// `client_secret_post`.
+    pub client_secret: Option<String>,
+    /// `urn:ietf:params:oauth:client-assertion-type:jwt-bearer` for `private_key_jwt`.
+    pub client_assertion_type: Option<String>,
+    /// The ES256 client assertion for `private_key_jwt`.
+    pub client_assertion: Option<String>,
+}
+
+/// A successful token response (RFC 6749 §5.1).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    /// An ES256 JWT signed inside the token.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until expiry.
+    pub expires_in: u64,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// A token-endpoint error (RFC 6749 §5.2): `invalid_request`, `invalid_client`,
+/// `invalid_grant`, `invalid_scope`, `unsupported_grant_type`; outages answer
+/// `temporarily_unavailable` (503) and bugs `server_error` (500).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OAuthError {
+    /// The RFC 6749 error code.
+    pub error: String,
+    /// Human-readable; never says which check failed for `invalid_client`.
+    pub error_description: String,
+}
+
+/// `POST /v1/oauth/introspect` and `/revoke` form fields (a `token_type_hint` is accepted and
+/// ignored: we issue only access tokens).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TokenParam {
+    /// The access token in question.
+    pub token: String,
+}
+
+/// Introspection answer (RFC 7662): `active`, and the token's claims when active.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IntrospectionResponse {
+    /// Whether the token is valid now.
+    pub active: bool,
+    /// Issuer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Client id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// Client id (RFC 7662 name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Audience.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issued at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    /// Not before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// Expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    /// Token id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Granted scopes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// `Bearer` when active.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+}
+
+impl From<Introspection> for IntrospectionResponse {
+    fn from(i: Introspection) -> Self {
+        let c = i.claims;
+        Self {
+            active: i.active,
+            iss: c.as_ref().map(|c| c.iss.clone()),
+            client_id: c.as_ref().map(|c| c.sub.clone()),
+            sub: c.as_ref().map(|c| c.sub.clone()),
+            aud: c.as_ref().map(|c| c.aud.clone()),
+            iat: c.as_ref().map(|c| c.iat),
+            nbf: c.as_ref().map(|c| c.nbf),
+            exp: c.as_ref().map(|c| c.exp),
+            jti: c.as_ref().map(|c| c.jti.clone()),
+            scope: c.as_ref().map(|c| c.scope.clone()),
+            token_type: c.as_ref().map(|_| "Bearer".to_owned()),
+        }
+    }
+}
+
+/// The token endpoint's error, with whether the client used HTTP Basic (RFC 6749 §5.2 then
+/// asks for a `WWW-Authenticate: Basic` challenge on 401).
+struct TokenError {
+    error: AuthError,
+    used_basic: bool,
+}
+
+impl IntoResponse for TokenError {
+    fn into_response(self) -> Response {
+        let (status, code, description) = match &self.error {
+            AuthError::InvalidClient(reason) => {
+                // One answer for every failure; the reason is for the operator only.
+                tracing::debug!(target: "keybroker::auth", reason, "client authentication refused");
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "client authentication failed".to_owned(),
+                )
+            }
+            AuthError::UnsupportedGrantType => (
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                self.error.to_string(),
+            ),
+            AuthError::InvalidScope => (
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                self.error.to_string(),
+            ),
+            AuthError::InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                self.error.to_string(),
+            ),
+            other => {
+                let unavailable = matches!(other, AuthError::Hsm(e) if e.is_unavailable())
+                    || matches!(other, AuthError::Store(e) if e.is_unavailable());
+                tracing::error!(target: "keybroker::auth", error = %error_chain(other), "token endpoint failed");
+                if unavailable {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "temporarily_unavailable",
+                        "the broker cannot issue tokens right now; retry later".to_owned(),
+                    )
+                } else {
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "internal error".to_owned(),
+                    )
+                }
+            }
+        };
+        let mut response = (
+            status,
+            Json(OAuthError {
+                error: code.to_owned(),
+                error_description: description,
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED && self.used_basic {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"keybroker\""),
+            );
+        }
+        no_store(response)
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Token responses must not be cached (RFC 6749 §5.1).
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Get an access token (OAuth 2.0 client credentials).
+///
+/// Authenticate with HTTP Basic (`client_secret_basic`), with `client_id` and `client_secret`
+/// in the form (`client_secret_post`), or with an ES256 `client_assertion` signed by the
+/// client's registered key (`private_key_jwt`: `aud` = this endpoint's URL, `exp` at most
+/// 5 minutes ahead, `jti` single-use). Machine clients get a new token this way when theirs
+/// expires; there are no refresh tokens (RFC 6749 §4.4.3).
+#[utoipa::path(post, path = "/v1/oauth/token", tag = "oauth",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "The access token", body = TokenResponse),
+        (status = 400, description = "`invalid_request`, `invalid_scope`, `unsupported_grant_type`", body = OAuthError),
+        (status = 401, description = "`invalid_client`: unknown client, wrong secret, bad or replayed assertion, disabled client or refused address, all alike", body = OAuthError),
+        (status = 500, description = "`server_error`", body = OAuthError),
+        (status = 503, description = "`temporarily_unavailable`: token or database down", body = OAuthError),
+    ))]
+pub(super) async fn oauth_token(
+    State(state): State<AppState>,
+    Source(source): Source,
+    headers: HeaderMap,
+    form: Result<Form<TokenForm>, FormRejection>,
+) -> Response {
+    let basic = basic_credentials(&headers);
+    let used_basic = basic.is_some();
+    let result = async {
+        let Form(form) =
+            form.map_err(|_| AuthError::InvalidRequest("the body must be a form with grant_type"))?;
+        match form.grant_type.as_deref() {
+            Some("client_credentials") => {}
+            None => return Err(AuthError::InvalidRequest("grant_type is required")),
+            Some(_) => return Err(AuthError::UnsupportedGrantType),
+        }
+        let credentials = credentials(basic, &form)?;
+        state
+            .auth
+            .issue(credentials, form.scope.as_deref(), source, unix_now())
+            .await
+    }
+    .await;
+    match result {
+        Ok(issued) => no_store(
+            Json(TokenResponse {
+                access_token: issued.access_token,
+                token_type: "Bearer".to_owned(),
+                expires_in: issued.expires_in,
+                scope: issued.scope.to_string(),
+            })
+            .into_response(),
+        ),
+        Err(error) => TokenError { error, used_basic }.into_response(),
+    }
+}
+
+/// `Authorization: Basic base64(client_id:client_secret)`, if sent.
+fn basic_credentials(headers: &HeaderMap) -> Option<Result<(String, SecretString), AuthError>> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let bad = AuthError::InvalidClient("malformed Basic credentials");
+    let decoded = STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let Some(decoded) = decoded else {
+        return Some(Err(bad));
+    };
+    let decoded = zeroize::Zeroizing::new(decoded);
+    Some(match decoded.split_once(':') {
+        Some((id, secret)) => Ok((id.to_owned(), SecretString::from(secret.to_owned()))),
+        None => Err(bad),
+    })
+}
+
+/// Exactly one client authentication method (RFC 6749 §2.3).
+fn credentials(
+    basic: Option<Result<(String, SecretString), AuthError>>,
+    form: &TokenForm,
+) -> Result<ClientCredentials, AuthError> {
+    let post = form.client_secret.is_some();
+    let assertion = form.client_assertion.is_some() || form.client_assertion_type.is_some();
+    if usize::from(basic.is_some()) + usize::from(post) + usize::from(assertion) > 1 {
+        return Err(AuthError::InvalidRequest(
+            "use exactly one client authentication method",
+        ));
+    }
+    if let Some(basic) = basic {
+        let (client_id, secret) = basic?;
+        return Ok(ClientCredentials::Secret { client_id, secret });
+    }
+    if let Some(secret) = &form.client_secret {
+        let client_id = form.client_id.clone().ok_or(AuthError::InvalidRequest(
+            "client_id is required with client_secret",
+        ))?;
+        return Ok(ClientCredentials::Secret {
+            client_id,
+            secret: SecretString::from(secret.clone()),
+        });
+    }
+    if assertion {
+        if form.client_assertion_type.as_deref() != Some(JWT_BEARER_ASSERTION) {
+            return Err(AuthError::InvalidRequest(
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+        }
+        let assertion = form
+            .client_assertion
+            .clone()
+            .ok_or(AuthError::InvalidRequest("client_assertion is required"))?;
+        return Ok(ClientCredentials::Assertion {
+            client_id: form.client_id.clone(),
+            assertion,
+        });
+    }
+    Err(AuthError::InvalidClient("no client authentication"))
+}
+
+/// Introspect an access token (RFC 7662).
+///
+/// For a caller with the `admin` scope, or the client the token was issued to; for anyone
+/// else, and for any invalid token, the answer is `{"active": false}`.
+#[utoipa::path(post, path = "/v1/oauth/introspect", tag = "oauth",
+    request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "What the token is", body = IntrospectionResponse),
+        (status = 400, description = "`invalid_request`: no `token` field", body = ErrorBody),
+        (status = 401, description = "`invalid_token`: the caller's own token is bad", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable` or `database_unavailable`", body = ErrorBody),
+    ))]
+pub(super) async fn oauth_introspect(
+    State(state): State<AppState>,
+    caller: Caller,
+    form: Result<Form<TokenParam>, FormRejection>,
+) -> Result<Json<IntrospectionResponse>, ApiError> {
+    let Form(param) = form.map_err(|_| ApiError::InvalidForm)?;
+    let answer = state.auth.introspect(&caller, &param.token).await?;
+    Ok(Json(answer.into()))
+}
+
+/// Revoke an access token (RFC 7009).
+///
+/// An admin may revoke any token, a client its own. The answer is 200 whether or not the token
+/// was valid, as the RFC asks.
+#[utoipa::path(post, path = "/v1/oauth/revoke", tag = "oauth",
+    request_body(content = TokenParam, content_type = "application/x-www-form-urlencoded"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Revoked, or nothing to revoke"),
+        (status = 400, description = "`invalid_request`: no `token` field", body = ErrorBody),
+        (status = 401, description = "`invalid_token`: the caller's own token is bad", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`", body = ErrorBody),
+    ))]
+pub(super) async fn oauth_revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    form: Result<Form<TokenParam>, FormRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Form(param) = form.map_err(|_| ApiError::InvalidForm)?;
+    state.auth.revoke(&caller, &param.token).await?;
+    Ok(StatusCode::OK)
+}
+
+/// The token-signing public keys (JWKS).
+///
+/// Verify our access tokens with any standard JWT library: ES256, `kid` = RFC 7638 thumbprint.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "oauth",
+    responses((status = 200, description = "The JWK set", content_type = "application/json")))]
+pub(super) async fn jwks(State(state): State<AppState>) -> Response {
+    let mut response = Json(state.auth.jwks()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    response
+}

@@ -1,0 +1,1247 @@
+//! `auth` owns who a caller is: client registration and secrets, OAuth2 client credentials
+//! (secret or `private_key_jwt`), ES256 access tokens signed inside the token and verified
+//! against its public key, scopes and the source-IP policy. It reaches Postgres only through
+//! `store` and the token only through `hsm`; it knows nothing of HTTP.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ipnet::IpNet;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
+    EllipticCurveKeyType, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, ThumbprintHash,
+};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::hsm::{Hsm, HsmError};
+use crate::store::{ClientFields, ClientRow, ClientWriteError, Store, StoreError};
+
+/// Prefix of every client secret, so secret scanners can recognise a leaked one.
+const SECRET_PREFIX: &str = "kbs_";
+/// Domain separation of the HMAC that stands for a client secret in the database.
+const SECRET_MAC_DOMAIN: &[u8] = b"keybroker-client-secret-v1\0";
+/// `client_assertion_type` of RFC 7523 private_key_jwt.
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Longest lifetime a client assertion may claim (RFC 7523 leaves it to the server).
+const MAX_ASSERTION_LIFETIME: i64 = 300;
+
+// ---------------------------------------------------------------------------------------------
+// Scopes and IP policy (pure)
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// `POST /v1/datakey`.
+    Datakey,
+    /// `POST /v1/wrap`.
+    Wrap,
+    /// `POST /v1/unwrap`.
+    Unwrap,
+    /// `POST /v1/rewrap`.
+    Rewrap,
+    /// Create managed keys.
+    KeysCreate,
+    /// Read managed keys.
+    KeysRead,
+    /// Rotate managed keys.
+    KeysRotate,
+    /// Disable, enable, delete managed keys.
+    KeysManage,
+    /// Read secrets.
+    SecretsRead,
+    /// Write and delete secrets.
+    SecretsWrite,
+    /// The administration API.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 11] = [
+        Scope::Datakey,
+        Scope::Wrap,
+        Scope::Unwrap,
+        Scope::Rewrap,
+        Scope::KeysCreate,
+        Scope::KeysRead,
+        Scope::KeysRotate,
+        Scope::KeysManage,
+        Scope::SecretsRead,
+        Scope::SecretsWrite,
+        Scope::Admin,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Datakey => "datakey",
+            Scope::Wrap => "wrap",
+            Scope::Unwrap => "unwrap",
+            Scope::Rewrap => "rewrap",
+            Scope::KeysCreate => "keys:create",
+            Scope::KeysRead => "keys:read",
+            Scope::KeysRotate => "keys:rotate",
+            Scope::KeysManage => "keys:manage",
+            Scope::SecretsRead => "secrets:read",
+            Scope::SecretsWrite => "secrets:write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// A set of scopes, written space-separated (RFC 6749 §3.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scopes(BTreeSet<Scope>);
+
+/// A scope name this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope {0:?}")]
+pub struct UnknownScope(pub String);
+
+impl Scopes {
+    /// Parses space-separated names; `keys:*` and `secrets:*` expand to their family.
+    ///
+    /// # Errors
+    /// [`UnknownScope`] for a name that is not a scope.
+    pub fn parse(text: &str) -> Result<Self, UnknownScope> {
+        let mut set = BTreeSet::new();
+        for word in text.split_ascii_whitespace() {
+            match word {
+                "keys:*" => set.extend([
+                    Scope::KeysCreate,
+                    Scope::KeysRead,
+                    Scope::KeysRotate,
+                    Scope::KeysManage,
+                ]),
+                "secrets:*" => set.extend([Scope::SecretsRead, Scope::SecretsWrite]),
+                _ => {
+                    let scope = Scope::ALL
+                        .into_iter()
+                        .find(|s| s.as_str() == word)
+                        .ok_or_else(|| UnknownScope(word.to_owned()))?;
+                    set.insert(scope);
+                }
+            }
+        }
+        Ok(Self(set))
+    }
+
+    /// Whether `scope` is in the set.
+    pub fn contains(&self, scope: Scope) -> bool {
+        self.0.contains(&scope)
+    }
+
+    /// Whether every scope of `self` is in `other`.
+    pub fn is_subset(&self, other: &Scopes) -> bool {
+        self.0.is_subset(&other.0)
+    }
+
+    /// The scopes in both.
+    pub fn intersection(&self, other: &Scopes) -> Scopes {
+        Scopes(self.0.intersection(&other.0).copied().collect())
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().map(|s| s.as_str().to_owned()).collect()
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join(" "))
+    }
+}
+
+/// Where a client may call from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpPolicy {
+    /// Only from these networks (a single address is a /32 or /128).
+    Strict(Vec<IpNet>),
+    /// From anywhere.
+    Any,
+}
+
+/// An address or CIDR that does not parse, or a strict policy with none.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpPolicyError {
+    /// Not an address or CIDR.
+    #[error("{0:?} is not an IP address or CIDR")]
+    BadAddress(String),
+    /// Strict mode needs at least one.
+    #[error("ip_mode strict needs at least one address or CIDR")]
+    StrictWithoutAddresses,
+    /// Not `strict` or `none`.
+    #[error("ip_mode must be strict or none")]
+    BadMode,
+}
+
+impl IpPolicy {
+    /// Builds a policy from a mode and addresses/CIDRs.
+    ///
+    /// # Errors
+    /// [`IpPolicyError`].
+    pub fn parse(mode: &str, addresses: &[String]) -> Result<Self, IpPolicyError> {
+        let nets = addresses
+            .iter()
+            .map(|a| {
+                IpNet::from_str(a)
+                    .or_else(|_| IpAddr::from_str(a).map(IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| IpPolicyError::BadAddress(a.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match mode {
+            "strict" if nets.is_empty() => Err(IpPolicyError::StrictWithoutAddresses),
+            "strict" => Ok(Self::Strict(nets)),
+            "none" => Ok(Self::Any),
+            _ => Err(IpPolicyError::BadMode),
+        }
+    }
+
+    /// Whether `ip` may call. IPv4-mapped IPv6 addresses count as their IPv4 address.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match self {
+            Self::Any => true,
+            Self::Strict(nets) => nets.iter().any(|n| n.contains(&ip)),
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        match self {
+            Self::Strict(_) => "strict",
+            Self::Any => "none",
+        }
+    }
+
+    fn cidrs(&self) -> Vec<String> {
+        match self {
+            Self::Strict(nets) => nets.iter().map(ToString::to_string).collect(),
+            Self::Any => Vec::new(),
+        }
+    }
+}
+
+/// The source address of a request: the socket peer, or the first address of
+/// `X-Forwarded-For` when the peer is a configured trusted proxy.
+pub fn source_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return peer;
+    }
+    // The right-most address not belonging to a trusted proxy is the client's.
+    forwarded_for
+        .map(|list| {
+            list.split(',')
+                .rev()
+                .filter_map(|a| IpAddr::from_str(a.trim()).ok())
+                .find(|a| !trusted.iter().any(|n| n.contains(a)))
+                .unwrap_or(peer)
+        })
+        .unwrap_or(peer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// A registered client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client id.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// Where it may call from.
+    pub ip_policy: IpPolicy,
+    /// What it may be granted.
+    pub scopes: Scopes,
+    /// Its P-256 public key for private_key_jwt (SPKI PEM).
+    pub public_key_pem: Option<String>,
+    /// Whether it may authenticate.
+    pub active: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+    tokens_not_before: i64,
+}
+
+impl TryFrom<ClientRow> for Client {
+    type Error = AuthError;
+
+    fn try_from(row: ClientRow) -> Result<Self, AuthError> {
+        let corrupt = |_| AuthError::Store(StoreError::Corrupt("client row"));
+        Ok(Self {
+            id: row.id,
+            name: row.name,
+            ip_policy: IpPolicy::parse(&row.ip_mode, &row.allowed_cidrs)
+                .map_err(|_| AuthError::Store(StoreError::Corrupt("client ip policy")))?,
+            scopes: Scopes::parse(&row.scopes.join(" ")).map_err(corrupt)?,
+            public_key_pem: row.public_key_pem,
+            active: row.state == "active",
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            tokens_not_before: row.tokens_not_before,
+        })
+    }
+}
+
+/// What an officer gives to register or update a client, validated.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    /// Display name, 1 to 200 characters.
+    pub name: String,
+    /// Where it may call from.
+    pub ip_policy: IpPolicy,
+    /// What it may be granted (at least one).
+    pub scopes: Scopes,
+    /// Its P-256 public key (SPKI PEM), checked to parse.
+    pub public_key_pem: Option<String>,
+}
+
+/// A client secret, shown once at registration.
+pub struct ClientSecret(SecretString);
+
+impl ClientSecret {
+    /// The secret text, to hand to the officer once.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientSecret([REDACTED])")
+    }
+}
+
+/// How a client proves who it is at the token endpoint.
+pub enum ClientCredentials {
+    /// `client_secret_basic` or `client_secret_post`.
+    Secret {
+        /// The claimed client id.
+        client_id: String,
+        /// The secret.
+        secret: SecretString,
+    },
+    /// `private_key_jwt` (RFC 7523).
+    Assertion {
+        /// The `client_id` parameter, if sent (must match the assertion's `sub`).
+        client_id: Option<String>,
+        /// The compact JWS.
+        assertion: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Why authentication or authorisation failed. Variants say what the client is told; the
+/// reason behind an `InvalidClient` or `InvalidToken` goes only to the debug log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The token endpoint could not authenticate the client (unknown, wrong secret, bad or
+    /// replayed assertion, disabled, or calling from a refused address): one answer for all.
+    #[error("client authentication failed")]
+    InvalidClient(&'static str),
+    /// The grant type is not `client_credentials`.
+    #[error("only the client_credentials grant is supported")]
+    UnsupportedGrantType,
+    /// The request lacks a parameter or repeats one.
+    #[error("{0}")]
+    InvalidRequest(&'static str),
+    /// The requested scope is unknown or not granted to the client.
+    #[error("the requested scope is unknown or not granted to this client")]
+    InvalidScope,
+    /// No bearer token was sent.
+    #[error("an access token is required")]
+    MissingToken,
+    /// The bearer token is bad: signature, algorithm, expiry, issuer, audience, revoked,
+    /// issued before the client was disabled, or the client is gone.
+    #[error("the access token is invalid")]
+    InvalidToken(&'static str),
+    /// The token lacks the scope this call needs.
+    #[error("the access token lacks the scope {0}")]
+    InsufficientScope(&'static str),
+    /// The request comes from an address the client may not use.
+    #[error("requests from this address are not allowed for this client")]
+    IpNotAllowed,
+    /// The client is disabled.
+    #[error("the client is disabled")]
+    ClientDisabled,
+    /// Registration input is invalid.
+    #[error("{0}")]
+    InvalidClientSpec(String),
+    /// Another active strict client has one of these addresses.
+    #[error("an address is already registered to another active strict-mode client")]
+    IpAlreadyRegistered,
+    /// No such client.
+    #[error("no such client")]
+    ClientNotFound,
+    /// The token failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ClientWriteError> for AuthError {
+    fn from(err: ClientWriteError) -> Self {
+        match err {
+            ClientWriteError::IpAlreadyRegistered => Self::IpAlreadyRegistered,
+            ClientWriteError::NotFound => Self::ClientNotFound,
+            ClientWriteError::Store(e) => Self::Store(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+/// Settings of the token issuer.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// `iss` of our tokens: the broker's public base URL, e.g. `https://kms.example:8443`.
+    pub issuer: String,
+    /// `aud` of our tokens.
+    pub audience: String,
+    /// Lifetime of an access token.
+    pub token_ttl: Duration,
+    /// Clock skew allowed on `exp`/`nbf`, in seconds.
+    pub leeway: u64,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl AuthConfig {
+    /// The token endpoint URL: the `aud` a client assertion must carry.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/v1/oauth/token", self.issuer.trim_end_matches('/'))
+    }
+}
+
+/// The claims of our access tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessClaims {
+    /// The broker.
+    pub iss: String,
+    /// The client id.
+    pub sub: String,
+    /// The configured audience.
+    pub aud: String,
+    /// Issued at, unix seconds.
+    pub iat: i64,
+    /// Not before, unix seconds.
+    pub nbf: i64,
+    /// Expiry, unix seconds.
+    pub exp: i64,
+    /// Token id, a UUID.
+    pub jti: String,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// An access token as the token endpoint answers it.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The compact JWS.
+    pub access_token: String,
+    /// Seconds until expiry.
+    pub expires_in: u64,
+    /// Granted scopes.
+    pub scope: Scopes,
+}
+
+/// The authenticated caller of a protected request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The client.
+    pub client_id: Uuid,
+    /// What the token grants, narrowed to what the client still holds.
+    pub scopes: Scopes,
+    /// The token's id and expiry.
+    pub jti: Uuid,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl Caller {
+    /// Checks the token grants `scope`.
+    ///
+    /// # Errors
+    /// [`AuthError::InsufficientScope`].
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.scopes.contains(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::InsufficientScope(scope.as_str()))
+        }
+    }
+
+    /// The client id as bound into blob AAD.
+    pub fn aad_id(&self) -> String {
+        self.client_id.to_string()
+    }
+}
+
+/// What introspection (RFC 7662) tells.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Introspection {
+    /// Whether the token is valid now.
+    pub active: bool,
+    /// The claims, when active.
+    #[serde(flatten)]
+    pub claims: Option<AccessClaims>,
+}
+
+/// One of our signing keys: its JWK (with `kid` = RFC 7638 thumbprint) and verifier.
+struct SigningKey {
+    kid: String,
+    jwk: Jwk,
+    decoding: DecodingKey,
+}
+
+impl SigningKey {
+    fn from_ec_point(ec_point: &[u8]) -> Result<Self, HsmError> {
+        let (x, y) = ec_point_coordinates(ec_point)
+            .ok_or(HsmError::Unexpected("the signing key is not a P-256 point"))?;
+        let mut jwk = Jwk {
+            common: CommonParameters {
+                public_key_use: Some(PublicKeyUse::Signature),
+                key_algorithm: Some(KeyAlgorithm::ES256),
+                ..CommonParameters::default()
+            },
+            algorithm: AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
+                key_type: EllipticCurveKeyType::EC,
+                curve: EllipticCurve::P256,
+                x,
+                y,
+            }),
+        };
+        let kid = jwk
+            .thumbprint(ThumbprintHash::SHA256)
+            .map_err(|_| HsmError::Unexpected("cannot compute the key thumbprint"))?;
+        jwk.common.key_id = Some(kid.clone());
+        let decoding = DecodingKey::from_jwk(&jwk)
+            .map_err(|_| HsmError::Unexpected("cannot build a verifier for the signing key"))?;
+        Ok(Self { kid, jwk, decoding })
+    }
+}
+
+/// The x and y coordinates (base64url) of a P-256 CKA_EC_POINT, which tokens give either raw
+/// (`04 || x || y`) or wrapped in a DER OCTET STRING (`04 41 04 || x || y`).
+pub fn ec_point_coordinates(ec_point: &[u8]) -> Option<(String, String)> {
+    let raw = match ec_point {
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest,
+        raw if raw.len() == 65 => raw,
+        _ => return None,
+    };
+    // Parsing checks the point is on the curve.
+    let key = p256::PublicKey::from_sec1_bytes(raw).ok()?;
+    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key, false);
+    Some((
+        URL_SAFE_NO_PAD.encode(point.x()?),
+        URL_SAFE_NO_PAD.encode(point.y()?),
+    ))
+}
+
+/// ES256 verification (ECDSA P-256 over SHA-256, signature `r || s` as JWS uses it). This is
+/// the check client assertions go through; it is tested against the Wycheproof vectors.
+pub fn verify_es256(key: &p256::ecdsa::VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    use p256::ecdsa::signature::Verifier;
+    let Ok(signature) = p256::ecdsa::Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify(message, &signature).is_ok()
+}
+
+/// A compact JWS split into its parts; nothing is verified here.
+struct CompactJws {
+    header: JwsHeader,
+    payload: Vec<u8>,
+    signature: Vec<u8>,
+    signing_input: String,
+}
+
+#[derive(Deserialize)]
+struct JwsHeader {
+    alg: String,
+}
+
+impl CompactJws {
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(Self {
+            header: serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?,
+            payload: URL_SAFE_NO_PAD.decode(payload).ok()?,
+            signature: URL_SAFE_NO_PAD.decode(signature).ok()?,
+            signing_input: format!("{header}.{payload}"),
+        })
+    }
+}
+
+/// `aud` may be a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The claims RFC 7523 requires of a client assertion.
+#[derive(Deserialize)]
+struct AssertionClaims {
+    iss: String,
+    sub: String,
+    aud: Audience,
+    exp: i64,
+    #[serde(default)]
+    nbf: Option<i64>,
+    jti: String,
+}
+
+impl AssertionClaims {
+    /// Checks the claims at `now` (a parameter, so tests set the time).
+    fn check(
+        &self,
+        client: &str,
+        token_endpoint: &str,
+        now: i64,
+        leeway: i64,
+    ) -> Result<(), &'static str> {
+        if self.iss != client || self.sub != client {
+            return Err("assertion iss/sub is not the client");
+        }
+        let audience_ok = match &self.aud {
+            Audience::One(a) => a == token_endpoint,
+            Audience::Many(all) => all.iter().any(|a| a == token_endpoint),
+        };
+        if !audience_ok {
+            return Err("assertion aud is not the token endpoint");
+        }
+        if self.exp + leeway <= now {
+            return Err("assertion expired");
+        }
+        if self.exp > now + MAX_ASSERTION_LIFETIME + leeway {
+            return Err("assertion lives too long");
+        }
+        if self.nbf.is_some_and(|nbf| nbf > now + leeway) {
+            return Err("assertion not yet valid");
+        }
+        if self.jti.is_empty() || self.jti.len() > 200 {
+            return Err("assertion jti missing or too long");
+        }
+        Ok(())
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Issues and checks access tokens, and registers clients.
+pub struct Authenticator {
+    hsm: Hsm,
+    store: Store,
+    config: AuthConfig,
+    keys: RwLock<Vec<SigningKey>>,
+}
+
+impl Authenticator {
+    /// Reads the signing public key from the token.
+    ///
+    /// # Errors
+    /// A token failure, or a signing key that is not P-256.
+    pub async fn load(hsm: Hsm, store: Store, config: AuthConfig) -> Result<Self, AuthError> {
+        let point = hsm.signing_public_key().await?;
+        let key = SigningKey::from_ec_point(&point)?;
+        Ok(Self {
+            hsm,
+            store,
+            config,
+            keys: RwLock::new(vec![key]),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// The JWKS document: every key whose tokens may still be live.
+    pub fn jwks(&self) -> JwkSet {
+        JwkSet {
+            keys: read(&self.keys).iter().map(|k| k.jwk.clone()).collect(),
+        }
+    }
+
+    // -- token endpoint ----------------------------------------------------------------------
+
+    /// The client-credentials grant: authenticates the client, checks its address and the
+    /// scope asked for, and signs an access token inside the token.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidClient`] (one answer for every authentication failure),
+    /// [`AuthError::InvalidScope`], or an outage.
+    pub async fn issue(
+        &self,
+        credentials: ClientCredentials,
+        requested: Option<&str>,
+        source: IpAddr,
+        now: i64,
+    ) -> Result<IssuedToken, AuthError> {
+        let client = match credentials {
+            ClientCredentials::Secret { client_id, secret } => {
+                self.check_secret(&client_id, &secret).await?
+            }
+            ClientCredentials::Assertion {
+                client_id,
+                assertion,
+            } => {
+                self.check_assertion(client_id.as_deref(), &assertion, now)
+                    .await?
+            }
+        };
+        if !client.active {
+            return Err(AuthError::InvalidClient("client disabled"));
+        }
+        if !client.ip_policy.allows(source) {
+            return Err(AuthError::InvalidClient("source address not allowed"));
+        }
+        let scope = match requested {
+            Some(text) => {
+                let asked = Scopes::parse(text).map_err(|_| AuthError::InvalidScope)?;
+                if asked.is_empty() || !asked.is_subset(&client.scopes) {
+                    return Err(AuthError::InvalidScope);
+                }
+                asked
+            }
+            None => client.scopes.clone(),
+        };
+        let ttl = i64::try_from(self.config.token_ttl.as_secs()).unwrap_or(300);
+        let claims = AccessClaims {
+            iss: self.config.issuer.clone(),
+            sub: client.id.to_string(),
+            aud: self.config.audience.clone(),
+            iat: now,
+            nbf: now,
+            exp: now + ttl,
+            jti: Uuid::new_v4().to_string(),
+            scope: scope.to_string(),
+        };
+        let access_token = self.sign(&claims).await?;
+        Ok(IssuedToken {
+            access_token,
+            expires_in: self.config.token_ttl.as_secs(),
+            scope,
+        })
+    }
+
+    /// Builds and signs a compact JWS (ES256) inside the token.
+    async fn sign(&self, claims: &AccessClaims) -> Result<String, AuthError> {
+        let kid = read(&self.keys)
+            .first()
+            .map(|k| k.kid.clone())
+            .ok_or(HsmError::Unexpected("no signing key"))?;
+        let header = serde_json::json!({"alg": "ES256", "typ": "at+jwt", "kid": kid});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(
+                serde_json::to_vec(claims)
+                    .map_err(|_| HsmError::Unexpected("claims do not serialise"))?
+            )
+        );
+        let digest: [u8; 32] = Sha256::digest(signing_input.as_bytes()).into();
+        let signature = self.hsm.run(move |t| t.sign_digest(&digest)).await?;
+        Ok(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature)
+        ))
+    }
+
+    async fn check_secret(
+        &self,
+        client_id: &str,
+        secret: &SecretString,
+    ) -> Result<Client, AuthError> {
+        // Unknown ids and wrong secrets cost the same: a token HMAC and a comparison either way.
+        let id = Uuid::parse_str(client_id).ok();
+        let stored = match id {
+            Some(id) => self.store.client_secret_mac(id).await?,
+            None => None,
+        };
+        let mac = self
+            .secret_mac(id.unwrap_or(Uuid::nil()), secret.expose_secret())
+            .await?;
+        match stored {
+            Some((row, stored_mac)) if constant_time_eq(&mac, &stored_mac) => Client::try_from(row),
+            Some(_) => Err(AuthError::InvalidClient("wrong secret")),
+            None => Err(AuthError::InvalidClient("unknown client")),
+        }
+    }
+
+    async fn check_assertion(
+        &self,
+        client_id: Option<&str>,
+        assertion: &str,
+        now: i64,
+    ) -> Result<Client, AuthError> {
+        let jws = CompactJws::parse(assertion)
+            .ok_or(AuthError::InvalidClient("assertion is not a compact JWS"))?;
+        if jws.header.alg != "ES256" {
+            return Err(AuthError::InvalidClient("assertion algorithm is not ES256"));
+        }
+        let claims: AssertionClaims = serde_json::from_slice(&jws.payload)
+            .map_err(|_| AuthError::InvalidClient("assertion lacks iss/sub/aud/exp/jti"))?;
+        let id = Uuid::parse_str(&claims.sub)
+            .map_err(|_| AuthError::InvalidClient("assertion sub is not a client id"))?;
+        if client_id.is_some_and(|c| c != claims.sub) {
+            return Err(AuthError::InvalidClient(
+                "client_id differs from assertion sub",
+            ));
+        }
+        let client: Client = self
+            .store
+            .client(id)
+            .await?
+            .ok_or(AuthError::InvalidClient("unknown client"))?
+            .try_into()?;
+        let pem = client
+            .public_key_pem
+            .as_deref()
+            .ok_or(AuthError::InvalidClient("client has no registered key"))?;
+        let key =
+            <p256::ecdsa::VerifyingKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(pem)
+                .map_err(|_| AuthError::InvalidClient("registered key does not parse"))?;
+        if !verify_es256(&key, jws.signing_input.as_bytes(), &jws.signature) {
+            return Err(AuthError::InvalidClient(
+                "assertion signature does not verify",
+            ));
+        }
+        let leeway = i64::try_from(self.config.leeway).unwrap_or(0);
+        claims
+            .check(&claims.sub, &self.config.token_endpoint(), now, leeway)
+            .map_err(AuthError::InvalidClient)?;
+        if !self
+            .store
+            .use_assertion(id, &claims.jti, claims.exp)
+            .await?
+        {
+            return Err(AuthError::InvalidClient("assertion replayed"));
+        }
+        Ok(client)
+    }
+
+    async fn secret_mac(&self, id: Uuid, secret: &str) -> Result<[u8; 32], AuthError> {
+        let mut input = Vec::with_capacity(SECRET_MAC_DOMAIN.len() + 16 + secret.len());
+        input.extend_from_slice(SECRET_MAC_DOMAIN);
+        input.extend_from_slice(id.as_bytes());
+        input.extend_from_slice(secret.as_bytes());
+        let input = zeroize::Zeroizing::new(input);
+        Ok(self.hsm.run(move |t| t.hmac(&input)).await?)
+    }
+
+    // -- protected requests ------------------------------------------------------------------
+
+    /// Checks a bearer token and its client for one request: signature (ES256 only), `exp`,
+    /// `nbf`, `iss`, `aud`, not revoked, issued after the client was last disabled, client
+    /// active, source address allowed.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidToken`], [`AuthError::ClientDisabled`], [`AuthError::IpNotAllowed`],
+    /// or an outage.
+    pub async fn authenticate(&self, token: &str, source: IpAddr) -> Result<Caller, AuthError> {
+        let claims = self.verify(token)?;
+        let (client_id, jti) = parse_ids(&claims)?;
+        let state = self
+            .store
+            .client_auth_state(client_id, jti)
+            .await?
+            .ok_or(AuthError::InvalidToken("client no longer exists"))?;
+        if state.revoked {
+            return Err(AuthError::InvalidToken("token revoked"));
+        }
+        let client = Client::try_from(state.client)?;
+        if !client.active {
+            return Err(AuthError::ClientDisabled);
+        }
+        if claims.iat < client.tokens_not_before {
+            return Err(AuthError::InvalidToken(
+                "token issued before the client was disabled",
+            ));
+        }
+        if !client.ip_policy.allows(source) {
+            return Err(AuthError::IpNotAllowed);
+        }
+        let granted =
+            Scopes::parse(&claims.scope).map_err(|_| AuthError::InvalidToken("bad scope claim"))?;
+        Ok(Caller {
+            client_id,
+            scopes: granted.intersection(&client.scopes),
+            jti,
+            expires_at: claims.exp,
+        })
+    }
+
+    /// Verifies a token's signature and standard claims; nothing in Postgres is consulted.
+    fn verify(&self, token: &str) -> Result<AccessClaims, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken("not a JWT"))?;
+        // Pinned: only ES256, whatever the header says, so `none` and HS256-with-our-public-key
+        // tricks fail here.
+        if header.alg != Algorithm::ES256 {
+            return Err(AuthError::InvalidToken("algorithm is not ES256"));
+        }
+        let kid = header.kid.ok_or(AuthError::InvalidToken("no kid"))?;
+        let keys = read(&self.keys);
+        let key = keys
+            .iter()
+            .find(|k| k.kid == kid)
+            .ok_or(AuthError::InvalidToken("unknown kid"))?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.leeway = self.config.leeway;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub", "jti"]);
+        jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| {
+                tracing::debug!(target: "keybroker::auth", error = %e, "access token refused");
+                AuthError::InvalidToken("signature or claims do not verify")
+            })
+    }
+
+    /// RFC 7662: what `token` is, for an admin or for the client it was issued to; inactive
+    /// for anyone else and for any invalid token.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn introspect(
+        &self,
+        caller: &Caller,
+        token: &str,
+    ) -> Result<Introspection, AuthError> {
+        let inactive = Introspection {
+            active: false,
+            claims: None,
+        };
+        let Ok(claims) = self.verify(token) else {
+            return Ok(inactive);
+        };
+        let Ok((client_id, jti)) = parse_ids(&claims) else {
+            return Ok(inactive);
+        };
+        if !caller.scopes.contains(Scope::Admin) && caller.client_id != client_id {
+            return Ok(inactive);
+        }
+        let active = match self.store.client_auth_state(client_id, jti).await? {
+            Some(state) => {
+                !state.revoked
+                    && state.client.state == "active"
+                    && claims.iat >= state.client.tokens_not_before
+            }
+            None => false,
+        };
+        Ok(if active {
+            Introspection {
+                active,
+                claims: Some(claims),
+            }
+        } else {
+            inactive
+        })
+    }
+
+    /// RFC 7009: revokes `token` if the caller is an admin or the client it was issued to.
+    /// Unknown or invalid tokens are not an error (the RFC says to answer 200 either way).
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn revoke(&self, caller: &Caller, token: &str) -> Result<(), AuthError> {
+        let Ok(claims) = self.verify(token) else {
+            return Ok(());
+        };
+        let Ok((client_id, jti)) = parse_ids(&claims) else {
+            return Ok(());
+        };
+        if caller.scopes.contains(Scope::Admin) || caller.client_id == client_id {
+            self.store.revoke_token(jti, client_id, claims.exp).await?;
+        }
+        Ok(())
+    }
+
+    // -- registration ------------------------------------------------------------------------
+
+    /// Registers a client: a new id (UUID v4) and a high-entropy secret from the token's RNG,
+    /// returned once. Postgres keeps only the token's HMAC of the secret.
+    ///
+    /// # Errors
+    /// [`AuthError::IpAlreadyRegistered`], or an outage.
+    pub async fn register(&self, spec: ClientSpec) -> Result<(Client, ClientSecret), AuthError> {
+        let id = Uuid::new_v4();
+        let random = self.hsm.run(|t| t.random(32)).await?;
+        let secret = SecretString::from(format!(
+            "{SECRET_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(&*random)
+        ));
+        let mac = self.secret_mac(id, secret.expose_secret()).await?;
+        let row = self.store.insert_client(id, &fields(&spec), &mac).await?;
+        Ok((Client::try_from(row)?, ClientSecret(secret)))
+    }
+
+    /// Replaces a client's name, addresses, scopes and key.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`], or an outage.
+    pub async fn update(&self, id: Uuid, spec: ClientSpec) -> Result<Client, AuthError> {
+        Client::try_from(self.store.update_client(id, &fields(&spec)).await?)
+    }
+
+    /// Disables (every live token stops working at once) or enables a client.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`] on enable, or an
+    /// outage.
+    pub async fn set_active(&self, id: Uuid, active: bool) -> Result<Client, AuthError> {
+        Client::try_from(self.store.set_client_active(id, active).await?)
+    }
+
+    /// Deletes a client; its tokens stop working at once.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientNotFound`], or an outage.
+    pub async fn delete(&self, id: Uuid) -> Result<(), AuthError> {
+        Ok(self.store.delete_client(id).await?)
+    }
+
+    /// One client.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientNotFound`], or an outage.
+    pub async fn client(&self, id: Uuid) -> Result<Client, AuthError> {
+        self.store
+            .client(id)
+            .await?
+            .ok_or(AuthError::ClientNotFound)?
+            .try_into()
+    }
+
+    /// A page of clients after `after`, by id.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn clients(&self, after: Option<Uuid>, limit: u32) -> Result<Vec<Client>, AuthError> {
+        self.store
+            .clients(after, i64::from(limit))
+            .await?
+            .into_iter()
+            .map(Client::try_from)
+            .collect()
+    }
+
+    /// Registers the first admin client, if no client exists yet (the officer's bootstrap).
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn bootstrap_admin(&self) -> Result<Option<(Client, ClientSecret)>, AuthError> {
+        if self.store.any_client().await? {
+            return Ok(None);
+        }
+        let spec = ClientSpec {
+            name: "bootstrap-admin".to_owned(),
+            ip_policy: IpPolicy::Any,
+            scopes: Scopes(Scope::ALL.into_iter().collect()),
+            public_key_pem: None,
+        };
+        self.register(spec).await.map(Some)
+    }
+}
+
+impl ClientSpec {
+    /// Validates registration input.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidClientSpec`] saying what is wrong.
+    pub fn new(
+        name: String,
+        ip_mode: &str,
+        addresses: &[String],
+        scopes: &str,
+        public_key_pem: Option<String>,
+    ) -> Result<Self, AuthError> {
+        let invalid = |m: String| AuthError::InvalidClientSpec(m);
+        let name = name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(invalid("name must be 1 to 200 characters".to_owned()));
+        }
+        let ip_policy = IpPolicy::parse(ip_mode, addresses).map_err(|e| invalid(e.to_string()))?;
+        let scopes = Scopes::parse(scopes).map_err(|e| invalid(e.to_string()))?;
+        if scopes.is_empty() {
+            return Err(invalid("at least one scope is required".to_owned()));
+        }
+        if let Some(pem) = &public_key_pem {
+            let key = <p256::PublicKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(pem);
+            if key.is_err() {
+                return Err(invalid(
+                    "public_key must be a P-256 public key in SPKI PEM".to_owned(),
+                ));
+            }
+        }
+        Ok(Self {
+            name,
+            ip_policy,
+            scopes,
+            public_key_pem,
+        })
+    }
+}
+
+fn fields(spec: &ClientSpec) -> ClientFields {
+    ClientFields {
+        name: spec.name.clone(),
+        ip_mode: spec.ip_policy.mode().to_owned(),
+        allowed_cidrs: spec.ip_policy.cidrs(),
+        scopes: spec.scopes.names(),
+        public_key_pem: spec.public_key_pem.clone(),
+    }
+}
+
+fn parse_ids(claims: &AccessClaims) -> Result<(Uuid, Uuid), AuthError> {
+    let client = Uuid::parse_str(&claims.sub).map_err(|_| AuthError::InvalidToken("bad sub"))?;
+    let jti = Uuid::parse_str(&claims.jti).map_err(|_| AuthError::InvalidToken("bad jti"))?;
+    Ok((client, jti))
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Compares in time that depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn scopes_parse_expand_and_print() {
+        let s = Scopes::parse("wrap  keys:* datakey").unwrap();
+        assert!(s.contains(Scope::KeysRotate) && s.contains(Scope::Wrap));
+        assert!(!s.contains(Scope::Admin));
+        assert_eq!(
+            s.to_string(),
+            "datakey wrap keys:create keys:read keys:rotate keys:manage"
+        );
+        assert_eq!(
+            Scopes::parse("wrap bogus"),
+            Err(UnknownScope("bogus".into()))
+        );
+        assert!(Scopes::parse("wrap").unwrap().is_subset(&s));
+    }
+
+    #[test]
+    fn ip_policy_matches_addresses_and_cidrs() {
+        let strict =
+            IpPolicy::parse("strict", &["127.0.0.1".into(), "10.1.0.0/16".into()]).unwrap();
+        assert!(strict.allows("127.0.0.1".parse().unwrap()));
+        assert!(!strict.allows("127.0.0.2".parse().unwrap()));
+        assert!(strict.allows("10.1.200.3".parse().unwrap()));
+        assert!(strict.allows("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!strict.allows("10.2.0.1".parse().unwrap()));
+        assert!(
+            IpPolicy::parse("none", &[])
+                .unwrap()
+                .allows("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            IpPolicy::parse("strict", &[]),
+            Err(IpPolicyError::StrictWithoutAddresses)
+        );
+        assert!(IpPolicy::parse("strict", &["300.1.1.1".into()]).is_err());
+        assert_eq!(IpPolicy::parse("loose", &[]), Err(IpPolicyError::BadMode));
+        // Host bits are dropped: 10.1.2.3/16 is 10.1.0.0/16.
+        assert_eq!(
+            IpPolicy::parse("strict", &["10.1.2.3/16".into()])
+                .unwrap()
+                .cidrs(),
+            vec!["10.1.0.0/16".to_owned()]
+        );
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(source_ip(stranger, Some("203.0.113.9"), &trusted), stranger);
+        assert_eq!(
+            source_ip(proxy, Some("203.0.113.9, 10.0.0.9"), &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(source_ip(proxy, None, &trusted), proxy);
+        assert_eq!(source_ip(proxy, Some("garbage"), &trusted), proxy);
+    }
+
+    #[test]
+    fn ec_points_in_both_encodings() {
+        // The generator of P-256.
+        let x = hex("6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296");
+        let y = hex("4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5");
+        let raw: Vec<u8> = [vec![4u8], x.clone(), y.clone()].concat();
+        let wrapped: Vec<u8> = [vec![4u8, 0x41], raw.clone()].concat();
+        let want = (URL_SAFE_NO_PAD.encode(&x), URL_SAFE_NO_PAD.encode(&y));
+        assert_eq!(ec_point_coordinates(&raw), Some(want.clone()));
+        assert_eq!(ec_point_coordinates(&wrapped), Some(want));
+        let mut off_curve = raw.clone();
+        off_curve[64] ^= 1;
+        assert_eq!(ec_point_coordinates(&off_curve), None);
+        assert_eq!(ec_point_coordinates(&raw[..64]), None);
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
