@@ -31,7 +31,7 @@ kb_secret_file "$WORK/secrets/so.pin"
 kb_secret_file "$WORK/secrets/user.pin"
 export KEYBROKER_SO_PIN_FILE="$WORK/secrets/so.pin" KEYBROKER_PIN_FILE="$WORK/secrets/user.pin"
 kb_setup_postgres "$WORK/pg" keybroker
-kb_init_token "$BIN" keybroker-bench >/dev/null
+kb_init_token "$BIN" keybroker-bench --admin-credentials-out "$WORK/admin.json" >/dev/null
 "$BIN" dev-cert --dir "$WORK/tls" >/dev/null
 
 # (a) the token alone: inside one blocking call (the token's own rate), then one HSM-layer
@@ -55,17 +55,21 @@ SERVER=$!
 URL="https://127.0.0.1:$PORT"
 for _ in $(seq 100); do curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev/null && break; sleep 0.1; done
 
+# One token for the whole run: the default lifetime (5 min) outlasts the measurements.
+TOKEN=$(kb_access_token "$WORK/admin.json" "$URL" "$WORK/tls/ca.pem")
 CONTEXT='{"tenant":"bench","purpose":"datakey"}'
-BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' \
+BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' -H "authorization: Bearer $TOKEN" \
   -d "{\"context\":$CONTEXT,\"plaintext\":false}" "$URL/v1/datakey" | sed 's/.*"wrapped":"\([^"]*\)".*/\1/')
 cat >"$WORK/datakey.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
 wrk.body = '{"context":$CONTEXT}'
 LUA
 cat >"$WORK/unwrap.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
 wrk.body = '{"wrapped":"$BLOB","context":$CONTEXT}'
 LUA
 

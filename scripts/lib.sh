@@ -16,6 +16,7 @@ kb_install_deps() {
   command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
   [ -x "$KB_PG_BIN/initdb" ] && [ -x "$KB_PG_BIN/pg_ctl" ] || missing+=(postgresql-15)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || missing+=("$extra"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
@@ -95,14 +96,25 @@ kb_stop_postgres() {
 }
 
 # Token LABEL initialised (SoftHSM2 only: another vendor's token is initialised with its own
-# tools), then keybroker's keys created and recorded by `keybroker hsm init`. PINs come from
-# KEYBROKER_SO_PIN(_FILE) and KEYBROKER_PIN(_FILE).
+# tools), then keybroker's keys created and recorded by `keybroker hsm init` (further arguments
+# go to it). PINs come from KEYBROKER_SO_PIN(_FILE) and KEYBROKER_PIN(_FILE).
 kb_init_token() {
   local bin=$1 label=$2
+  shift 2
   export KEYBROKER_TOKEN_LABEL=$label
   if [ "${PKCS11_MODULE:-$KB_SOFTHSM_MODULE}" = "$KB_SOFTHSM_MODULE" ] && ! kb_softhsm_has_token "$label"; then
     kb_log "initialising SoftHSM2 token '$label'"
     "$bin" hsm init-token
   fi
-  "$bin" hsm init
+  "$bin" hsm init "$@"
+}
+
+# The access token of the client whose credentials JSON (client_id, client_secret, as
+# `hsm init --admin-credentials-out` writes it) is in FILE, from the broker at URL.
+kb_access_token() {
+  local file=$1 url=$2 ca=$3 id secret
+  id=$(sed -n 's/.*"client_id": *"\([^"]*\)".*/\1/p' "$file")
+  secret=$(sed -n 's/.*"client_secret": *"\([^"]*\)".*/\1/p' "$file")
+  curl -sf --cacert "$ca" -u "$id:$secret" -d grant_type=client_credentials "$url/v1/oauth/token" \
+    | sed 's/.*"access_token":"\([^"]*\)".*/\1/'
 }

@@ -41,13 +41,16 @@ trap 'exit 130' INT TERM
 
 kb_setup_postgres "$LOCAL/pg" keybroker
 
-kb_init_token "$BIN" "$LABEL"
+export KEYBROKER_LISTEN=${KEYBROKER_LISTEN:-127.0.0.1:8443}
+export KEYBROKER_PUBLIC_URL=${KEYBROKER_PUBLIC_URL:-https://$KEYBROKER_LISTEN}
+# The first init prints a bootstrap admin client once and keeps it in .local for the README's
+# examples (mode 0600).
+kb_init_token "$BIN" "$LABEL" --admin-credentials-out "$LOCAL/admin-credentials.json"
 "$BIN" dev-cert --dir "$LOCAL/tls" >/dev/null
 export KEYBROKER_TLS_CERT="$LOCAL/tls/server.pem" KEYBROKER_TLS_KEY="$LOCAL/tls/server-key.pem"
-export KEYBROKER_LISTEN=${KEYBROKER_LISTEN:-127.0.0.1:8443}
 
-kb_log "serving https://$KEYBROKER_LISTEN (trust $LOCAL/tls/ca.pem); Ctrl-C stops"
-kb_log "the crypto endpoints have no authentication yet: keep the listener on loopback"
+kb_log "serving $KEYBROKER_PUBLIC_URL (trust $LOCAL/tls/ca.pem); Ctrl-C stops"
+[ -f "$LOCAL/admin-credentials.json" ] && kb_log "admin client credentials: $LOCAL/admin-credentials.json"
 "$BIN" serve &
 SERVER=$!
 wait "$SERVER"

@@ -202,7 +202,7 @@ impl IpPolicy {
             .map(|a| {
                 IpNet::from_str(a)
                     .or_else(|_| IpAddr::from_str(a).map(IpNet::from))
-                    .map(|n| n.trunc())
+                    .map(|n| unmap(n).trunc())
                     .map_err(|_| IpPolicyError::BadAddress(a.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -239,6 +239,19 @@ impl IpPolicy {
             Self::Any => Vec::new(),
         }
     }
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 network it is, since
+/// callers' mapped addresses are compared as IPv4 too.
+fn unmap(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(v4net) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(v4net);
+    }
+    net
 }
 
 /// The source address of a request: the socket peer, or the first address of
@@ -746,13 +759,17 @@ impl Authenticator {
             None => client.scopes.clone(),
         };
         let ttl = i64::try_from(self.config.token_ttl.as_secs()).unwrap_or(300);
+        // A client disabled and re-enabled within this second has `tokens_not_before` rounded up
+        // to the next second; a token issued now must not be dead on arrival, so it is dated
+        // from then (well inside the `nbf` leeway).
+        let issued_at = now.max(client.tokens_not_before);
         let claims = AccessClaims {
             iss: self.config.issuer.clone(),
             sub: client.id.to_string(),
             aud: self.config.audience.clone(),
-            iat: now,
-            nbf: now,
-            exp: now + ttl,
+            iat: issued_at,
+            nbf: issued_at,
+            exp: issued_at + ttl,
             jti: Uuid::new_v4().to_string(),
             scope: scope.to_string(),
         };
@@ -1192,6 +1209,10 @@ mod tests {
         );
         assert!(IpPolicy::parse("strict", &["300.1.1.1".into()]).is_err());
         assert_eq!(IpPolicy::parse("loose", &[]), Err(IpPolicyError::BadMode));
+        // Mapped IPv6 forms are their IPv4 address.
+        let mapped = IpPolicy::parse("strict", &["::ffff:127.0.0.1".into()]).unwrap();
+        assert!(mapped.allows("127.0.0.1".parse().unwrap()));
+        assert_eq!(mapped.cidrs(), vec!["127.0.0.1/32".to_owned()]);
         // Host bits are dropped: 10.1.2.3/16 is 10.1.0.0/16.
         assert_eq!(
             IpPolicy::parse("strict", &["10.1.2.3/16".into()])
@@ -1236,6 +1257,80 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    fn assertion(aud: &str, exp: i64, nbf: Option<i64>, jti: &str) -> AssertionClaims {
+        AssertionClaims {
+            iss: "c".into(),
+            sub: "c".into(),
+            aud: Audience::One(aud.into()),
+            exp,
+            nbf,
+            jti: jti.into(),
+        }
+    }
+
+    #[test]
+    fn assertion_claims_are_checked_at_the_given_time() {
+        let endpoint = "https://kb.example/v1/oauth/token";
+        let now = 1_000_000;
+        assert_eq!(
+            assertion(endpoint, now + 60, None, "j").check("c", endpoint, now, 0),
+            Ok(())
+        );
+        let many = AssertionClaims {
+            aud: Audience::Many(vec!["x".into(), endpoint.into()]),
+            ..assertion(endpoint, now + 60, None, "j")
+        };
+        assert_eq!(many.check("c", endpoint, now, 0), Ok(()));
+        assert!(
+            assertion(endpoint, now + 60, None, "j")
+                .check("other", endpoint, now, 0)
+                .is_err()
+        );
+        assert!(
+            assertion("https://elsewhere", now + 60, None, "j")
+                .check("c", endpoint, now, 0)
+                .is_err()
+        );
+        assert!(
+            assertion(endpoint, now, None, "j")
+                .check("c", endpoint, now, 0)
+                .is_err()
+        );
+        assert_eq!(
+            assertion(endpoint, now, None, "j").check("c", endpoint, now, 5),
+            Ok(())
+        );
+        assert!(
+            assertion(endpoint, now + 301, None, "j")
+                .check("c", endpoint, now, 0)
+                .is_err()
+        );
+        assert!(
+            assertion(endpoint, now + 60, Some(now + 30), "j")
+                .check("c", endpoint, now, 0)
+                .is_err()
+        );
+        assert!(
+            assertion(endpoint, now + 60, None, "")
+                .check("c", endpoint, now, 0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn compact_jws_parsing() {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(b"{}");
+        let sig = URL_SAFE_NO_PAD.encode([1u8; 64]);
+        let jws = CompactJws::parse(&format!("{header}.{payload}.{sig}")).unwrap();
+        assert_eq!(jws.header.alg, "ES256");
+        assert_eq!(jws.signing_input, format!("{header}.{payload}"));
+        assert_eq!(jws.signature, vec![1u8; 64]);
+        assert!(CompactJws::parse(&format!("{header}.{payload}")).is_none());
+        assert!(CompactJws::parse(&format!("{header}.{payload}.{sig}.x")).is_none());
+        assert!(CompactJws::parse(&format!("{header}.{payload}.***")).is_none());
     }
 
     #[test]

@@ -376,6 +376,12 @@ fn print_bootstrap(
             "client_secret": secret.expose(),
             "token_url": token_url,
         });
+        // A file left by an earlier database holds credentials that no longer exist.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);

@@ -501,7 +501,8 @@ impl Store {
         Ok(row.map(client_row))
     }
 
-    /// The stored secret MAC of a client.
+    /// A client and its stored secret MAC, in one query (the token endpoint's cost must not
+    /// depend on whether the client exists).
     ///
     /// # Errors
     /// Any database failure.
@@ -509,13 +510,31 @@ impl Store {
         &self,
         id: uuid::Uuid,
     ) -> Result<Option<(ClientRow, Vec<u8>)>, StoreError> {
-        let row: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT secret_mac FROM clients WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some((mac,)) = row else { return Ok(None) };
-        Ok(self.client(id).await?.map(|client| (client, mac)))
+        type WithMac = (
+            uuid::Uuid,
+            String,
+            String,
+            Vec<String>,
+            Vec<String>,
+            Option<String>,
+            String,
+            i64,
+            i64,
+            i64,
+            Vec<u8>,
+        );
+        let row: Option<WithMac> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLIENT_COLUMNS}, secret_mac FROM clients WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|t| {
+            (
+                client_row((t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9)),
+                t.10,
+            )
+        }))
     }
 
     /// A page of clients ordered by id, after `after`.

@@ -12,4 +12,5 @@ mod crypto_api;
 mod custody;
 mod database_outage;
 mod examples;
+mod oauth;
 mod openapi;
