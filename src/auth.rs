@@ -226,14 +226,16 @@ impl IpPolicy {
         }
     }
 
-    fn mode(&self) -> &'static str {
+    /// `strict` or `none`.
+    pub fn mode(&self) -> &'static str {
         match self {
             Self::Strict(_) => "strict",
             Self::Any => "none",
         }
     }
 
-    fn cidrs(&self) -> Vec<String> {
+    /// The allowed networks, canonical text (empty for `none`).
+    pub fn cidrs(&self) -> Vec<String> {
         match self {
             Self::Strict(nets) => nets.iter().map(ToString::to_string).collect(),
             Self::Any => Vec::new(),

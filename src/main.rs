@@ -455,7 +455,11 @@ fn print_client(client: &Client) {
         "state:      {}",
         if client.active { "active" } else { "disabled" }
     );
-    println!("ip policy:  {:?}", client.ip_policy);
+    println!(
+        "ip policy:  {} {}",
+        client.ip_policy.mode(),
+        client.ip_policy.cidrs().join(" ")
+    );
     println!("scopes:     {}", client.scopes);
     println!(
         "public key: {}",

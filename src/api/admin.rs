@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiError, ApiJson, AppState, ErrorBody};
-use crate::auth::{AuthError, Caller, Client, ClientSpec, IpPolicy, Scope};
+use crate::auth::{AuthError, Caller, Client, ClientSpec, Scope};
 
 /// `POST /v1/admin/clients` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -75,15 +75,11 @@ pub struct ClientBody {
 
 impl From<Client> for ClientBody {
     fn from(c: Client) -> Self {
-        let (ip_mode, ips) = match c.ip_policy {
-            IpPolicy::Strict(nets) => ("strict", nets.iter().map(ToString::to_string).collect()),
-            IpPolicy::Any => ("none", Vec::new()),
-        };
         Self {
             client_id: c.id,
             name: c.name,
-            ip_mode: ip_mode.to_owned(),
-            ips,
+            ip_mode: c.ip_policy.mode().to_owned(),
+            ips: c.ip_policy.cidrs(),
             scopes: c.scopes.names(),
             public_key: c.public_key_pem,
             state: if c.active { "active" } else { "disabled" }.to_owned(),

@@ -132,6 +132,16 @@ impl ChildServer {
     }
 }
 
+impl Drop for ChildServer {
+    // A failed assertion must not leave the server running after the test process ends.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A private copy of the test token, so breaking it cannot disturb other tests.
 fn private_token_copy() -> (PathBuf, PathBuf) {
     let dir = scratch_dir("token");
