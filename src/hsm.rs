@@ -667,17 +667,30 @@ impl Inner {
         if let Some(slot) = *cached {
             return Ok(slot);
         }
-        // Any failure to list slots or read token info means we cannot reach our token (SoftHSM2
-        // answers CKR_GENERAL_ERROR once its storage went away).
+        // A failure to list slots means we cannot reach our token (SoftHSM2 answers
+        // CKR_GENERAL_ERROR once its storage went away). A slot whose token cannot be read is
+        // skipped: it may be another token half-way through initialisation by another process,
+        // and our token may be in the next slot; if ours is not found, that failure is the answer.
         let ctx = &self.module.ctx;
+        let mut unreadable = None;
         for slot in ctx.get_slots_with_token().map_err(HsmError::Unavailable)? {
-            let info = ctx.get_token_info(slot).map_err(HsmError::Unavailable)?;
+            let info = match ctx.get_token_info(slot) {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::debug!(target: "keybroker::hsm", slot = slot.id(), error = %e, "cannot read a slot's token");
+                    unreadable = Some(e);
+                    continue;
+                }
+            };
             if info.token_initialized() && info.label().trim_end() == self.token_label {
                 *cached = Some(slot);
                 return Ok(slot);
             }
         }
-        Err(HsmError::TokenNotFound(self.token_label.clone()))
+        Err(match unreadable {
+            Some(e) => HsmError::Unavailable(e),
+            None => HsmError::TokenNotFound(self.token_label.clone()),
+        })
     }
 }
 
