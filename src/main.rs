@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use keybroker::api::AppState;
+use keybroker::api::{AppState, error_chain};
 use keybroker::auth::{Authenticator, Client, ClientSecret, ClientSpec};
 use keybroker::broker::{Broker, Limits};
 use keybroker::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs, read_secret};
@@ -190,17 +190,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 async fn run(command: Command) -> Result<(), BoxError> {

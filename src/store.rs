@@ -241,7 +241,7 @@ fn to_i64(n: u64) -> i64 {
 }
 
 /// A client as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ClientRow {
     /// The client id.
     pub id: uuid::Uuid,
@@ -312,35 +312,16 @@ impl From<sqlx::Error> for ClientWriteError {
 /// Token `iat`s are whole seconds: `tokens_not_before` is rounded up, so a token issued in the
 /// same second as a disable is refused too (its client asks again a second later).
 const CLIENT_COLUMNS: &str = "id, name, ip_mode, allowed_cidrs, scopes, public_key_pem, state,
-    ceil(extract(epoch FROM tokens_not_before))::bigint,
-    floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM updated_at))::bigint";
+    ceil(extract(epoch FROM tokens_not_before))::bigint AS tokens_not_before,
+    floor(extract(epoch FROM created_at))::bigint AS created_at,
+    floor(extract(epoch FROM updated_at))::bigint AS updated_at";
 
-type ClientTuple = (
-    uuid::Uuid,
-    String,
-    String,
-    Vec<String>,
-    Vec<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    i64,
-);
-
-fn client_row(t: ClientTuple) -> ClientRow {
-    ClientRow {
-        id: t.0,
-        name: t.1,
-        ip_mode: t.2,
-        allowed_cidrs: t.3,
-        scopes: t.4,
-        public_key_pem: t.5,
-        state: t.6,
-        tokens_not_before: t.7,
-        created_at: t.8,
-        updated_at: t.9,
-    }
+/// A client row and one more column.
+#[derive(sqlx::FromRow)]
+struct ClientWith<T> {
+    #[sqlx(flatten)]
+    client: ClientRow,
+    extra: T,
 }
 
 impl Store {
@@ -370,7 +351,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
         check_ip_free(&mut tx, id, fields).await?;
-        let row: ClientTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row: ClientRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO clients (id, name, secret_mac, ip_mode, allowed_cidrs, scopes,
                                   public_key_pem, state)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'active') RETURNING {CLIENT_COLUMNS}"
@@ -385,7 +366,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(client_row(row))
+        Ok(row)
     }
 
     /// Replaces a client's fields (not its secret or state), with the same address check.
@@ -408,7 +389,7 @@ impl Store {
         if state == "active" {
             check_ip_free(&mut tx, id, fields).await?;
         }
-        let row: ClientTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row: ClientRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE clients SET name = $2, ip_mode = $3, allowed_cidrs = $4, scopes = $5,
                     public_key_pem = $6, updated_at = now()
              WHERE id = $1 RETURNING {CLIENT_COLUMNS}"
@@ -422,7 +403,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(client_row(row))
+        Ok(row)
     }
 
     /// Disables a client (its live tokens stop working at once, for good) or enables it again
@@ -492,13 +473,13 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn client(&self, id: uuid::Uuid) -> Result<Option<ClientRow>, StoreError> {
-        let row: Option<ClientTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row: Option<ClientRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(client_row))
+        Ok(row)
     }
 
     /// A client and its stored secret MAC, in one query (the token endpoint's cost must not
@@ -510,31 +491,13 @@ impl Store {
         &self,
         id: uuid::Uuid,
     ) -> Result<Option<(ClientRow, Vec<u8>)>, StoreError> {
-        type WithMac = (
-            uuid::Uuid,
-            String,
-            String,
-            Vec<String>,
-            Vec<String>,
-            Option<String>,
-            String,
-            i64,
-            i64,
-            i64,
-            Vec<u8>,
-        );
-        let row: Option<WithMac> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CLIENT_COLUMNS}, secret_mac FROM clients WHERE id = $1"
+        let row: Option<ClientWith<Vec<u8>>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLIENT_COLUMNS}, secret_mac AS extra FROM clients WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|t| {
-            (
-                client_row((t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9)),
-                t.10,
-            )
-        }))
+        Ok(row.map(|r| (r.client, r.extra)))
     }
 
     /// A page of clients ordered by id, after `after`.
@@ -546,7 +509,7 @@ impl Store {
         after: Option<uuid::Uuid>,
         limit: i64,
     ) -> Result<Vec<ClientRow>, StoreError> {
-        let rows: Vec<ClientTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<ClientRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CLIENT_COLUMNS} FROM clients
              WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"
         )))
@@ -554,7 +517,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(client_row).collect())
+        Ok(rows)
     }
 
     /// The client behind an access token and whether the token's jti is revoked: what every
@@ -567,33 +530,17 @@ impl Store {
         id: uuid::Uuid,
         jti: uuid::Uuid,
     ) -> Result<Option<ClientAuthState>, StoreError> {
-        type WithRevoked = (
-            uuid::Uuid,
-            String,
-            String,
-            Vec<String>,
-            Vec<String>,
-            Option<String>,
-            String,
-            i64,
-            i64,
-            i64,
-            bool,
-        );
-        let row: Option<WithRevoked> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let row: Option<ClientWith<bool>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CLIENT_COLUMNS},
-                    EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)
+                    EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2) AS extra
              FROM clients WHERE id = $1"
         )))
         .bind(id)
         .bind(jti)
         .fetch_optional(&self.pool)
         .await?;
-        let row = row.map(|t| ((t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9), t.10));
-        Ok(row.map(|(client, revoked)| ClientAuthState {
-            client: client_row(client),
-            revoked,
-        }))
+        let row = row.map(|r| (r.client, r.extra));
+        Ok(row.map(|(client, revoked)| ClientAuthState { client, revoked }))
     }
 
     /// Records a revoked token until `expires_at` (unix seconds).
@@ -653,13 +600,13 @@ async fn client_in(
     tx: &mut sqlx::PgConnection,
     id: uuid::Uuid,
 ) -> Result<Option<ClientRow>, sqlx::Error> {
-    let row: Option<ClientTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row: Option<ClientRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1"
     )))
     .bind(id)
     .fetch_optional(tx)
     .await?;
-    Ok(row.map(client_row))
+    Ok(row)
 }
 
 /// In strict mode, refuses addresses that overlap (`&&`: contains or is contained by) those of

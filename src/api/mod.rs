@@ -228,13 +228,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             // The full chain of sources, for the operator; the client gets the body below.
-            let mut detail = self.to_string();
-            let mut source = std::error::Error::source(&self);
-            while let Some(s) = source {
-                detail.push_str(": ");
-                detail.push_str(&s.to_string());
-                source = s.source();
-            }
+            let detail = error_chain(&self);
             tracing::error!(target: "keybroker::api", code, error = %detail, "request failed");
         } else {
             tracing::debug!(target: "keybroker::api", code, "request refused");
@@ -292,6 +286,18 @@ fn auth_status_and_code(err: &AuthError) -> (StatusCode, &'static str) {
             (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
         }
     }
+}
+
+/// An error and its sources, `outer: inner: innermost`, for log lines and the CLI.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Adds the request id to every error body, so a caller can quote it to an operator.

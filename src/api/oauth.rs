@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, ErrorBody, Source};
+use super::{ApiError, AppState, ErrorBody, Source, error_chain};
 use crate::auth::{
     AuthError, Caller, ClientCredentials, Introspection, JWT_BEARER_ASSERTION, unix_now,
 };
@@ -193,17 +193,6 @@ impl IntoResponse for TokenError {
         }
         no_store(response)
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Token responses must not be cached (RFC 6749 §5.1).
