@@ -126,6 +126,14 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "KEYBROKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Seconds between background maintenance passes (scheduled rotation, expiry, destruction,
+    /// purges, usage flush).
+    #[arg(
+        long,
+        env = "KEYBROKER_MAINTENANCE_INTERVAL_SECS",
+        default_value_t = 30
+    )]
+    pub maintenance_interval_secs: u64,
 }
 
 /// How access tokens are issued and checked.

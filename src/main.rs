@@ -243,9 +243,16 @@ async fn serve_api(
         )
         .await?,
     );
-    let state = AppState { broker, auth };
+    let state = AppState {
+        broker: broker.clone(),
+        auth,
+    };
     let mut server =
         RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
+    let maintenance = tokio::spawn(maintenance_loop(
+        broker.clone(),
+        Duration::from_secs(serve.maintenance_interval_secs.max(1)),
+    ));
     tracing::info!(addr = %server.addr, token = %token.token_label, "serving https");
     tokio::select! {
         result = server.wait() => result?,
@@ -254,7 +261,41 @@ async fn serve_api(
             server.shutdown().await?;
         }
     }
+    maintenance.abort();
+    // Counts gathered since the last tick.
+    if let Err(e) = broker.flush_usage().await {
+        tracing::warn!(error = %error_chain(&e), "usage counts not saved at shutdown");
+    }
     Ok(())
+}
+
+/// Scheduled rotation, expiry, destruction after the pending window, purges and usage flushes,
+/// every `interval`. Several brokers may run it at once: Postgres hands each item to one.
+async fn maintenance_loop(broker: Arc<Broker>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match broker.run_maintenance(keybroker::auth::unix_now()).await {
+            Ok(report) => {
+                if !report.rotated.is_empty()
+                    || report.expired > 0
+                    || !report.destroyed_keys.is_empty()
+                    || !report.destroyed_secrets.is_empty()
+                {
+                    tracing::info!(
+                        rotated = report.rotated.len(),
+                        expired = report.expired,
+                        destroyed_keys = report.destroyed_keys.len(),
+                        destroyed_secrets = report.destroyed_secrets.len(),
+                        purged = report.purged_token_rows,
+                        "maintenance"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "maintenance pass failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

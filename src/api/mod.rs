@@ -22,11 +22,12 @@ use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 use zeroize::Zeroizing;
 
-use crate::auth::{AuthError, Authenticator, Caller, Scope, source_ip};
-use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, WrapRequest};
+use crate::auth::{AuthError, Authenticator, Caller, Scope, source_ip, unix_now};
+use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, Operation, WrapRequest};
 use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 
 mod admin;
+mod keys;
 mod oauth;
 
 use admin::{
@@ -69,6 +70,30 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .route("/v1/admin/clients/{id}/disable", post(disable_client))
         .route("/v1/admin/clients/{id}/enable", post(enable_client))
+        .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
+        .route("/v1/keys/{id}", get(keys::get_key).delete(keys::delete_key))
+        .route("/v1/keys/{id}/plaintext", post(keys::read_key))
+        .route("/v1/keys/{id}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/{id}/refresh", post(keys::refresh_key))
+        .route("/v1/keys/{id}/disable", post(keys::disable_key))
+        .route("/v1/keys/{id}/enable", post(keys::enable_key))
+        .route(
+            "/v1/keys/{id}/cancel-deletion",
+            post(keys::cancel_key_deletion),
+        )
+        .route(
+            "/v1/secrets/{name}",
+            axum::routing::put(keys::put_secret)
+                .get(keys::get_secret)
+                .delete(keys::delete_secret),
+        )
+        .route(
+            "/v1/secrets/{name}/cancel-deletion",
+            post(keys::cancel_secret_deletion),
+        )
+        .route("/v1/usage", get(keys::own_usage))
+        .route("/v1/admin/usage", get(keys::admin_usage))
+        .route("/v1/admin/keys/due", get(keys::keys_due))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -169,6 +194,23 @@ impl ApiError {
             Self::Broker(B::Hsm(_) | B::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
             }
+            Self::Broker(B::InvalidSpec(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request")
+            }
+            Self::Broker(B::RotationPeriodRequired) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "rotation_period_required")
+            }
+            Self::Broker(B::KeyNotFound) => (StatusCode::NOT_FOUND, "key_not_found"),
+            Self::Broker(B::KeyVersionNotFound) => (StatusCode::NOT_FOUND, "key_version_not_found"),
+            Self::Broker(B::KeyNameTaken) => (StatusCode::CONFLICT, "key_name_taken"),
+            Self::Broker(B::KeyState(state)) => key_state_status(*state),
+            Self::Broker(B::SecretNotFound) => (StatusCode::NOT_FOUND, "secret_not_found"),
+            Self::Broker(B::SecretState(state)) => match state.as_str() {
+                "destroyed" => (StatusCode::GONE, "secret_destroyed"),
+                "active" => (StatusCode::CONFLICT, "secret_active"),
+                _ => (StatusCode::CONFLICT, "secret_pending_deletion"),
+            },
+            Self::Broker(B::Busy) => (StatusCode::CONFLICT, "concurrent_update"),
             Self::Auth(e) => auth_status_and_code(e),
             Self::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::InvalidForm => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -254,6 +296,18 @@ impl IntoResponse for ApiError {
         }
         response.extensions_mut().insert(body);
         response
+    }
+}
+
+/// A use or change refused by a key's state: 410 once destroyed, 409 otherwise.
+fn key_state_status(state: crate::broker::KeyState) -> (StatusCode, &'static str) {
+    use crate::broker::KeyState as S;
+    match state {
+        S::Active => (StatusCode::CONFLICT, "key_active"),
+        S::Disabled => (StatusCode::CONFLICT, "key_disabled"),
+        S::Expired => (StatusCode::CONFLICT, "key_expired"),
+        S::PendingDeletion => (StatusCode::CONFLICT, "key_pending_deletion"),
+        S::Destroyed => (StatusCode::GONE, "key_destroyed"),
     }
 }
 
@@ -431,7 +485,7 @@ pub struct ErrorDetail {
 }
 
 /// Encryption context: a string map bound into the blob's AAD; keys are sorted before binding.
-type ContextMap = BTreeMap<String, String>;
+pub(crate) type ContextMap = BTreeMap<String, String>;
 
 /// `POST /v1/datakey` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -701,6 +755,15 @@ fn check_batch_size<T>(state: &AppState, items: &[T]) -> Result<(), ApiError> {
     Ok(state.broker.check_batch(items.len())?)
 }
 
+/// Counts a batch's successful items for usage statistics.
+fn count_batch<T>(state: &AppState, caller: &Caller, op: Operation, items: &[BatchItem<T>]) {
+    let ok = items
+        .iter()
+        .filter(|i| matches!(i, BatchItem::Ok(_)))
+        .count();
+    state.broker.count(caller.client_id, op, ok, unix_now());
+}
+
 /// A single call is a batch of one: the same path, and its one result or error.
 fn single<T>(mut results: Vec<Result<T, BrokerError>>) -> Result<T, ApiError> {
     results
@@ -736,6 +799,9 @@ async fn datakey(
             .datakeys(&caller.aad_id(), vec![request])
             .await?,
     )?;
+    state
+        .broker
+        .count(caller.client_id, Operation::Datakey, 1, unix_now());
     Ok(Json(datakey_response(key)))
 }
 
@@ -762,6 +828,7 @@ async fn datakey_batch(
         datakey_response,
     )
     .await?;
+    count_batch(&state, &caller, Operation::Datakey, &items);
     Ok(Json(DataKeyBatchResponse { items }))
 }
 
@@ -783,6 +850,9 @@ async fn wrap(
     caller.require(Scope::Wrap)?;
     let request = parse_wrap(body)?;
     let blob = single(state.broker.wrap(&caller.aad_id(), vec![request]).await?)?;
+    state
+        .broker
+        .count(caller.client_id, Operation::Wrap, 1, unix_now());
     Ok(Json(wrapped_response(blob)))
 }
 
@@ -809,6 +879,7 @@ async fn wrap_batch(
         wrapped_response,
     )
     .await?;
+    count_batch(&state, &caller, Operation::Wrap, &items);
     Ok(Json(WrappedBatchResponse { items }))
 }
 
@@ -830,6 +901,9 @@ async fn unwrap(
     caller.require(Scope::Unwrap)?;
     let request = parse_blob(body)?;
     let plaintext = single(state.broker.unwrap(&caller.aad_id(), vec![request]).await?)?;
+    state
+        .broker
+        .count(caller.client_id, Operation::Unwrap, 1, unix_now());
     Ok(Json(unwrap_response(plaintext)))
 }
 
@@ -856,6 +930,7 @@ async fn unwrap_batch(
         unwrap_response,
     )
     .await?;
+    count_batch(&state, &caller, Operation::Unwrap, &items);
     Ok(Json(UnwrapBatchResponse { items }))
 }
 
@@ -877,6 +952,9 @@ async fn rewrap(
     caller.require(Scope::Rewrap)?;
     let request = parse_blob(body)?;
     let blob = single(state.broker.rewrap(&caller.aad_id(), vec![request]).await?)?;
+    state
+        .broker
+        .count(caller.client_id, Operation::Rewrap, 1, unix_now());
     Ok(Json(wrapped_response(blob)))
 }
 
@@ -903,6 +981,7 @@ async fn rewrap_batch(
         wrapped_response,
     )
     .await?;
+    count_batch(&state, &caller, Operation::Rewrap, &items);
     Ok(Json(WrappedBatchResponse { items }))
 }
 
@@ -969,6 +1048,10 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
         admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
         admin::disable_client, admin::enable_client, admin::delete_client,
+        keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
+        keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
+        keys::cancel_key_deletion, keys::put_secret, keys::get_secret, keys::delete_secret,
+        keys::cancel_secret_deletion, keys::own_usage, keys::admin_usage, keys::keys_due,
         healthz, readyz, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -977,6 +1060,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         (name = "crypto", description = "Stateless data-key operations"),
         (name = "oauth", description = "Client credentials, introspection, revocation, JWKS"),
         (name = "admin", description = "Client registration and lockdown (scope `admin`)"),
+        (name = "keys", description = "Managed keys kept sealed in Postgres, and usage"),
+        (name = "secrets", description = "Secrets under envelope encryption"),
         (name = "operations", description = "Health, readiness, this document"),
     )
 )]

@@ -1,6 +1,9 @@
 //! Pure code with no I/O: the wrapped-blob format, the AAD that binds a blob to its owner and
 //! context, and the validated request types built from them. This is what fuzzers target.
 
+pub mod envelope;
+pub mod formats;
+
 use std::collections::BTreeMap;
 use std::fmt;
 

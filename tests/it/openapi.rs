@@ -3,7 +3,24 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 22] = [
+const ENDPOINTS: [(&str, &str); 39] = [
+    ("/v1/keys", "post"),
+    ("/v1/keys", "get"),
+    ("/v1/keys/{id}", "get"),
+    ("/v1/keys/{id}", "delete"),
+    ("/v1/keys/{id}/plaintext", "post"),
+    ("/v1/keys/{id}/rotate", "post"),
+    ("/v1/keys/{id}/refresh", "post"),
+    ("/v1/keys/{id}/disable", "post"),
+    ("/v1/keys/{id}/enable", "post"),
+    ("/v1/keys/{id}/cancel-deletion", "post"),
+    ("/v1/secrets/{name}", "put"),
+    ("/v1/secrets/{name}", "get"),
+    ("/v1/secrets/{name}", "delete"),
+    ("/v1/secrets/{name}/cancel-deletion", "post"),
+    ("/v1/usage", "get"),
+    ("/v1/admin/usage", "get"),
+    ("/v1/admin/keys/due", "get"),
     ("/v1/datakey", "post"),
     ("/v1/datakey/batch", "post"),
     ("/v1/wrap", "post"),
@@ -151,6 +168,19 @@ async fn the_document_describes_every_endpoint_and_error() {
         "ClientBody",
         "RegisteredClientBody",
         "ClientListBody",
+        "CreateKeyBody",
+        "KeyBody",
+        "CreatedKeyBody",
+        "KeyDetailsBody",
+        "KeyListBody",
+        "ReadKeyBody",
+        "KeyPlaintextBody",
+        "RefreshKeyBody",
+        "PutSecretBody",
+        "SecretBody",
+        "SecretValueBody",
+        "UsageBody",
+        "DueKeysBody",
     ] {
         assert!(
             schemas.contains_key(name),

@@ -7,6 +7,12 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::crypto::MasterKeyVersion;
 
+mod keys;
+mod secrets;
+
+pub use keys::{KeyRow, KeyVersionRow, NewKey, RotationRow, UsageRow};
+pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
+
 /// What went wrong in Postgres.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -222,6 +228,37 @@ impl Store {
         tx.commit().await?;
         let (version,) = active.ok_or(StoreError::NoActiveMasterKey)?;
         to_version(version)
+    }
+}
+
+/// Why a write to a managed key or secret was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ItemWriteError {
+    /// The client already has a live item of that name.
+    #[error("the name is taken")]
+    NameTaken,
+    /// No such item for this client.
+    #[error("no such item")]
+    NotFound,
+    /// The item is not in a state that allows the change (the current state is given).
+    #[error("the item is {0}")]
+    WrongState(String),
+    /// Another writer changed the item first (e.g. a concurrent rotation).
+    #[error("the item changed concurrently")]
+    Conflict,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for ItemWriteError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && db.is_unique_violation()
+        {
+            return Self::NameTaken;
+        }
+        Self::Store(err.into())
     }
 }
 

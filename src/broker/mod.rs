@@ -1,6 +1,17 @@
-//! `broker` holds the use cases: data keys, wrap, unwrap, rewrap (single and batch), master-key
-//! set-up and rotation, readiness. It orders calls to the token (`hsm`) and the database
-//! (`store`) and knows nothing of HTTP.
+//! `broker` holds the use cases: data keys, wrap, unwrap, rewrap (single and batch), managed
+//! keys, secrets, background maintenance, usage counts, master-key set-up and rotation,
+//! readiness. It orders calls to the token (`hsm`) and the database (`store`) and knows nothing
+//! of HTTP.
+
+mod keys;
+mod maintenance;
+mod secrets;
+mod usage;
+
+pub use keys::{KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
+pub use maintenance::MaintenanceReport;
+pub use secrets::{SecretName, StoredSecret};
+pub use usage::Operation;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +64,48 @@ pub enum BrokerError {
     /// A database failure that is not an outage.
     #[error("database operation failed")]
     Store(#[source] StoreError),
+    /// The request describes a key or secret badly (format, length, expiry, window, name).
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// `auto` rotation without a period.
+    #[error("rotation auto needs rotation_period_days")]
+    RotationPeriodRequired,
+    /// The caller has no such key.
+    #[error("no such key")]
+    KeyNotFound,
+    /// The key has no such version.
+    #[error("the key has no such version")]
+    KeyVersionNotFound,
+    /// The caller already has a live key of that name.
+    #[error("a key of that name exists")]
+    KeyNameTaken,
+    /// The key's state forbids the operation; 410 when destroyed, else 409.
+    #[error("the key is {}", .0.as_str())]
+    KeyState(KeyState),
+    /// The caller has no such secret (or no such version).
+    #[error("no such secret")]
+    SecretNotFound,
+    /// The secret's state forbids the operation.
+    #[error("the secret is {0}")]
+    SecretState(String),
+    /// Another writer changed the item at the same moment, more than once in a row.
+    #[error("the item changed concurrently; retry")]
+    Busy,
+}
+
+impl From<crate::store::ItemWriteError> for BrokerError {
+    fn from(err: crate::store::ItemWriteError) -> Self {
+        use crate::store::ItemWriteError as E;
+        match err {
+            E::NameTaken => Self::KeyNameTaken,
+            E::NotFound => Self::KeyNotFound,
+            E::WrongState(state) => KeyState::parse(&state)
+                .map(Self::KeyState)
+                .unwrap_or(Self::Store(StoreError::Corrupt("key state"))),
+            E::Conflict => Self::Busy,
+            E::Store(e) => e.into(),
+        }
+    }
 }
 
 impl From<HsmError> for BrokerError {
@@ -145,6 +198,7 @@ pub struct Broker {
     store: Store,
     limits: Limits,
     budget: Mutex<SealBudget>,
+    usage: usage::UsageCounter,
 }
 
 impl Broker {
@@ -160,6 +214,7 @@ impl Broker {
                 fetched: Instant::now(),
                 block: MIN_SEAL_BLOCK,
             }),
+            usage: usage::UsageCounter::default(),
         }
     }
 

@@ -1,0 +1,1015 @@
+//! Managed keys, secrets and usage statistics over HTTP. Handlers parse and check the scope;
+//! `broker` does the work.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::{ApiError, ApiJson, AppState, ContextMap, ErrorBody, parse_context};
+use crate::auth::{Caller, Scope, unix_now};
+use crate::broker::{
+    BrokerError, KeyDetails, KeySpec, KeyState, ManagedKey, Rotation, SecretName, StoredSecret,
+};
+use crate::crypto::formats::{KeyFormat, present};
+use crate::store::UsageRow;
+
+const DAY: i64 = 86_400;
+
+// ---------------------------------------------------------------------------------------------
+// Wire types
+
+/// `POST /v1/keys` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyBody {
+    /// Unique among your live keys: 1 to 200 letters, digits or `._-/`.
+    pub name: String,
+    /// `raw` (bytes, shown base64), `hex`, `uuid`, `alphanumeric` or `numeric`.
+    pub format: String,
+    /// In the format's unit: raw bytes 16-256 (32), hex characters 16-512 (64), alphanumeric
+    /// 8-256 (32), numeric digits 4-64 (16); none for uuid.
+    pub length: Option<usize>,
+    /// Expiry, unix seconds (or use `ttl_days`).
+    pub expires_at: Option<i64>,
+    /// Expiry in days from now.
+    pub ttl_days: Option<u32>,
+    /// `manual` (default) or `auto`.
+    pub rotation: Option<String>,
+    /// Required with `auto`.
+    pub rotation_period_days: Option<u32>,
+    /// Bound into the key's AAD: reads must give the same map.
+    pub context: Option<ContextMap>,
+    /// Return the plaintext in this response (default false).
+    pub return_plaintext: Option<bool>,
+}
+
+/// A managed key's metadata.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyBody {
+    /// Key id.
+    pub id: Uuid,
+    /// Name.
+    pub name: String,
+    /// Format.
+    pub format: String,
+    /// Length in the format's unit.
+    pub length: usize,
+    /// `active`, `disabled`, `expired`, `pending_deletion` or `destroyed`.
+    pub state: String,
+    /// The version reads get by default.
+    pub current_version: u32,
+    /// `manual` or `auto`.
+    pub rotation: String,
+    /// Period of `auto` rotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period_days: Option<u32>,
+    /// When `auto` rotation is next due (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<i64>,
+    /// Expiry (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Scheduled destruction (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_due: Option<i64>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+    /// When the material was erased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<i64>,
+}
+
+impl From<ManagedKey> for KeyBody {
+    fn from(k: ManagedKey) -> Self {
+        let (rotation, period) = match k.rotation {
+            Rotation::Manual => ("manual", None),
+            Rotation::Auto { period_days } => ("auto", Some(period_days)),
+        };
+        Self {
+            id: k.id,
+            name: k.name,
+            format: k.format.as_str().to_owned(),
+            length: k.length,
+            state: k.state.as_str().to_owned(),
+            current_version: k.current_version,
+            rotation: rotation.to_owned(),
+            rotation_period_days: period,
+            next_rotation_at: k.next_rotation_at,
+            expires_at: k.expires_at,
+            deletion_due: k.deletion_due,
+            created_at: k.created_at,
+            updated_at: k.updated_at,
+            destroyed_at: k.destroyed_at,
+        }
+    }
+}
+
+/// `POST /v1/keys` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedKeyBody {
+    /// The key.
+    pub key: KeyBody,
+    /// Version 1's material, when `return_plaintext` was asked (raw: base64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<String>,
+}
+
+/// One version of a key (no material).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyVersionBody {
+    /// Version.
+    pub version: i32,
+    /// Master-key version that sealed it.
+    pub mk_version: i32,
+    /// False once destroyed.
+    pub has_material: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One rotation.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotationBody {
+    /// Before.
+    pub from_version: i32,
+    /// After.
+    pub to_version: i32,
+    /// `manual` or `scheduled`.
+    pub reason: String,
+    /// Client id, or `scheduler`.
+    pub actor: String,
+    /// Unix seconds.
+    pub rotated_at: i64,
+}
+
+/// `GET /v1/keys/{id}` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyDetailsBody {
+    /// The key.
+    pub key: KeyBody,
+    /// Every version.
+    pub versions: Vec<KeyVersionBody>,
+    /// Every rotation, oldest first.
+    pub rotations: Vec<RotationBody>,
+}
+
+impl From<KeyDetails> for KeyDetailsBody {
+    fn from(d: KeyDetails) -> Self {
+        Self {
+            key: d.key.into(),
+            versions: d
+                .versions
+                .into_iter()
+                .map(|v| KeyVersionBody {
+                    version: v.version,
+                    mk_version: v.mk_version,
+                    has_material: v.has_material,
+                    created_at: v.created_at,
+                })
+                .collect(),
+            rotations: d
+                .rotations
+                .into_iter()
+                .map(|r| RotationBody {
+                    from_version: r.from_version,
+                    to_version: r.to_version,
+                    reason: r.reason,
+                    actor: r.actor,
+                    rotated_at: r.rotated_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /v1/keys` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyListBody {
+    /// Keys ordered by id.
+    pub items: Vec<KeyBody>,
+    /// Pass as `after` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<Uuid>,
+}
+
+/// `GET /v1/keys` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct KeyListQuery {
+    /// Only keys in this state.
+    pub state: Option<String>,
+    /// Only the key of this name.
+    pub name: Option<String>,
+    /// Page size 1-500 (100).
+    pub limit: Option<u32>,
+    /// The `next_after` of the previous page.
+    pub after: Option<Uuid>,
+}
+
+/// `POST /v1/keys/{id}/plaintext` request.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadKeyBody {
+    /// The context the key was created with.
+    pub context: Option<ContextMap>,
+    /// A version; default the current one.
+    pub version: Option<u32>,
+}
+
+/// `POST /v1/keys/{id}/plaintext` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyPlaintextBody {
+    /// Key id.
+    pub id: Uuid,
+    /// The version read.
+    pub version: u32,
+    /// Format.
+    pub format: String,
+    /// The material (raw: base64).
+    pub plaintext: String,
+}
+
+/// `POST /v1/keys/{id}/refresh` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshKeyBody {
+    /// New expiry, unix seconds.
+    pub expires_at: Option<i64>,
+    /// New expiry in days from now.
+    pub ttl_days: Option<u32>,
+    /// True to remove the expiry.
+    pub never_expires: Option<bool>,
+}
+
+/// Pending window of a deletion.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeletionQuery {
+    /// Days before destruction, 1 to 30 (default 7).
+    pub pending_window_days: Option<u32>,
+}
+
+/// `PUT /v1/secrets/{name}` request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecretBody {
+    /// The value, standard base64 (at most 64 KiB decoded).
+    pub value: String,
+    /// Bound into both layers' AAD: reads must give the same map.
+    pub context: Option<ContextMap>,
+}
+
+/// A secret's metadata.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SecretBody {
+    /// Name.
+    pub name: String,
+    /// `active` or `pending_deletion`.
+    pub state: String,
+    /// Latest version.
+    pub current_version: u32,
+    /// Scheduled destruction (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_due: Option<i64>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+impl From<StoredSecret> for SecretBody {
+    fn from(s: StoredSecret) -> Self {
+        Self {
+            name: s.name,
+            state: s.state,
+            current_version: s.current_version,
+            deletion_due: s.deletion_due,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// `GET /v1/secrets/{name}` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SecretValueBody {
+    /// Name.
+    pub name: String,
+    /// The version read.
+    pub version: u32,
+    /// The value, standard base64.
+    pub value: String,
+}
+
+/// Operation counts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsageBody {
+    /// One row per client, key (nil UUID for stateless calls), operation and day.
+    pub items: Vec<UsageItem>,
+}
+
+/// Operations of one kind on one day.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsageItem {
+    /// Client.
+    pub client_id: Uuid,
+    /// Managed key or secret id; nil for stateless calls.
+    pub key_id: Uuid,
+    /// `datakey`, `wrap`, `unwrap`, `rewrap`, `key.create`, `key.read`, `key.rotate`,
+    /// `secret.write`, `secret.read`.
+    pub operation: String,
+    /// The day, unix seconds at 00:00 UTC.
+    pub day: i64,
+    /// How many.
+    pub count: i64,
+}
+
+fn usage_body(rows: Vec<UsageRow>) -> UsageBody {
+    UsageBody {
+        items: rows
+            .into_iter()
+            .map(|r| UsageItem {
+                client_id: r.client_id,
+                key_id: r.key_id,
+                operation: r.operation,
+                day: r.day,
+                count: r.count,
+            })
+            .collect(),
+    }
+}
+
+/// Usage query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Days back, 1 to 366 (30).
+    pub days: Option<u32>,
+    /// One key or secret id (nil UUID: stateless calls).
+    pub key_id: Option<Uuid>,
+    /// One client (admin only).
+    pub client_id: Option<Uuid>,
+}
+
+/// Report query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DueQuery {
+    /// Horizon in days, 0 to 366 (30).
+    pub within_days: Option<u32>,
+}
+
+/// A key due for rotation or expiry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DueKeyBody {
+    /// Owning client.
+    pub client_id: Uuid,
+    /// The key.
+    pub key: KeyBody,
+}
+
+/// `GET /v1/admin/keys/due` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DueKeysBody {
+    /// Keys due, soonest first.
+    pub items: Vec<DueKeyBody>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+fn key_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| BrokerError::KeyNotFound.into())
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::InvalidQuery(e.body_text()))
+}
+
+/// Expiry from `expires_at` or `ttl_days` (not both).
+fn expiry(
+    expires_at: Option<i64>,
+    ttl_days: Option<u32>,
+    now: i64,
+) -> Result<Option<i64>, ApiError> {
+    match (expires_at, ttl_days) {
+        (Some(_), Some(_)) => {
+            Err(BrokerError::InvalidSpec("give expires_at or ttl_days, not both".into()).into())
+        }
+        (Some(at), None) => Ok(Some(at)),
+        (None, Some(days)) if (1..=36_500).contains(&days) => Ok(Some(now + i64::from(days) * DAY)),
+        (None, Some(_)) => {
+            Err(BrokerError::InvalidSpec("ttl_days must be 1 to 36500".into()).into())
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn key_spec(body: CreateKeyBody, now: i64) -> Result<KeySpec, ApiError> {
+    let invalid = |m: String| ApiError::from(BrokerError::InvalidSpec(m));
+    let format = KeyFormat::parse(&body.format).ok_or_else(|| {
+        invalid("format must be raw, hex, uuid, alphanumeric or numeric".to_owned())
+    })?;
+    let length = format
+        .resolve_length(body.length)
+        .map_err(|e| invalid(e.to_string()))?;
+    let rotation = match (
+        body.rotation.as_deref().unwrap_or("manual"),
+        body.rotation_period_days,
+    ) {
+        ("manual", None) => Rotation::Manual,
+        ("manual", Some(_)) => {
+            return Err(invalid(
+                "rotation_period_days needs rotation auto".to_owned(),
+            ));
+        }
+        ("auto", None) => return Err(BrokerError::RotationPeriodRequired.into()),
+        ("auto", Some(days)) if (1..=3650).contains(&days) => Rotation::Auto { period_days: days },
+        ("auto", Some(_)) => {
+            return Err(invalid("rotation_period_days must be 1 to 3650".to_owned()));
+        }
+        _ => return Err(invalid("rotation must be manual or auto".to_owned())),
+    };
+    Ok(KeySpec {
+        name: body.name,
+        format,
+        length,
+        expires_at: expiry(body.expires_at, body.ttl_days, now)?,
+        rotation,
+        context: parse_context(body.context)?,
+    })
+}
+
+/// `?context.<key>=<value>` pairs of a query string, as an encryption context.
+fn query_context(
+    params: &HashMap<String, String>,
+) -> Result<crate::crypto::EncryptionContext, ApiError> {
+    let map: BTreeMap<String, String> = params
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("context.")
+                .map(|k| (k.to_owned(), v.clone()))
+        })
+        .collect();
+    parse_context(Some(map))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Managed keys
+
+/// Create a managed key.
+///
+/// Material comes from the token's RNG (no modulo bias in any alphabet) and is stored only
+/// sealed by the token; the plaintext is in this response only if `return_plaintext`.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = CreatedKeyBody),
+        (status = 409, description = "`key_name_taken`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`, `rotation_period_required`, `invalid_context`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateKeyBody>,
+) -> Result<(StatusCode, Json<CreatedKeyBody>), ApiError> {
+    caller.require(Scope::KeysCreate)?;
+    let now = unix_now();
+    let return_plaintext = body.return_plaintext.unwrap_or(false);
+    let spec = key_spec(body, now)?;
+    let (key, plaintext) = state
+        .broker
+        .create_key(caller.client_id, spec, return_plaintext, now)
+        .await?;
+    let plaintext = plaintext.map(|p| present(key.format, &p).to_string());
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKeyBody {
+            key: key.into(),
+            plaintext,
+        }),
+    ))
+}
+
+/// List your managed keys.
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(KeyListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of keys", body = KeyListBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<KeyListQuery>, QueryRejection>,
+) -> Result<Json<KeyListBody>, ApiError> {
+    caller.require(Scope::KeysRead)?;
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::InvalidQuery("limit must be 1 to 500".to_owned()));
+    }
+    let filter = match q.state.as_deref() {
+        Some(s) => Some(
+            KeyState::parse(s).ok_or_else(|| ApiError::InvalidQuery("unknown state".to_owned()))?,
+        ),
+        None => None,
+    };
+    let page = state
+        .broker
+        .keys(
+            caller.client_id,
+            filter,
+            q.name.as_deref(),
+            q.after,
+            limit + 1,
+            unix_now(),
+        )
+        .await?;
+    let more = page.len() > limit as usize;
+    let items: Vec<KeyBody> = page
+        .into_iter()
+        .take(limit as usize)
+        .map(Into::into)
+        .collect();
+    let next_after = more.then(|| items.last().map(|k| k.id)).flatten();
+    Ok(Json(KeyListBody { items, next_after }))
+}
+
+/// A key's metadata, versions and rotation history (never its material).
+#[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The key", body = KeyDetailsBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn get_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyDetailsBody>, ApiError> {
+    caller.require(Scope::KeysRead)?;
+    let details = state
+        .broker
+        .key(caller.client_id, key_id(&id)?, unix_now())
+        .await?;
+    Ok(Json(details.into()))
+}
+
+/// Read a key's material (current or given version), opened by the token with the key's context.
+#[utoipa::path(post, path = "/v1/keys/{id}/plaintext", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), request_body = ReadKeyBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The material", body = KeyPlaintextBody),
+        (status = 404, description = "`key_not_found`, `key_version_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_disabled`, `key_expired`, `key_pending_deletion`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        (status = 422, description = "`context_mismatch`, `invalid_context`, `invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn read_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReadKeyBody>,
+) -> Result<Json<KeyPlaintextBody>, ApiError> {
+    caller.require(Scope::KeysRead)?;
+    let context = parse_context(body.context)?;
+    let (key, version, material) = state
+        .broker
+        .key_plaintext(
+            caller.client_id,
+            key_id(&id)?,
+            body.version,
+            context,
+            unix_now(),
+        )
+        .await?;
+    Ok(Json(KeyPlaintextBody {
+        id: key.id,
+        version,
+        format: key.format.as_str().to_owned(),
+        plaintext: present(key.format, &material).to_string(),
+    }))
+}
+
+/// Rotate: new material as a new current version; old versions stay readable.
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The rotated key", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_disabled`, `key_expired`, `key_pending_deletion`, `concurrent_update`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn rotate_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysRotate)?;
+    let key = state
+        .broker
+        .rotate_key(caller.client_id, key_id(&id)?, false, unix_now())
+        .await?;
+    Ok(Json(key.into()))
+}
+
+/// Move a key's expiry (an expired key becomes active again).
+#[utoipa::path(post, path = "/v1/keys/{id}/refresh", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), request_body = RefreshKeyBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The refreshed key", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_pending_deletion`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn refresh_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RefreshKeyBody>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysManage)?;
+    let now = unix_now();
+    let expires_at = match (
+        body.never_expires,
+        expiry(body.expires_at, body.ttl_days, now)?,
+    ) {
+        (Some(true), None) => None,
+        (Some(true), Some(_)) => {
+            return Err(BrokerError::InvalidSpec(
+                "never_expires excludes expires_at and ttl_days".into(),
+            )
+            .into());
+        }
+        (_, Some(at)) => Some(at),
+        (_, None) => {
+            return Err(BrokerError::InvalidSpec(
+                "give expires_at, ttl_days or never_expires".into(),
+            )
+            .into());
+        }
+    };
+    let key = state
+        .broker
+        .refresh_key(caller.client_id, key_id(&id)?, expires_at, now)
+        .await?;
+    Ok(Json(key.into()))
+}
+
+/// Disable a key: every use is refused until it is enabled.
+#[utoipa::path(post, path = "/v1/keys/{id}/disable", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The disabled key", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_disabled`, `key_expired`, `key_pending_deletion`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn disable_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysManage)?;
+    let key = state
+        .broker
+        .disable_key(caller.client_id, key_id(&id)?, unix_now())
+        .await?;
+    Ok(Json(key.into()))
+}
+
+/// Enable a disabled key.
+#[utoipa::path(post, path = "/v1/keys/{id}/enable", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The enabled key", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_active`, `key_expired`, `key_pending_deletion`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn enable_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysManage)?;
+    let key = state
+        .broker
+        .enable_key(caller.client_id, key_id(&id)?, unix_now())
+        .await?;
+    Ok(Json(key.into()))
+}
+
+/// Schedule a key's destruction after a pending window (1-30 days, default 7); cancellable.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id"), DeletionQuery), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The key, pending deletion", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_pending_deletion`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: window outside 1-30 days", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn delete_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    q: Result<Query<DeletionQuery>, QueryRejection>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysManage)?;
+    let q = query(q)?;
+    let key = state
+        .broker
+        .schedule_key_deletion(
+            caller.client_id,
+            key_id(&id)?,
+            q.pending_window_days,
+            unix_now(),
+        )
+        .await?;
+    Ok(Json(key.into()))
+}
+
+/// Cancel a scheduled destruction; the key comes back disabled.
+#[utoipa::path(post, path = "/v1/keys/{id}/cancel-deletion", tag = "keys",
+    params(("id" = Uuid, Path, description = "Key id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The key, disabled", body = KeyBody),
+        (status = 404, description = "`key_not_found`", body = ErrorBody),
+        (status = 409, description = "`key_active`, `key_disabled`, `key_expired`", body = ErrorBody),
+        (status = 410, description = "`key_destroyed`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn cancel_key_deletion(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KeyBody>, ApiError> {
+    caller.require(Scope::KeysManage)?;
+    let key = state
+        .broker
+        .cancel_key_deletion(caller.client_id, key_id(&id)?, unix_now())
+        .await?;
+    Ok(Json(key.into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets
+
+/// Store a new version of a secret (envelope encryption; at most 64 KiB).
+#[utoipa::path(put, path = "/v1/secrets/{name}", tag = "secrets",
+    params(("name" = String, Path, description = "Secret name")), request_body = PutSecretBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Stored; `current_version` is the new version", body = SecretBody),
+        (status = 400, description = "`invalid_base64`", body = ErrorBody),
+        (status = 409, description = "`secret_pending_deletion`, `concurrent_update`", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (name, size), `invalid_context`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn put_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<PutSecretBody>,
+) -> Result<Json<SecretBody>, ApiError> {
+    caller.require(Scope::SecretsWrite)?;
+    let name = SecretName::new(&name)?;
+    let value = Zeroizing::new(
+        STANDARD
+            .decode(body.value.as_bytes())
+            .map_err(|_| ApiError::InvalidBase64("value"))?,
+    );
+    let mut text = body.value;
+    zeroize::Zeroize::zeroize(&mut text);
+    let context = parse_context(body.context)?;
+    let secret = state
+        .broker
+        .put_secret(caller.client_id, &name, value, context, unix_now())
+        .await?;
+    Ok(Json(secret.into()))
+}
+
+/// Read a secret (latest or `?version=`), with its context as `?context.<key>=<value>`.
+#[utoipa::path(get, path = "/v1/secrets/{name}", tag = "secrets",
+    params(
+        ("name" = String, Path, description = "Secret name"),
+        ("version" = Option<u32>, Query, description = "A version; default the latest"),
+        ("context.<key>" = Option<String>, Query, description = "Each entry of the context the secret was stored with"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The value", body = SecretValueBody),
+        (status = 404, description = "`secret_not_found`", body = ErrorBody),
+        (status = 409, description = "`secret_pending_deletion`", body = ErrorBody),
+        (status = 422, description = "`context_mismatch`, `invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn get_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<SecretValueBody>, ApiError> {
+    caller.require(Scope::SecretsRead)?;
+    let name = SecretName::new(&name)?;
+    let params = query(q)?;
+    if let Some(bad) = params
+        .keys()
+        .find(|k| k.as_str() != "version" && !k.starts_with("context."))
+    {
+        return Err(ApiError::InvalidQuery(format!(
+            "unknown query parameter {bad:?}"
+        )));
+    }
+    let version = match params.get("version") {
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| ApiError::InvalidQuery("version must be a positive number".into()))?,
+        ),
+        None => None,
+    };
+    let context = query_context(&params)?;
+    let (secret, version, value) = state
+        .broker
+        .get_secret(caller.client_id, &name, version, context, unix_now())
+        .await?;
+    Ok(Json(SecretValueBody {
+        name: secret.name,
+        version,
+        value: STANDARD.encode(value.as_slice()),
+    }))
+}
+
+/// Schedule a secret's destruction (every version) after a pending window (1-30 days, default 7).
+#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets",
+    params(("name" = String, Path, description = "Secret name"), DeletionQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Pending deletion", body = SecretBody),
+        (status = 404, description = "`secret_not_found`", body = ErrorBody),
+        (status = 409, description = "`secret_pending_deletion`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn delete_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<DeletionQuery>, QueryRejection>,
+) -> Result<Json<SecretBody>, ApiError> {
+    caller.require(Scope::SecretsWrite)?;
+    let name = SecretName::new(&name)?;
+    let q = query(q)?;
+    let secret = state
+        .broker
+        .delete_secret(caller.client_id, &name, q.pending_window_days, unix_now())
+        .await?;
+    Ok(Json(secret.into()))
+}
+
+/// Cancel a secret's scheduled destruction.
+#[utoipa::path(post, path = "/v1/secrets/{name}/cancel-deletion", tag = "secrets",
+    params(("name" = String, Path, description = "Secret name")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Active again", body = SecretBody),
+        (status = 404, description = "`secret_not_found`", body = ErrorBody),
+        (status = 409, description = "`secret_active`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn cancel_secret_deletion(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<SecretBody>, ApiError> {
+    caller.require(Scope::SecretsWrite)?;
+    let name = SecretName::new(&name)?;
+    let secret = state
+        .broker
+        .cancel_secret_deletion(caller.client_id, &name, unix_now())
+        .await?;
+    Ok(Json(secret.into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage and reports
+
+fn usage_days(q: &UsageQuery) -> Result<u32, ApiError> {
+    let days = q.days.unwrap_or(30);
+    if (1..=366).contains(&days) {
+        Ok(days)
+    } else {
+        Err(ApiError::InvalidQuery("days must be 1 to 366".to_owned()))
+    }
+}
+
+/// Your own operation counts per key and day.
+#[utoipa::path(get, path = "/v1/usage", tag = "keys", params(UsageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Counts", body = UsageBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn own_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<UsageBody>, ApiError> {
+    let q = query(q)?;
+    if q.client_id.is_some_and(|c| c != caller.client_id) {
+        return Err(ApiError::InvalidQuery(
+            "client_id is for /v1/admin/usage".to_owned(),
+        ));
+    }
+    let rows = state
+        .broker
+        .usage(
+            Some(caller.client_id),
+            q.key_id,
+            usage_days(&q)?,
+            unix_now(),
+        )
+        .await?;
+    Ok(Json(usage_body(rows)))
+}
+
+/// Operation counts of any client and key (admin).
+#[utoipa::path(get, path = "/v1/admin/usage", tag = "admin", params(UsageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Counts", body = UsageBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn admin_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<UsageBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let q = query(q)?;
+    let rows = state
+        .broker
+        .usage(q.client_id, q.key_id, usage_days(&q)?, unix_now())
+        .await?;
+    Ok(Json(usage_body(rows)))
+}
+
+/// Keys of every client due for rotation or expiry within N days (admin).
+#[utoipa::path(get, path = "/v1/admin/keys/due", tag = "admin", params(DueQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Keys due", body = DueKeysBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        super::admin::AdminErrorResponses,
+    ))]
+pub(super) async fn keys_due(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<DueQuery>, QueryRejection>,
+) -> Result<Json<DueKeysBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let q = query(q)?;
+    let days = q.within_days.unwrap_or(30);
+    if days > 366 {
+        return Err(ApiError::InvalidQuery(
+            "within_days must be 0 to 366".to_owned(),
+        ));
+    }
+    let due = state.broker.keys_due(days, unix_now()).await?;
+    Ok(Json(DueKeysBody {
+        items: due
+            .into_iter()
+            .map(|(client_id, key)| DueKeyBody {
+                client_id,
+                key: key.into(),
+            })
+            .collect(),
+    }))
+}

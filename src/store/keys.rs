@@ -1,0 +1,555 @@
+//! Managed keys, their versions and rotation history, and usage counters.
+
+use uuid::Uuid;
+
+use super::{ItemWriteError, Store, StoreError};
+
+/// A managed key as stored. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct KeyRow {
+    /// Key id.
+    pub id: Uuid,
+    /// Owning client.
+    pub client_id: Uuid,
+    /// Name, unique per client among live keys.
+    pub name: String,
+    /// `raw`, `hex`, `uuid`, `alphanumeric` or `numeric`.
+    pub format: String,
+    /// Length in the format's unit.
+    pub length: i32,
+    /// The encryption context, canonical JSON.
+    pub context: String,
+    /// Stored state (`active` may be past its expiry until the worker marks it).
+    pub state: String,
+    /// The version reads get by default.
+    pub current_version: i32,
+    /// `manual` or `auto`.
+    pub rotation: String,
+    /// Period of `auto` rotation.
+    pub rotation_period_days: Option<i32>,
+    /// When `auto` rotation is next due.
+    pub next_rotation_at: Option<i64>,
+    /// When the key expires, if ever.
+    pub expires_at: Option<i64>,
+    /// When a scheduled destruction happens.
+    pub deletion_due: Option<i64>,
+    /// Creation time.
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+    /// When its material was erased.
+    pub destroyed_at: Option<i64>,
+}
+
+/// One version of a key, without its material.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct KeyVersionRow {
+    /// The version.
+    pub version: i32,
+    /// The master-key version that sealed it.
+    pub mk_version: i32,
+    /// Whether its material still exists.
+    pub has_material: bool,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// One rotation.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RotationRow {
+    /// The version before.
+    pub from_version: i32,
+    /// The version after.
+    pub to_version: i32,
+    /// `manual` or `scheduled`.
+    pub reason: String,
+    /// Client id, or `scheduler`.
+    pub actor: String,
+    /// When.
+    pub rotated_at: i64,
+}
+
+/// Operations counted for a client (and key; nil when none) on a day (unix seconds at 00:00 UTC).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageRow {
+    /// The client.
+    pub client_id: Uuid,
+    /// The managed key or secret, nil for stateless calls.
+    pub key_id: Uuid,
+    /// The operation, e.g. `datakey`, `key.read`.
+    pub operation: String,
+    /// The day.
+    pub day: i64,
+    /// How many.
+    pub count: i64,
+}
+
+/// A key to insert, with its first version already sealed.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// Key id.
+    pub id: Uuid,
+    /// Owner.
+    pub client_id: Uuid,
+    /// Name.
+    pub name: String,
+    /// Format name.
+    pub format: String,
+    /// Length.
+    pub length: i32,
+    /// Canonical context JSON.
+    pub context: String,
+    /// `manual` or `auto`.
+    pub rotation: String,
+    /// Period of `auto` rotation.
+    pub rotation_period_days: Option<i32>,
+    /// Expiry.
+    pub expires_at: Option<i64>,
+    /// The master-key version that sealed version 1.
+    pub mk_version: i32,
+    /// Version 1, sealed.
+    pub sealed: Vec<u8>,
+    /// Now.
+    pub now: i64,
+}
+
+const KEY_COLUMNS: &str = "id, client_id, name, format, length, context::text AS context, state,
+    current_version, rotation, rotation_period_days,
+    floor(extract(epoch FROM next_rotation_at))::bigint AS next_rotation_at,
+    floor(extract(epoch FROM expires_at))::bigint AS expires_at,
+    floor(extract(epoch FROM deletion_due))::bigint AS deletion_due,
+    floor(extract(epoch FROM created_at))::bigint AS created_at,
+    floor(extract(epoch FROM updated_at))::bigint AS updated_at,
+    floor(extract(epoch FROM destroyed_at))::bigint AS destroyed_at";
+
+/// Unix seconds as Postgres `to_timestamp` takes them.
+pub(super) fn ts(seconds: i64) -> f64 {
+    seconds as f64
+}
+
+impl Store {
+    /// Inserts a key and its first version.
+    ///
+    /// # Errors
+    /// [`ItemWriteError::NameTaken`], or any database failure.
+    pub async fn insert_key(&self, key: &NewKey) -> Result<KeyRow, ItemWriteError> {
+        let mut tx = self.pool.begin().await?;
+        let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO keys (id, client_id, name, format, length, context, state,
+                               current_version, rotation, rotation_period_days, next_rotation_at,
+                               expires_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'active', 1, $7, $8,
+                     CASE WHEN $7 = 'auto' THEN to_timestamp($10) + make_interval(days => $8) END,
+                     to_timestamp($9), to_timestamp($10), to_timestamp($10))
+             RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(key.id)
+        .bind(key.client_id)
+        .bind(&key.name)
+        .bind(&key.format)
+        .bind(key.length)
+        .bind(&key.context)
+        .bind(&key.rotation)
+        .bind(key.rotation_period_days)
+        .bind(key.expires_at.map(ts))
+        .bind(ts(key.now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO key_versions (key_id, version, mk_version, sealed, created_at)
+             VALUES ($1, 1, $2, $3, to_timestamp($4))",
+        )
+        .bind(key.id)
+        .bind(key.mk_version)
+        .bind(&key.sealed)
+        .bind(ts(key.now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// One of `owner`'s keys.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn key(&self, owner: Uuid, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE id = $1 AND client_id = $2"
+        )))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// A page of `owner`'s keys by id, optionally of one stored state or name.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn keys(
+        &self,
+        owner: Uuid,
+        state: Option<&str>,
+        name: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys
+             WHERE client_id = $1 AND ($2::text IS NULL OR state = $2)
+               AND ($3::text IS NULL OR name = $3) AND ($4::uuid IS NULL OR id > $4)
+             ORDER BY id LIMIT $5"
+        )))
+        .bind(owner)
+        .bind(state)
+        .bind(name)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A key's versions, ascending.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn key_versions(&self, id: Uuid) -> Result<Vec<KeyVersionRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT version, mk_version, sealed IS NOT NULL AS has_material,
+                    floor(extract(epoch FROM created_at))::bigint AS created_at
+             FROM key_versions WHERE key_id = $1 ORDER BY version",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The master-key version and sealed material of one key version (`None` material once
+    /// destroyed).
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn key_material(
+        &self,
+        id: Uuid,
+        version: i32,
+    ) -> Result<Option<(i32, Option<Vec<u8>>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT mk_version, sealed FROM key_versions WHERE key_id = $1 AND version = $2",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// A key's rotation history, oldest first.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn key_rotations(&self, id: Uuid) -> Result<Vec<RotationRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT from_version, to_version, reason, actor,
+                    floor(extract(epoch FROM rotated_at))::bigint AS rotated_at
+             FROM key_rotations WHERE key_id = $1 ORDER BY rotated_at, to_version",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Adds version `from_version + 1` (already sealed) and makes it current, if the key is still
+    /// active at `from_version`; records the rotation. A manual rotation of an `auto` key also
+    /// restarts its period.
+    ///
+    /// # Errors
+    /// [`ItemWriteError::WrongState`] or [`ItemWriteError::Conflict`] when the key moved on.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_key_version(
+        &self,
+        id: Uuid,
+        from_version: i32,
+        mk_version: i32,
+        sealed: &[u8],
+        reason: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<KeyRow, ItemWriteError> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<(String, i32)> =
+            sqlx::query_as("SELECT state, current_version FROM keys WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (state, current) = current.ok_or(ItemWriteError::NotFound)?;
+        if state != "active" {
+            return Err(ItemWriteError::WrongState(state));
+        }
+        if current != from_version {
+            return Err(ItemWriteError::Conflict);
+        }
+        let to_version = from_version + 1;
+        sqlx::query(
+            "INSERT INTO key_versions (key_id, version, mk_version, sealed, created_at)
+             VALUES ($1, $2, $3, $4, to_timestamp($5))",
+        )
+        .bind(id)
+        .bind(to_version)
+        .bind(mk_version)
+        .bind(sealed)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO key_rotations (key_id, from_version, to_version, reason, actor, rotated_at)
+             VALUES ($1, $2, $3, $4, $5, to_timestamp($6))",
+        )
+        .bind(id)
+        .bind(from_version)
+        .bind(to_version)
+        .bind(reason)
+        .bind(actor)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE keys SET current_version = $2, updated_at = to_timestamp($3),
+                 next_rotation_at = CASE WHEN rotation = 'auto' AND $4 = 'manual'
+                     THEN to_timestamp($3) + make_interval(days => rotation_period_days)
+                     ELSE next_rotation_at END
+             WHERE id = $1 RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(to_version)
+        .bind(ts(now))
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Moves one of `owner`'s keys to `to` if its state (after marking expiry at `now`) is one of
+    /// `from`. `deletion_due` is set when given and cleared otherwise; `expires_at` is replaced
+    /// when given (and an expired key whose new expiry is in the future becomes active).
+    ///
+    /// # Errors
+    /// [`ItemWriteError::NotFound`], [`ItemWriteError::WrongState`], or any database failure.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transition_key(
+        &self,
+        owner: Uuid,
+        id: Uuid,
+        from: &[&str],
+        to: &str,
+        now: i64,
+        deletion_due: Option<i64>,
+        expires_at: Option<Option<i64>>,
+    ) -> Result<KeyRow, ItemWriteError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE keys SET state = 'expired', updated_at = to_timestamp($3)
+             WHERE id = $1 AND client_id = $2 AND state = 'active'
+               AND expires_at <= to_timestamp($3)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let state: Option<(String,)> =
+            sqlx::query_as("SELECT state FROM keys WHERE id = $1 AND client_id = $2 FOR UPDATE")
+                .bind(id)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (state,) = state.ok_or(ItemWriteError::NotFound)?;
+        if !from.contains(&state.as_str()) {
+            return Err(ItemWriteError::WrongState(state));
+        }
+        let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE keys SET state = $2, updated_at = to_timestamp($3),
+                 deletion_due = to_timestamp($4),
+                 expires_at = CASE WHEN $5 THEN to_timestamp($6) ELSE expires_at END
+             WHERE id = $1 RETURNING {KEY_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(to)
+        .bind(ts(now))
+        .bind(deletion_due.map(ts))
+        .bind(expires_at.is_some())
+        .bind(expires_at.flatten().map(ts))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Claims up to `limit` `auto` keys due for rotation at `now`: their next rotation moves one
+    /// period on in the same statement, under `FOR UPDATE SKIP LOCKED`, so no other broker
+    /// claims them too. The caller then seals and adds the new version.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn claim_due_rotations(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        // The outer SELECT sees the rows as they were before the claim, which is all the
+        // caller needs (id, current version, context).
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH due AS (
+                 SELECT id FROM keys
+                 WHERE rotation = 'auto' AND state = 'active'
+                   AND next_rotation_at <= to_timestamp($1)
+                   AND (expires_at IS NULL OR expires_at > to_timestamp($1))
+                 ORDER BY next_rotation_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             claimed AS (
+                 UPDATE keys k SET next_rotation_at =
+                         to_timestamp($1) + make_interval(days => k.rotation_period_days)
+                 FROM due WHERE k.id = due.id RETURNING k.id)
+             SELECT {KEY_COLUMNS} FROM keys WHERE id IN (SELECT id FROM claimed)"
+        )))
+        .bind(ts(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Marks active keys past their expiry as expired. Returns how many.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn expire_keys(&self, now: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE keys SET state = 'expired', updated_at = to_timestamp($1)
+             WHERE state = 'active' AND expires_at <= to_timestamp($1)",
+        )
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Destroys keys whose pending window ended: material of every version erased, the row kept
+    /// as a tombstone. Returns the ids.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn destroy_due_keys(&self, now: i64) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<(Uuid,)> = sqlx::query_as(
+            "UPDATE keys SET state = 'destroyed', destroyed_at = to_timestamp($1),
+                 updated_at = to_timestamp($1), next_rotation_at = NULL
+             WHERE id IN (SELECT id FROM keys WHERE state = 'pending_deletion'
+                            AND deletion_due <= to_timestamp($1) FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+        )
+        .bind(ts(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        sqlx::query("UPDATE key_versions SET sealed = NULL WHERE key_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Live keys of every client due for rotation or expiring between `now` and `until`.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn keys_due(&self, now: i64, until: i64) -> Result<Vec<KeyRow>, StoreError> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys
+             WHERE state IN ('active', 'disabled')
+               AND ((rotation = 'auto' AND next_rotation_at <= to_timestamp($2))
+                 OR (expires_at > to_timestamp($1) AND expires_at <= to_timestamp($2))
+                 OR (expires_at <= to_timestamp($1)))
+             ORDER BY least(next_rotation_at, expires_at), id LIMIT 1000"
+        )))
+        .bind(ts(now))
+        .bind(ts(until))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Adds operation counts.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let clients: Vec<Uuid> = rows.iter().map(|r| r.client_id).collect();
+        let keys: Vec<Uuid> = rows.iter().map(|r| r.key_id).collect();
+        let operations: Vec<String> = rows.iter().map(|r| r.operation.clone()).collect();
+        let days: Vec<f64> = rows.iter().map(|r| ts(r.day)).collect();
+        let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
+        sqlx::query(
+            "INSERT INTO usage_daily (client_id, key_id, operation, day, count)
+             SELECT c, k, o, (to_timestamp(d) AT TIME ZONE 'UTC')::date, n
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::float8[], $5::bigint[])
+                  AS t(c, k, o, d, n)
+             ON CONFLICT (client_id, key_id, operation, day)
+             DO UPDATE SET count = usage_daily.count + EXCLUDED.count",
+        )
+        .bind(&clients)
+        .bind(&keys)
+        .bind(&operations)
+        .bind(&days)
+        .bind(&counts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Operation counts since `since` (unix seconds), for one client and/or key.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn usage(
+        &self,
+        client: Option<Uuid>,
+        key: Option<Uuid>,
+        since: i64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT client_id, key_id, operation,
+                    extract(epoch FROM day::timestamp)::bigint AS day, count
+             FROM usage_daily
+             WHERE ($1::uuid IS NULL OR client_id = $1) AND ($2::uuid IS NULL OR key_id = $2)
+               AND day >= (to_timestamp($3) AT TIME ZONE 'UTC')::date
+             ORDER BY day, client_id, key_id, operation LIMIT 10000",
+        )
+        .bind(client)
+        .bind(key)
+        .bind(ts(since))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes revoked-token and used-assertion rows whose tokens have expired anyway.
+    ///
+    /// # Errors
+    /// Any database failure.
+    pub async fn purge_expired_token_rows(&self, now: i64) -> Result<u64, StoreError> {
+        let revoked = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < to_timestamp($1)")
+            .bind(ts(now))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let assertions =
+            sqlx::query("DELETE FROM used_assertions WHERE expires_at < to_timestamp($1)")
+                .bind(ts(now))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(revoked + assertions)
+    }
+}
