@@ -12,5 +12,6 @@ mod crypto_api;
 mod custody;
 mod database_outage;
 mod examples;
+mod managed;
 mod oauth;
 mod openapi;
