@@ -7,6 +7,7 @@
 mod common;
 
 mod bad_input;
+mod child;
 mod child_process;
 mod crypto_api;
 mod custody;

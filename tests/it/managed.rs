@@ -10,10 +10,7 @@
 //! at a chosen future time; what it stores is what HTTP then shows.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -2346,156 +2343,6 @@ async fn every_managed_endpoint_requires_its_scope() {
 // ---------------------------------------------------------------------------------------------
 // 9. No key or secret value in the log of a whole session (the real binary as a child)
 
-/// The real `keybroker` binary serving on its own database and a private copy of the token,
-/// logging at trace level to a file.
-struct LoggedServer {
-    child: Child,
-    base: String,
-    log: PathBuf,
-    client: reqwest::Client,
-    token: String,
-}
-
-impl LoggedServer {
-    async fn start(dir: &Path) -> Self {
-        let softhsm_conf = private_token_copy(dir);
-        let database_url = common::fresh_database().await;
-        let cert = common::dev_certificate();
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let command = |args: &[&str]| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keybroker"));
-            cmd.args(args)
-                .env("SOFTHSM2_CONF", &softhsm_conf)
-                .env("DATABASE_URL", &database_url)
-                .env("KEYBROKER_TLS_CERT", &cert.cert)
-                .env("KEYBROKER_TLS_KEY", &cert.key)
-                .env("KEYBROKER_LISTEN", format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", "trace");
-            cmd
-        };
-        let credentials = dir.join("admin-credentials.json");
-        let init = command(&["hsm", "init", "--admin-credentials-out"])
-            .arg(&credentials)
-            .output()
-            .unwrap();
-        assert!(init.status.success(), "{init:?}");
-        let credentials: Value =
-            serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap();
-        let log = dir.join("server.log");
-        let child = command(&["serve"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Self {
-            child,
-            base: format!("https://127.0.0.1:{port}"),
-            log,
-            client: common::https_client(),
-            token: String::new(),
-        };
-        // A readiness probe's loop, not a timing test.
-        let start = Instant::now();
-        loop {
-            if let Ok(response) = server.client.get(server.url("/healthz")).send().await
-                && response.status() == 200
-            {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the server never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let response = server
-            .client
-            .post(server.url("/v1/oauth/token"))
-            .basic_auth(
-                credentials["client_id"].as_str().unwrap(),
-                credentials["client_secret"].as_str(),
-            )
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = read(response).await;
-        assert_eq!(status, 200, "{body}");
-        server.token = body["access_token"].as_str().unwrap().to_owned();
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> (u16, Value) {
-        let mut request = self
-            .client
-            .request(method, self.url(path))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        read(request.send().await.unwrap()).await
-    }
-
-    /// SIGTERM, then the whole log.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let start = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            if start.elapsed() > Duration::from_secs(15) {
-                let _ = self.child.kill();
-                panic!("the server did not stop on SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-}
-
-impl Drop for LoggedServer {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A private copy of the test token in `dir`; returns its softhsm2.conf.
-fn private_token_copy(dir: &Path) -> PathBuf {
-    let tokens = dir.join("tokens");
-    let source = PathBuf::from(common::env("KB_TEST_SOFTHSM_DIR")).join("tokens");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(&source)
-        .arg(&tokens)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    conf
-}
-
 /// The forms a value could take in a log: as shown, base64 (both alphabets) and hex of its bytes.
 fn forms(shown: &str, bytes: &[u8]) -> Vec<String> {
     vec![
@@ -2509,7 +2356,12 @@ fn forms(shown: &str, bytes: &[u8]) -> Vec<String> {
 #[tokio::test]
 async fn a_session_of_managed_keys_and_secrets_logs_no_plaintext_and_no_secret_value() {
     use reqwest::Method;
-    let server = LoggedServer::start(&common::scratch_dir("managed-logs")).await;
+    let (conf, _tokens) = crate::child::private_token_copy();
+    let server = crate::child::ChildServer::start(
+        &conf,
+        common::scratch_dir("managed-logs").join("server.log"),
+    )
+    .await;
     let mut hidden: Vec<String> = Vec::new();
     let ctx = json!({"tenant": "acme"});
 

@@ -1,0 +1,183 @@
+//! The real `keybroker` binary as a child process, for tests that need their own token copy
+//! (they break it) or the server's whole log: `hsm init` with the bootstrap admin's credentials
+//! written to a file, then `serve` at trace level, on a fresh database.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{dev_certificate, env, fresh_database, https_client, read, scratch_dir};
+
+/// A `keybroker serve` child process, logged in as the bootstrap admin.
+pub struct ChildServer {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    client: reqwest::Client,
+    /// The bootstrap admin's secret, from the credentials file `hsm init` wrote.
+    pub admin_secret: String,
+    pub token: String,
+}
+
+impl ChildServer {
+    /// `keybroker hsm init` then `keybroker serve`, with the given SoftHSM2 config.
+    pub async fn start(softhsm_conf: &Path, log: PathBuf) -> Self {
+        let database_url = fresh_database().await;
+        let cert = dev_certificate();
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let command = |args: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keybroker"));
+            cmd.args(args)
+                .env("SOFTHSM2_CONF", softhsm_conf)
+                .env("DATABASE_URL", &database_url)
+                .env("KEYBROKER_TLS_CERT", &cert.cert)
+                .env("KEYBROKER_TLS_KEY", &cert.key)
+                .env("KEYBROKER_LISTEN", format!("127.0.0.1:{port}"))
+                .env("KEYBROKER_HSM_TIMEOUT_MS", "3000")
+                .env("RUST_LOG", "trace");
+            cmd
+        };
+        let credentials = log.with_file_name("admin-credentials.json");
+        let init = command(&["hsm", "init", "--admin-credentials-out"])
+            .arg(&credentials)
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{init:?}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&credentials).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
+        let credentials: Value =
+            serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap();
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = command(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut server = Self {
+            child,
+            base: format!("https://127.0.0.1:{port}"),
+            log,
+            client: https_client(),
+            admin_secret: credentials["client_secret"].as_str().unwrap().to_owned(),
+            token: String::new(),
+        };
+        server
+            .wait_for("/healthz", 200, Duration::from_secs(30))
+            .await;
+        // client_secret_basic, as most OAuth libraries send it.
+        let response = server
+            .client
+            .post(format!("{}/v1/oauth/token", server.base))
+            .basic_auth(
+                credentials["client_id"].as_str().unwrap(),
+                Some(&server.admin_secret),
+            )
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(response).await;
+        assert_eq!(status, 200, "{body}");
+        server.token = body["access_token"].as_str().unwrap().to_owned();
+        server
+    }
+
+    pub async fn request(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let request = match body {
+            Some(body) => self.client.post(url).json(body),
+            None => self.client.get(url),
+        };
+        read(request.bearer_auth(&self.token).send().await.unwrap()).await
+    }
+
+    /// Sends any method, with the admin's bearer token and an optional JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        read(request.send().await.unwrap()).await
+    }
+
+    /// Polls `path` until it answers `status` (a readiness probe's loop, not a timing test).
+    pub async fn wait_for(&self, path: &str, status: u16, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let url = format!("{}{path}", self.base);
+            if let Ok(response) = self.client.get(url).send().await {
+                let (got, body) = read(response).await;
+                if got == status {
+                    return body;
+                }
+            }
+            assert!(start.elapsed() < limit, "{path} never answered {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then the whole log. It waits asynchronously: our HTTP/2 connections must keep
+    /// answering the server's shutdown handshake, or it waits out its whole grace period.
+    pub async fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = self.child.kill();
+                panic!("the server did not stop on SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for ChildServer {
+    // A failed assertion must not leave the server running after the test process ends.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private copy of the test token, so breaking it cannot disturb other tests.
+pub fn private_token_copy() -> (PathBuf, PathBuf) {
+    let dir = scratch_dir("token");
+    let tokens = dir.join("tokens");
+    let source = PathBuf::from(env("KB_TEST_SOFTHSM_DIR")).join("tokens");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&source)
+        .arg(&tokens)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    (conf, tokens)
+}
