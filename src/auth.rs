@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::hsm::{Hsm, HsmError};
 use crate::store::{ClientFields, ClientRow, ClientWriteError, Store, StoreError};
 
@@ -703,6 +704,7 @@ impl Authenticator {
     /// # Errors
     /// A token failure, or a signing key that is not P-256.
     pub async fn load(hsm: Hsm, store: Store, config: AuthConfig) -> Result<Self, AuthError> {
+        audit::install(&store, &hsm);
         let point = hsm.signing_public_key().await?;
         let key = SigningKey::from_ec_point(&point)?;
         Ok(Self {
@@ -1043,7 +1045,9 @@ impl Authenticator {
             return Ok(());
         };
         if caller.scopes.contains(Scope::Admin) || caller.client_id == client_id {
-            self.store.revoke_token(jti, client_id, claims.exp).await?;
+            self.store
+                .revoke_token(jti, client_id, claims.exp, &audit::meta())
+                .await?;
         }
         Ok(())
     }
@@ -1063,7 +1067,10 @@ impl Authenticator {
             URL_SAFE_NO_PAD.encode(&*random)
         ));
         let mac = self.secret_mac(id, secret.expose_secret()).await?;
-        let row = self.store.insert_client(id, &fields(&spec), &mac).await?;
+        let row = self
+            .store
+            .insert_client(id, &fields(&spec), &mac, &audit::meta())
+            .await?;
         Ok((Client::try_from(row)?, ClientSecret(secret)))
     }
 
@@ -1072,7 +1079,11 @@ impl Authenticator {
     /// # Errors
     /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`], or an outage.
     pub async fn update(&self, id: Uuid, spec: ClientSpec) -> Result<Client, AuthError> {
-        Client::try_from(self.store.update_client(id, &fields(&spec)).await?)
+        Client::try_from(
+            self.store
+                .update_client(id, &fields(&spec), &audit::meta())
+                .await?,
+        )
     }
 
     /// Disables (every live token stops working at once) or enables a client.
@@ -1081,7 +1092,11 @@ impl Authenticator {
     /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`] on enable, or an
     /// outage.
     pub async fn set_active(&self, id: Uuid, active: bool) -> Result<Client, AuthError> {
-        Client::try_from(self.store.set_client_active(id, active).await?)
+        Client::try_from(
+            self.store
+                .set_client_active(id, active, &audit::meta())
+                .await?,
+        )
     }
 
     /// Deletes a client; its tokens stop working at once.
@@ -1089,7 +1104,7 @@ impl Authenticator {
     /// # Errors
     /// [`AuthError::ClientNotFound`], or an outage.
     pub async fn delete(&self, id: Uuid) -> Result<(), AuthError> {
-        Ok(self.store.delete_client(id).await?)
+        Ok(self.store.delete_client(id, &audit::meta()).await?)
     }
 
     /// One client.

@@ -134,6 +134,13 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub maintenance_interval_secs: u64,
+    /// Days the request log keeps a row; the maintenance pass purges older ones.
+    #[arg(
+        long,
+        env = "KEYBROKER_REQUEST_LOG_RETENTION_DAYS",
+        default_value_t = 7
+    )]
+    pub request_log_retention_days: u32,
 }
 
 /// How access tokens are issued and checked.

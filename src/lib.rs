@@ -3,6 +3,7 @@
 //! token. See `ARCHITECTURE.md` for the design and the module map.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod config;

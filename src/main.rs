@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use keybroker::api::{AppState, error_chain};
+use keybroker::api::{AppState, RequestLog, error_chain};
 use keybroker::auth::{Authenticator, Client, ClientSecret, ClientSpec};
 use keybroker::broker::{Broker, Limits};
 use keybroker::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs, read_secret};
@@ -243,24 +243,31 @@ async fn serve_api(
         )
         .await?,
     );
+    let request_log = RequestLog::start(broker.store().clone());
     let state = AppState {
         broker: broker.clone(),
         auth,
+        request_log: request_log.clone(),
     };
     let mut server =
         RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
     let maintenance = tokio::spawn(maintenance_loop(
         broker.clone(),
         Duration::from_secs(serve.maintenance_interval_secs.max(1)),
+        serve.request_log_retention_days,
     ));
     tracing::info!(addr = %server.addr, token = %token.token_label, "serving https");
-    tokio::select! {
-        result = server.wait() => result?,
+    // `shutdown` drains the server and then writes the request log; a server that failed by
+    // itself has no requests left in flight, so its log is written here.
+    let served = tokio::select! {
+        result = server.wait() => result,
         () = shutdown_signal() => {
             tracing::info!("shutting down");
-            server.shutdown().await?;
+            server.shutdown().await
         }
-    }
+    };
+    request_log.shutdown().await;
+    served?;
     maintenance.abort();
     // Counts gathered since the last tick.
     if let Err(e) = broker.flush_usage().await {
@@ -269,9 +276,14 @@ async fn serve_api(
     Ok(())
 }
 
-/// Scheduled rotation, expiry, destruction after the pending window, purges and usage flushes,
-/// every `interval`. Several brokers may run it at once: Postgres hands each item to one.
-async fn maintenance_loop(broker: Arc<Broker>, interval: Duration) {
+/// Scheduled rotation, expiry, destruction after the pending window, purges (the request log's
+/// after `request_log_retention_days`) and usage flushes, every `interval`. Several brokers may
+/// run it at once: Postgres hands each item to one.
+async fn maintenance_loop(
+    broker: Arc<Broker>,
+    interval: Duration,
+    request_log_retention_days: u32,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -294,6 +306,15 @@ async fn maintenance_loop(broker: Arc<Broker>, interval: Duration) {
                 }
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "maintenance pass failed"),
+        }
+        // Apart from the pass above, so that a failed rotation does not keep old rows.
+        match broker
+            .purge_request_log(keybroker::auth::unix_now(), request_log_retention_days)
+            .await
+        {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "request log purged"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "request log purge failed"),
         }
     }
 }

@@ -9,7 +9,7 @@ use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 use tokio::task::JoinHandle;
 
-use crate::api::{AppState, router};
+use crate::api::{AppState, RequestLog, router};
 
 /// How long in-flight requests may take to finish after a shutdown is asked for.
 const GRACE: Duration = Duration::from_secs(10);
@@ -20,6 +20,7 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     handle: Handle<SocketAddr>,
     task: JoinHandle<std::io::Result<()>>,
+    request_log: RequestLog,
 }
 
 impl RunningServer {
@@ -33,6 +34,7 @@ impl RunningServer {
         tls: Arc<rustls::ServerConfig>,
         max_body_bytes: usize,
     ) -> std::io::Result<Self> {
+        let request_log = state.request_log.clone();
         let app = router(state, max_body_bytes);
         let handle = Handle::new();
         let server =
@@ -49,19 +51,28 @@ impl RunningServer {
                 _ => Err(std::io::Error::other("the server stopped before listening")),
             };
         };
-        Ok(Self { addr, handle, task })
+        Ok(Self {
+            addr,
+            handle,
+            task,
+            request_log,
+        })
     }
 
-    /// Stops accepting connections, lets in-flight requests finish (up to a grace period), and
-    /// waits for the server to stop.
+    /// Stops accepting connections, lets in-flight requests finish (up to a grace period), waits
+    /// for the server to stop, and then for the request log to write every row, those of the
+    /// last requests included.
     ///
     /// # Errors
     /// The server task's I/O error, if it failed.
     pub async fn shutdown(self) -> std::io::Result<()> {
         self.handle.graceful_shutdown(Some(GRACE));
-        self.task
+        let result = self
+            .task
             .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        self.request_log.shutdown().await;
+        result
     }
 
     /// Waits until the server stops by itself (it only does on error).

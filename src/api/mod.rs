@@ -29,6 +29,9 @@ use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 mod admin;
 mod keys;
 mod oauth;
+mod request_log;
+
+pub use request_log::RequestLog;
 
 use admin::{
     delete_client, disable_client, enable_client, get_client, list_clients, register_client,
@@ -45,6 +48,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     /// Clients and tokens.
     pub auth: Arc<Authenticator>,
+    /// Where each request's log row goes.
+    pub request_log: RequestLog,
 }
 
 /// The whole HTTP API.
@@ -100,7 +105,14 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), audit_scope))
         .layer(middleware::from_fn(attach_request_id))
+        // Inside SetRequestIdLayer, so the request id is there; outside attach_request_id, whose
+        // rebuilt response keeps the ErrorBody extension the row's error code comes from.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_log::record,
+        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http())
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
@@ -354,6 +366,24 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Runs the request with its audit context (request id, source address; the `Caller`
+/// extractor adds the client), so every event it records says who and from where.
+async fn audit_scope(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (parts, body) = request.into_parts();
+    let source = request_source(&parts, &state).to_string();
+    let request = Request::from_parts(parts, body);
+    crate::audit::scope(
+        crate::audit::Context::request(request_id, Some(source)),
+        next.run(request),
+    )
+    .await
+}
+
 /// Adds the request id to every error body, so a caller can quote it to an operator.
 async fn attach_request_id(request: Request, next: Next) -> Response {
     let request_id = request
@@ -410,7 +440,12 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers).ok_or(AuthError::MissingToken)?;
         let source = request_source(parts, state);
-        Ok(state.auth.authenticate(token, source).await?)
+        let caller = state.auth.authenticate(token, source).await?;
+        if let Some(facts) = parts.extensions.get::<request_log::RequestFacts>() {
+            facts.set_client(caller.client_id);
+        }
+        crate::audit::set_actor(caller.client_id);
+        Ok(caller)
     }
 }
 

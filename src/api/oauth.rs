@@ -185,6 +185,9 @@ impl IntoResponse for TokenError {
             }),
         )
             .into_response();
+        response
+            .extensions_mut()
+            .insert(super::request_log::ErrorCode(code));
         if status == StatusCode::UNAUTHORIZED && self.used_basic {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -277,20 +277,23 @@ impl Broker {
         };
         let row = self
             .store
-            .insert_key(&NewKey {
-                id,
-                client_id: owner,
-                name: spec.name,
-                format: spec.format.as_str().to_owned(),
-                length: i32::try_from(spec.length).unwrap_or(i32::MAX),
-                context: context_json(&spec.context),
-                rotation: rotation.to_owned(),
-                rotation_period_days: period,
-                expires_at: spec.expires_at,
-                mk_version: to_i32(version.get()),
-                sealed,
-                now,
-            })
+            .insert_key(
+                &NewKey {
+                    id,
+                    client_id: owner,
+                    name: spec.name,
+                    format: spec.format.as_str().to_owned(),
+                    length: i32::try_from(spec.length).unwrap_or(i32::MAX),
+                    context: context_json(&spec.context),
+                    rotation: rotation.to_owned(),
+                    rotation_period_days: period,
+                    expires_at: spec.expires_at,
+                    mk_version: to_i32(version.get()),
+                    sealed,
+                    now,
+                },
+                &crate::audit::meta(),
+            )
             .await?;
         self.usage
             .record(owner, id, super::Operation::KeyCreate, now);
@@ -370,7 +373,7 @@ impl Broker {
         now: i64,
     ) -> Result<Vec<ManagedKey>, BrokerError> {
         // Mark expiry first, so that the state filter sees it.
-        self.store.expire_keys(now).await?;
+        self.store.expire_keys(now, &crate::audit::meta()).await?;
         self.store
             .keys(
                 owner,
@@ -486,6 +489,7 @@ impl Broker {
                 reason,
                 &actor,
                 now,
+                &crate::audit::meta(),
             )
             .await?;
         self.usage
@@ -526,6 +530,7 @@ impl Broker {
                 now,
                 None,
                 Some(expires_at),
+                &crate::audit::meta(),
             )
             .await?;
         ManagedKey::from_row(row, now)
@@ -610,7 +615,16 @@ impl Broker {
     ) -> Result<ManagedKey, BrokerError> {
         let row = self
             .store
-            .transition_key(owner, id, from, to, now, deletion_due, None)
+            .transition_key(
+                owner,
+                id,
+                from,
+                to,
+                now,
+                deletion_due,
+                None,
+                &crate::audit::meta(),
+            )
             .await?;
         ManagedKey::from_row(row, now)
     }

@@ -31,6 +31,15 @@ impl Broker {
     /// # Errors
     /// An outage (work already done stays done; the next pass continues).
     pub async fn run_maintenance(&self, now: i64) -> Result<MaintenanceReport, BrokerError> {
+        // Everything this pass records is the scheduler's doing.
+        crate::audit::scope(
+            crate::audit::Context::system("scheduler"),
+            self.maintenance_pass(now),
+        )
+        .await
+    }
+
+    async fn maintenance_pass(&self, now: i64) -> Result<MaintenanceReport, BrokerError> {
         let mut report = MaintenanceReport::default();
         loop {
             let due = self.store.claim_due_rotations(now, ROTATION_BATCH).await?;
@@ -47,12 +56,28 @@ impl Broker {
                 break;
             }
         }
-        report.expired = self.store.expire_keys(now).await?;
-        report.destroyed_keys = self.store.destroy_due_keys(now).await?;
-        report.destroyed_secrets = self.store.destroy_due_secrets(now).await?;
+        let meta = crate::audit::meta();
+        report.expired = self.store.expire_keys(now, &meta).await?;
+        report.destroyed_keys = self.store.destroy_due_keys(now, &meta).await?;
+        report.destroyed_secrets = self.store.destroy_due_secrets(now, &meta).await?;
         report.purged_token_rows = self.store.purge_expired_token_rows(now).await?;
         self.flush_usage().await?;
         Ok(report)
+    }
+
+    /// Purges the request-log rows older than `retention_days` days before `now`; returns how
+    /// many. The maintenance loop runs it after [`Broker::run_maintenance`], with the configured
+    /// retention.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn purge_request_log(
+        &self,
+        now: i64,
+        retention_days: u32,
+    ) -> Result<u64, BrokerError> {
+        let before = now.saturating_sub(i64::from(retention_days) * 86_400);
+        Ok(self.store.purge_request_log(before).await?)
     }
 
     /// Live keys of every client due for rotation or expiring within `days` days of `now`.

@@ -204,6 +204,7 @@ pub struct Broker {
 impl Broker {
     /// Combines a token pool and a database.
     pub fn new(hsm: Hsm, store: Store, limits: Limits) -> Self {
+        crate::audit::install(&store, &hsm);
         Self {
             hsm,
             store,
@@ -271,7 +272,9 @@ impl Broker {
                 Err(e) => return Err(e.into()),
             }
         };
-        self.store.activate_new_master_key(next).await?;
+        self.store
+            .activate_new_master_key(next, &crate::audit::meta())
+            .await?;
         // Seal under the new version from the next call on, on this node at least.
         self.budget.lock().await.fetched = Instant::now() - ACTIVE_VERSION_TTL;
         Ok(next)

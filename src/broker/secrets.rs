@@ -149,17 +149,20 @@ impl Broker {
                 .await?;
             let written = self
                 .store
-                .put_secret_version(&NewSecretVersion {
-                    secret_id: id,
-                    version: i32::try_from(version).unwrap_or(i32::MAX),
-                    client_id: owner,
-                    name: name.as_str().to_owned(),
-                    mk_version: i32::try_from(mk.get()).unwrap_or(i32::MAX),
-                    wrapped_dek,
-                    sealed,
-                    context: context_json(&context),
-                    now,
-                })
+                .put_secret_version(
+                    &NewSecretVersion {
+                        secret_id: id,
+                        version: i32::try_from(version).unwrap_or(i32::MAX),
+                        client_id: owner,
+                        name: name.as_str().to_owned(),
+                        mk_version: i32::try_from(mk.get()).unwrap_or(i32::MAX),
+                        wrapped_dek,
+                        sealed,
+                        context: context_json(&context),
+                        now,
+                    },
+                    &crate::audit::meta(),
+                )
                 .await;
             match written {
                 Ok(row) => {
@@ -247,6 +250,7 @@ impl Broker {
                 "pending_deletion",
                 now,
                 Some(due),
+                &crate::audit::meta(),
             )
             .await
             .map(Into::into)
@@ -271,6 +275,7 @@ impl Broker {
                 "active",
                 now,
                 None,
+                &crate::audit::meta(),
             )
             .await
             .map(Into::into)

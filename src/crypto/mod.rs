@@ -269,6 +269,60 @@ fn put_field(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(field);
 }
 
+/// The fields of one audit event that its MAC covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFields<'a> {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    /// Microseconds since the epoch.
+    pub at_us: i64,
+    /// `info`, `warning`, `error` or `critical`.
+    pub severity: &'a str,
+    /// The event name.
+    pub event: &'a str,
+    /// Who.
+    pub actor: &'a str,
+    /// What it was done to.
+    pub subject: Option<&'a str>,
+    /// The client concerned (UUID text).
+    pub client_id: Option<&'a str>,
+    /// The key concerned (UUID text).
+    pub key_id: Option<&'a str>,
+    /// Where from.
+    pub source_ip: Option<&'a str>,
+    /// The HTTP request.
+    pub request_id: Option<&'a str>,
+    /// Canonical JSON.
+    pub details: &'a str,
+    /// The previous row's MAC (32 zero bytes before the first row).
+    pub prev_mac: &'a [u8],
+}
+
+/// The bytes an audit row's MAC is computed over: a domain tag, then every field
+/// length-prefixed (absent and empty differ), then the previous MAC, so that no two rows or
+/// positions give the same input.
+pub fn audit_mac_input(f: &AuditFields<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + f.details.len());
+    put_field(&mut out, b"keybroker-audit-v1");
+    out.extend_from_slice(&f.seq.to_be_bytes());
+    out.extend_from_slice(&f.at_us.to_be_bytes());
+    for field in [f.severity, f.event, f.actor] {
+        put_field(&mut out, field.as_bytes());
+    }
+    for field in [f.subject, f.client_id, f.key_id, f.source_ip, f.request_id] {
+        match field {
+            Some(value) => {
+                out.push(1);
+                put_field(&mut out, value.as_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+    put_field(&mut out, f.details.as_bytes());
+    put_field(&mut out, f.prev_mac);
+    out
+}
+
 /// Key material a caller asks us to wrap: 16 to 64 bytes, zeroized on drop, never printed.
 pub struct KeyMaterial(Zeroizing<Vec<u8>>);
 
@@ -449,6 +503,80 @@ mod tests {
             EncryptionContext::new(BTreeMap::from([("k".into(), "v".repeat(257))])),
             Err(ContextError::BadField)
         );
+    }
+
+    #[test]
+    fn audit_mac_input_tells_every_field_apart() {
+        let base = AuditFields {
+            seq: 1,
+            at_us: 2,
+            severity: "info",
+            event: "e",
+            actor: "a",
+            subject: None,
+            client_id: None,
+            key_id: None,
+            source_ip: None,
+            request_id: None,
+            details: "{}",
+            prev_mac: &[0; 32],
+        };
+        let variants = [
+            AuditFields {
+                seq: 2,
+                ..base.clone()
+            },
+            AuditFields {
+                at_us: 3,
+                ..base.clone()
+            },
+            AuditFields {
+                severity: "warning",
+                ..base.clone()
+            },
+            AuditFields {
+                event: "f",
+                ..base.clone()
+            },
+            AuditFields {
+                actor: "b",
+                ..base.clone()
+            },
+            AuditFields {
+                subject: Some(""),
+                ..base.clone()
+            },
+            AuditFields {
+                client_id: Some("c"),
+                ..base.clone()
+            },
+            AuditFields {
+                key_id: Some("k"),
+                ..base.clone()
+            },
+            AuditFields {
+                source_ip: Some("1"),
+                ..base.clone()
+            },
+            AuditFields {
+                request_id: Some("r"),
+                ..base.clone()
+            },
+            AuditFields {
+                details: "{\"a\":1}",
+                ..base.clone()
+            },
+            AuditFields {
+                prev_mac: &[1; 32],
+                ..base.clone()
+            },
+        ];
+        let mut all: Vec<Vec<u8>> = variants.iter().map(audit_mac_input).collect();
+        all.push(audit_mac_input(&base));
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
     }
 
     #[test]

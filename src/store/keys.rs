@@ -2,7 +2,8 @@
 
 use uuid::Uuid;
 
-use super::{ItemWriteError, Store, StoreError};
+use super::audit::append;
+use super::{AuditMeta, ItemWriteError, NewAuditEvent, Store, StoreError};
 
 /// A managed key as stored. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -122,6 +123,16 @@ const KEY_COLUMNS: &str = "id, client_id, name, format, length, context::text AS
     floor(extract(epoch FROM updated_at))::bigint AS updated_at,
     floor(extract(epoch FROM destroyed_at))::bigint AS destroyed_at";
 
+/// A short hash of a stored context, for audit details (shows sameness, reveals nothing).
+pub(super) fn context_hash(context_json: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(context_json.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Unix seconds as Postgres `to_timestamp` takes them.
 pub(super) fn ts(seconds: i64) -> f64 {
     seconds as f64
@@ -132,7 +143,12 @@ impl Store {
     ///
     /// # Errors
     /// [`ItemWriteError::NameTaken`], or any database failure.
-    pub async fn insert_key(&self, key: &NewKey) -> Result<KeyRow, ItemWriteError> {
+    pub async fn insert_key(
+        &self,
+        key: &NewKey,
+        meta: &AuditMeta,
+    ) -> Result<KeyRow, ItemWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO keys (id, client_id, name, format, length, context, state,
@@ -165,6 +181,20 @@ impl Store {
         .bind(ts(key.now))
         .execute(&mut *tx)
         .await?;
+        let event = NewAuditEvent::info("key.created")
+            .client(key.client_id)
+            .key(key.id)
+            .subject(key.name.clone())
+            .details(serde_json::json!({
+                "format": key.format,
+                "length": key.length,
+                "rotation": key.rotation,
+                "rotation_period_days": key.rotation_period_days,
+                "expires_at": key.expires_at,
+                "mk_version": key.mk_version,
+                "context_hash": context_hash(&key.context),
+            }));
+        append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -275,7 +305,9 @@ impl Store {
         reason: &str,
         actor: &str,
         now: i64,
+        meta: &AuditMeta,
     ) -> Result<KeyRow, ItemWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let current: Option<(String, i32)> =
             sqlx::query_as("SELECT state, current_version FROM keys WHERE id = $1 FOR UPDATE")
@@ -326,6 +358,17 @@ impl Store {
         .bind(reason)
         .fetch_one(&mut *tx)
         .await?;
+        let event = NewAuditEvent::info("key.rotated")
+            .client(row.client_id)
+            .key(id)
+            .subject(row.name.clone())
+            .details(serde_json::json!({
+                "from_version": from_version,
+                "to_version": to_version,
+                "reason": reason,
+                "mk_version": mk_version,
+            }));
+        append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -346,7 +389,9 @@ impl Store {
         now: i64,
         deletion_due: Option<i64>,
         expires_at: Option<Option<i64>>,
+        meta: &AuditMeta,
     ) -> Result<KeyRow, ItemWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE keys SET state = 'expired', updated_at = to_timestamp($3)
@@ -382,6 +427,25 @@ impl Store {
         .bind(expires_at.flatten().map(ts))
         .fetch_one(&mut *tx)
         .await?;
+        let (name, severity) = match (to, state.as_str()) {
+            _ if expires_at.is_some() => ("key.refreshed", "info"),
+            ("pending_deletion", _) => ("key.deletion_scheduled", "warning"),
+            ("disabled", "pending_deletion") => ("key.deletion_cancelled", "info"),
+            ("disabled", _) => ("key.disabled", "warning"),
+            _ => ("key.enabled", "info"),
+        };
+        let event = NewAuditEvent::info(name)
+            .severity(severity)
+            .client(owner)
+            .key(id)
+            .subject(row.name.clone())
+            .details(serde_json::json!({
+                "from_state": state,
+                "to_state": to,
+                "deletion_due": row.deletion_due,
+                "expires_at": row.expires_at,
+            }));
+        append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -422,15 +486,30 @@ impl Store {
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn expire_keys(&self, now: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+    pub async fn expire_keys(&self, now: i64, meta: &AuditMeta) -> Result<u64, StoreError> {
+        let signer = self.signer()?;
+        let mut tx = self.pool.begin().await?;
+        let expired: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
             "UPDATE keys SET state = 'expired', updated_at = to_timestamp($1)
-             WHERE state = 'active' AND expires_at <= to_timestamp($1)",
+             WHERE id IN (SELECT id FROM keys WHERE state = 'active'
+                            AND expires_at <= to_timestamp($1) FOR UPDATE SKIP LOCKED)
+             RETURNING id, client_id, name",
         )
         .bind(ts(now))
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<NewAuditEvent> = expired
+            .iter()
+            .map(|(id, client, name)| {
+                NewAuditEvent::info("key.expired")
+                    .client(*client)
+                    .key(*id)
+                    .subject(name.clone())
+            })
+            .collect();
+        append(&mut tx, signer, meta, &events).await?;
+        tx.commit().await?;
+        Ok(expired.len() as u64)
     }
 
     /// Destroys keys whose pending window ended: material of every version erased, the row kept
@@ -438,23 +517,39 @@ impl Store {
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn destroy_due_keys(&self, now: i64) -> Result<Vec<Uuid>, StoreError> {
+    pub async fn destroy_due_keys(
+        &self,
+        now: i64,
+        meta: &AuditMeta,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let ids: Vec<(Uuid,)> = sqlx::query_as(
+        let destroyed: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
             "UPDATE keys SET state = 'destroyed', destroyed_at = to_timestamp($1),
                  updated_at = to_timestamp($1), next_rotation_at = NULL
              WHERE id IN (SELECT id FROM keys WHERE state = 'pending_deletion'
                             AND deletion_due <= to_timestamp($1) FOR UPDATE SKIP LOCKED)
-             RETURNING id",
+             RETURNING id, client_id, name",
         )
         .bind(ts(now))
         .fetch_all(&mut *tx)
         .await?;
-        let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        let ids: Vec<Uuid> = destroyed.iter().map(|(id, _, _)| *id).collect();
         sqlx::query("UPDATE key_versions SET sealed = NULL WHERE key_id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
+        let events: Vec<NewAuditEvent> = destroyed
+            .iter()
+            .map(|(id, client, name)| {
+                NewAuditEvent::info("key.destroyed")
+                    .severity("warning")
+                    .client(*client)
+                    .key(*id)
+                    .subject(name.clone())
+            })
+            .collect();
+        append(&mut tx, signer, meta, &events).await?;
         tx.commit().await?;
         Ok(ids)
     }

@@ -1,16 +1,22 @@
 //! `store` owns Postgres and is the only user of `sqlx`: the pool, the embedded migrations and one
 //! function per query. It never calls the token.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::crypto::MasterKeyVersion;
 
+mod audit;
 mod keys;
+mod request_log;
 mod secrets;
 
+pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
+
 pub use keys::{KeyRow, KeyVersionRow, NewKey, RotationRow, UsageRow};
+pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
 
 /// What went wrong in Postgres.
@@ -31,12 +37,26 @@ pub enum StoreError {
     /// A row holds a value this build cannot represent.
     #[error("the database holds an invalid value: {0}")]
     Corrupt(&'static str),
+    /// No audit signer was installed, so an audited write cannot be recorded.
+    #[error("no audit signer is installed")]
+    NoAuditSigner,
+    /// The token could not MAC an audit event (so the change it records is not made either).
+    #[error("the audit event could not be signed")]
+    AuditSign(#[source] crate::hsm::HsmError),
 }
 
 impl StoreError {
     /// Whether Postgres itself is unreachable (as opposed to a query being wrong).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// Whether the token, not Postgres, failed (an audit MAC could not be made).
+    pub fn hsm_failure(&self) -> Option<&crate::hsm::HsmError> {
+        match self {
+            Self::AuditSign(e) => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -77,10 +97,17 @@ pub struct MasterKeyRow {
     pub created_at: String,
 }
 
-/// The connection pool. Cheap to clone.
-#[derive(Debug, Clone)]
+/// The connection pool and the audit signer. Cheap to clone (clones share both).
+#[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    audit_signer: Arc<OnceLock<Arc<dyn AuditSigner>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -94,7 +121,10 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            audit_signer: Arc::new(OnceLock::new()),
+        })
     }
 
     /// Applies the migrations in `migrations/` (embedded at build time).
@@ -180,7 +210,9 @@ impl Store {
     pub async fn activate_new_master_key(
         &self,
         version: MasterKeyVersion,
+        meta: &AuditMeta,
     ) -> Result<(), StoreError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE master_keys SET state = 'decrypt_only' WHERE state = 'active'")
             .execute(&mut *tx)
@@ -193,6 +225,10 @@ impl Store {
         .bind(version.token_label())
         .execute(&mut *tx)
         .await?;
+        let event = NewAuditEvent::info("master_key.rotated")
+            .subject(version.token_label())
+            .details(serde_json::json!({ "mk_version": version.get() }));
+        audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -260,6 +296,26 @@ impl From<sqlx::Error> for ItemWriteError {
         }
         Self::Store(err.into())
     }
+}
+
+/// The audit event of a client registration or change: ids and settings, never the secret.
+fn client_event(
+    event: &'static str,
+    severity: &'static str,
+    id: uuid::Uuid,
+    fields: &ClientFields,
+) -> NewAuditEvent {
+    NewAuditEvent::info(event)
+        .severity(severity)
+        .client(id)
+        .subject(id.to_string())
+        .details(serde_json::json!({
+            "name": fields.name,
+            "ip_mode": fields.ip_mode,
+            "cidrs": fields.allowed_cidrs,
+            "scopes": fields.scopes,
+            "has_public_key": fields.public_key_pem.is_some(),
+        }))
 }
 
 fn to_version(n: i32) -> Result<MasterKeyVersion, StoreError> {
@@ -384,7 +440,9 @@ impl Store {
         id: uuid::Uuid,
         fields: &ClientFields,
         secret_mac: &[u8],
+        meta: &AuditMeta,
     ) -> Result<ClientRow, ClientWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
         check_ip_free(&mut tx, id, fields).await?;
@@ -402,6 +460,8 @@ impl Store {
         .bind(&fields.public_key_pem)
         .fetch_one(&mut *tx)
         .await?;
+        let event = client_event("client.registered", "info", id, fields);
+        audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -415,7 +475,9 @@ impl Store {
         &self,
         id: uuid::Uuid,
         fields: &ClientFields,
+        meta: &AuditMeta,
     ) -> Result<ClientRow, ClientWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
         let state: Option<(String,)> = sqlx::query_as("SELECT state FROM clients WHERE id = $1")
@@ -439,6 +501,8 @@ impl Store {
         .bind(&fields.public_key_pem)
         .fetch_one(&mut *tx)
         .await?;
+        let event = client_event("client.updated", "info", id, fields);
+        audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -453,7 +517,9 @@ impl Store {
         &self,
         id: uuid::Uuid,
         active: bool,
+        meta: &AuditMeta,
     ) -> Result<ClientRow, ClientWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
         let current = client_in(&mut tx, id)
@@ -479,6 +545,13 @@ impl Store {
         let row = client_in(&mut tx, id)
             .await?
             .ok_or(ClientWriteError::NotFound)?;
+        let event = if active {
+            NewAuditEvent::info("client.enabled")
+        } else {
+            NewAuditEvent::info("client.disabled").severity("warning")
+        };
+        let event = event.client(id).subject(id.to_string());
+        audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -487,7 +560,12 @@ impl Store {
     ///
     /// # Errors
     /// [`ClientWriteError::NotFound`], or any database failure.
-    pub async fn delete_client(&self, id: uuid::Uuid) -> Result<(), ClientWriteError> {
+    pub async fn delete_client(
+        &self,
+        id: uuid::Uuid,
+        meta: &AuditMeta,
+    ) -> Result<(), ClientWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query("DELETE FROM clients WHERE id = $1")
             .bind(id)
@@ -501,6 +579,11 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        let event = NewAuditEvent::info("client.deleted")
+            .severity("warning")
+            .client(id)
+            .subject(id.to_string());
+        audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -589,16 +672,27 @@ impl Store {
         jti: uuid::Uuid,
         client_id: uuid::Uuid,
         expires_at: i64,
+        meta: &AuditMeta,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let signer = self.signer()?;
+        let mut tx = self.pool.begin().await?;
+        let revoked = sqlx::query(
             "INSERT INTO revoked_tokens (jti, client_id, expires_at)
              VALUES ($1, $2, to_timestamp($3)) ON CONFLICT (jti) DO NOTHING",
         )
         .bind(jti)
         .bind(client_id)
         .bind(expires_at as f64)
-        .execute(&self.pool)
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if revoked == 1 {
+            let event = NewAuditEvent::info("token.revoked")
+                .client(client_id)
+                .subject(jti.to_string());
+            audit::append(&mut tx, signer, meta, &[event]).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

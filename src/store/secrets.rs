@@ -2,8 +2,9 @@
 
 use uuid::Uuid;
 
-use super::keys::ts;
-use super::{ItemWriteError, Store, StoreError};
+use super::audit::append;
+use super::keys::{context_hash, ts};
+use super::{AuditMeta, ItemWriteError, NewAuditEvent, Store, StoreError};
 
 /// A secret as stored. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -95,7 +96,9 @@ impl Store {
     pub async fn put_secret_version(
         &self,
         new: &NewSecretVersion,
+        meta: &AuditMeta,
     ) -> Result<SecretRow, ItemWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let row: SecretRow = if new.version == 1 {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -155,6 +158,16 @@ impl Store {
         .bind(ts(new.now))
         .execute(&mut *tx)
         .await?;
+        let event = NewAuditEvent::info("secret.written")
+            .client(new.client_id)
+            .key(new.secret_id)
+            .subject(new.name.clone())
+            .details(serde_json::json!({
+                "version": new.version,
+                "mk_version": new.mk_version,
+                "context_hash": context_hash(&new.context),
+            }));
+        append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -192,7 +205,9 @@ impl Store {
         to: &str,
         now: i64,
         deletion_due: Option<i64>,
+        meta: &AuditMeta,
     ) -> Result<SecretRow, ItemWriteError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let current: Option<(Uuid, String)> = sqlx::query_as(
             "SELECT id, state FROM secrets WHERE client_id = $1 AND name = $2
@@ -217,6 +232,18 @@ impl Store {
         .bind(deletion_due.map(ts))
         .fetch_one(&mut *tx)
         .await?;
+        let (event, severity) = if to == "pending_deletion" {
+            ("secret.deletion_scheduled", "warning")
+        } else {
+            ("secret.deletion_cancelled", "info")
+        };
+        let event = NewAuditEvent::info(event)
+            .severity(severity)
+            .client(owner)
+            .key(id)
+            .subject(name.to_owned())
+            .details(serde_json::json!({ "deletion_due": row.deletion_due }));
+        append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -226,19 +253,35 @@ impl Store {
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn destroy_due_secrets(&self, now: i64) -> Result<Vec<Uuid>, StoreError> {
+    pub async fn destroy_due_secrets(
+        &self,
+        now: i64,
+        meta: &AuditMeta,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let ids: Vec<(Uuid,)> = sqlx::query_as(
+        let destroyed: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
             "UPDATE secrets SET state = 'destroyed', destroyed_at = to_timestamp($1),
                  updated_at = to_timestamp($1)
              WHERE id IN (SELECT id FROM secrets WHERE state = 'pending_deletion'
                             AND deletion_due <= to_timestamp($1) FOR UPDATE SKIP LOCKED)
-             RETURNING id",
+             RETURNING id, client_id, name",
         )
         .bind(ts(now))
         .fetch_all(&mut *tx)
         .await?;
-        let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        let ids: Vec<Uuid> = destroyed.iter().map(|(id, _, _)| *id).collect();
+        let events: Vec<NewAuditEvent> = destroyed
+            .iter()
+            .map(|(id, client, name)| {
+                NewAuditEvent::info("secret.destroyed")
+                    .severity("warning")
+                    .client(*client)
+                    .key(*id)
+                    .subject(name.clone())
+            })
+            .collect();
+        append(&mut tx, signer, meta, &events).await?;
         sqlx::query(
             "UPDATE secret_versions SET wrapped_dek = NULL, sealed = NULL WHERE secret_id = ANY($1)",
         )

@@ -19,6 +19,8 @@ pub struct ChildServer {
     /// The bootstrap admin's secret, from the credentials file `hsm init` wrote.
     pub admin_secret: String,
     pub token: String,
+    /// The child's own database.
+    pub database_url: String,
 }
 
 impl ChildServer {
@@ -67,6 +69,7 @@ impl ChildServer {
             client: https_client(),
             admin_secret: credentials["client_secret"].as_str().unwrap().to_owned(),
             token: String::new(),
+            database_url: database_url.clone(),
         };
         server
             .wait_for("/healthz", 200, Duration::from_secs(30))
@@ -87,6 +90,12 @@ impl ChildServer {
         assert_eq!(status, 200, "{body}");
         server.token = body["access_token"].as_str().unwrap().to_owned();
         server
+    }
+
+    /// The HTTPS client (a clone shares its connections) and the base URL, for requests that
+    /// must outlive a borrow of the server, e.g. still running while it stops.
+    pub fn endpoint(&self) -> (reqwest::Client, String) {
+        (self.client.clone(), self.base.clone())
     }
 
     pub async fn request(&self, path: &str, body: Option<&Value>) -> (u16, Value) {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keybroker::api::AppState;
+use keybroker::api::{AppState, RequestLog};
 use keybroker::auth::{AuthConfig, Authenticator, ClientSpec, IpPolicy};
 use keybroker::broker::{Broker, Limits};
 use keybroker::hsm::{Hsm, HsmConfig};
@@ -174,6 +174,7 @@ impl TestServer {
             AppState {
                 broker: broker.clone(),
                 auth: auth.clone(),
+                request_log: RequestLog::start(broker.store().clone()),
             },
             "127.0.0.1:0".parse().unwrap(),
             tls_config,

@@ -16,3 +16,4 @@ mod examples;
 mod managed;
 mod oauth;
 mod openapi;
+mod request_log;
