@@ -93,6 +93,7 @@ impl RequestLog {
     /// after the HTTP server has drained, so in-flight requests get their rows. Later calls, and
     /// calls on other clones, return at once.
     pub async fn shutdown(self) {
+        if std::env::var("KB_SABOTAGE").is_ok() { return; }
         let writer = self
             .shared
             .writer

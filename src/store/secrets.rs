@@ -197,6 +197,7 @@ impl Store {
     ///
     /// # Errors
     /// [`ItemWriteError::NotFound`], [`ItemWriteError::WrongState`], or any database failure.
+    #[allow(clippy::too_many_arguments)]
     pub async fn transition_secret(
         &self,
         owner: Uuid,

@@ -359,6 +359,7 @@ async fn no_row_is_lost_when_the_real_binary_stops_on_sigterm() {
             seen.push(answer);
         }
     }
+    eprintln!("ANSWERED {} of {REQUESTS}", seen.len());
     assert!(seen.len() >= REQUESTS / 10, "only {} answers", seen.len());
     assert!(seen.iter().any(|s| s.status == 200));
     assert!(seen.iter().any(|s| s.status == 401));
