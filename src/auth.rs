@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::audit;
 use crate::hsm::{Hsm, HsmError};
-use crate::store::{ClientFields, ClientRow, ClientWriteError, Store, StoreError};
+use crate::store::{ClientFields, ClientRow, ClientWriteError, NewAuditEvent, Store, StoreError};
 
 /// Prefix of every client secret, so secret scanners can recognise a leaked one.
 const SECRET_PREFIX: &str = "kbs_";
@@ -479,6 +479,10 @@ pub struct AccessClaims {
 /// An access token as the token endpoint answers it.
 #[derive(Debug)]
 pub struct IssuedToken {
+    /// The client it was issued to.
+    pub client_id: Uuid,
+    /// Its `jti`.
+    pub jti: String,
     /// The compact JWS.
     pub access_token: String,
     /// Seconds until expiry.
@@ -743,6 +747,54 @@ impl Authenticator {
         source: IpAddr,
         now: i64,
     ) -> Result<IssuedToken, AuthError> {
+        let claimed = match &credentials {
+            ClientCredentials::Secret { client_id, .. } => Uuid::parse_str(client_id).ok(),
+            ClientCredentials::Assertion { client_id, .. } => {
+                client_id.as_deref().and_then(|c| Uuid::parse_str(c).ok())
+            }
+        };
+        let result = self
+            .issue_unaudited(credentials, requested, source, now)
+            .await;
+        let event = match &result {
+            Ok(issued) => NewAuditEvent::info("token.issued")
+                .client(issued.client_id)
+                .subject(issued.jti.clone())
+                .details(serde_json::json!({
+                    "scope": issued.scope.to_string(),
+                    "expires_in": issued.expires_in,
+                })),
+            Err(AuthError::InvalidClient(reason)) => {
+                let event = NewAuditEvent::info("auth.failed")
+                    .severity("warning")
+                    .details(serde_json::json!({ "endpoint": "token", "reason": reason }));
+                match claimed {
+                    Some(id) => event.client(id).subject(id.to_string()),
+                    None => event,
+                }
+            }
+            Err(_) => return result,
+        };
+        // A token is handed out only once its issuance is on the record.
+        if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
+            return Err(match result {
+                Ok(_) => e.into(),
+                Err(original) => {
+                    tracing::warn!(target: "keybroker::audit", error = %e, "authentication failure not audited");
+                    original
+                }
+            });
+        }
+        result
+    }
+
+    async fn issue_unaudited(
+        &self,
+        credentials: ClientCredentials,
+        requested: Option<&str>,
+        source: IpAddr,
+        now: i64,
+    ) -> Result<IssuedToken, AuthError> {
         let client = match credentials {
             ClientCredentials::Secret { client_id, secret } => {
                 self.check_secret(&client_id, &secret).await?
@@ -788,6 +840,8 @@ impl Authenticator {
         };
         let access_token = self.sign(&claims).await?;
         Ok(IssuedToken {
+            client_id: client.id,
+            jti: claims.jti.clone(),
             access_token,
             expires_in: self.config.token_ttl.as_secs(),
             scope,
@@ -909,6 +963,33 @@ impl Authenticator {
     /// [`AuthError::InvalidToken`], [`AuthError::ClientDisabled`], [`AuthError::IpNotAllowed`],
     /// or an outage.
     pub async fn authenticate(&self, token: &str, source: IpAddr) -> Result<Caller, AuthError> {
+        let result = self.authenticate_unaudited(token, source).await;
+        let event = match &result {
+            Err(AuthError::IpNotAllowed) => NewAuditEvent::info("ip_mismatch").severity("warning"),
+            Err(AuthError::InvalidToken(reason)) => NewAuditEvent::info("auth.failed")
+                .severity("warning")
+                .details(serde_json::json!({ "endpoint": "api", "reason": reason })),
+            Err(AuthError::ClientDisabled) => NewAuditEvent::info("auth.failed")
+                .severity("warning")
+                .details(serde_json::json!({ "endpoint": "api", "reason": "client disabled" })),
+            _ => return result,
+        };
+        // Whose token it claims to be, for the record (the signature may be bad: say so).
+        let event = match self.verify(token).ok().and_then(|c| parse_ids(&c).ok()) {
+            Some((client, _)) => event.client(client).subject(client.to_string()),
+            None => event,
+        };
+        if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
+            tracing::warn!(target: "keybroker::audit", error = %e, "refusal not audited");
+        }
+        result
+    }
+
+    async fn authenticate_unaudited(
+        &self,
+        token: &str,
+        source: IpAddr,
+    ) -> Result<Caller, AuthError> {
         let claims = self.verify(token)?;
         let (client_id, jti) = parse_ids(&claims)?;
         let state = self

@@ -141,6 +141,10 @@ pub struct ServeArgs {
         default_value_t = 7
     )]
     pub request_log_retention_days: u32,
+    /// Milliseconds between writes of the request log's partial batches (a full batch of 500
+    /// rows is written at once): how far behind the log may be while serving.
+    #[arg(long, env = "KEYBROKER_REQUEST_LOG_FLUSH_MS", default_value_t = 200)]
+    pub request_log_flush_ms: u64,
 }
 
 /// How access tokens are issued and checked.
@@ -179,5 +183,33 @@ impl AuthArgs {
             leeway: self.token_leeway_secs,
             trusted_proxies: self.trusted_proxies.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn request_log_retention_is_seven_days_unless_set() {
+        let base = ["keybroker", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let cli = Cli::try_parse_from(base).unwrap();
+        assert_eq!(cli.serve.request_log_retention_days, 7);
+        assert_eq!(cli.serve.request_log_flush_ms, 200);
+        let set = base
+            .into_iter()
+            .chain(["--request-log-retention-days", "30"]);
+        let cli = Cli::try_parse_from(set).unwrap();
+        assert_eq!(cli.serve.request_log_retention_days, 30);
     }
 }

@@ -51,6 +51,15 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// The audit trail.
+    Audit {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Make (once) a development CA and server certificate in a folder.
     DevCert {
         /// Folder for ca.pem, server.pem and server-key.pem.
@@ -112,6 +121,12 @@ enum HsmCommand {
         #[command(flatten)]
         db: DatabaseArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the MAC chain and report the first broken link (exit status 1 if any).
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +217,24 @@ async fn run(command: Command) -> Result<(), BoxError> {
         } => serve_api(token, db, serve, auth).await,
         Command::Hsm { command } => run_hsm(command).await,
         Command::Client { token, db, command } => run_client(token, db, command).await,
+        Command::Audit {
+            token,
+            db,
+            command: AuditCommand::Verify,
+        } => {
+            let broker = broker(&token, &db, Limits { max_batch: 1 }).await?;
+            let verdict = keybroker::audit::verify(broker.store(), broker.hsm()).await?;
+            match verdict.first_broken {
+                None => {
+                    println!("audit chain intact: {} rows verified", verdict.rows);
+                    Ok(())
+                }
+                Some((seq, why)) => {
+                    println!("audit chain BROKEN at row {seq}: {why}");
+                    Err(format!("audit chain broken at row {seq}").into())
+                }
+            }
+        }
         Command::DevCert { dir } => {
             let cert = tls::ensure_dev_certificate(&dir)?;
             println!("CA (trust this):  {}", cert.ca.display());
@@ -243,7 +276,10 @@ async fn serve_api(
         )
         .await?,
     );
-    let request_log = RequestLog::start(broker.store().clone());
+    let request_log = RequestLog::start(
+        broker.store().clone(),
+        Duration::from_millis(serve.request_log_flush_ms),
+    );
     let state = AppState {
         broker: broker.clone(),
         auth,

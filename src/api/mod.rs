@@ -75,6 +75,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .route("/v1/admin/clients/{id}/disable", post(disable_client))
         .route("/v1/admin/clients/{id}/enable", post(enable_client))
+        .route("/v1/admin/audit", get(admin::audit_events))
+        .route("/v1/admin/audit/verify", get(admin::audit_verify))
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/{id}", get(keys::get_key).delete(keys::delete_key))
         .route("/v1/keys/{id}/plaintext", post(keys::read_key))
@@ -347,6 +349,9 @@ fn auth_status_and_code(err: &AuthError) -> (StatusCode, &'static str) {
         }
         AuthError::Store(e) if e.is_unavailable() => {
             (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+        }
+        AuthError::Store(e) if e.hsm_failure().is_some_and(|h| h.is_unavailable()) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "hsm_unavailable")
         }
         AuthError::Hsm(_) | AuthError::Store(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
@@ -1083,6 +1088,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
         admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
         admin::disable_client, admin::enable_client, admin::delete_client,
+        admin::audit_events, admin::audit_verify,
         keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
         keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
         keys::cancel_key_deletion, keys::put_secret, keys::get_secret, keys::delete_secret,

@@ -22,8 +22,6 @@ use crate::store::{RequestLogRow, Store};
 const QUEUE: usize = 10_000;
 /// Rows per insert.
 const BATCH: usize = 500;
-/// How often the writer stores a partial batch.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Rows the writer keeps while Postgres is unreachable; beyond this the oldest are dropped.
 const MAX_HELD: usize = 100_000;
 /// First and longest pause after a failed insert.
@@ -35,7 +33,7 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(15);
 
 /// The `path` of a request no route matched (its raw path may carry anything).
-pub(super) const UNMATCHED: &str = "(unmatched)";
+const UNMATCHED: &str = "(unmatched)";
 const MAX_USER_AGENT: usize = 512;
 const MAX_HOST: usize = 255;
 const MAX_REQUEST_ID: usize = 128;
@@ -69,12 +67,15 @@ impl std::fmt::Debug for RequestLog {
 }
 
 impl RequestLog {
-    /// Starts the writer task on the current Tokio runtime (call it from within one).
-    pub fn start(store: Store) -> Self {
+    /// Starts the writer task on the current Tokio runtime (call it from within one). It writes
+    /// what it has every `flush_every`, and at once whenever a batch of 500 rows is ready.
+    pub fn start(store: Store, flush_every: Duration) -> Self {
         let (queue, rows) = mpsc::channel(QUEUE);
         let (stop, stopped) = oneshot::channel();
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(write(store, rows, stopped, dropped.clone()));
+        // A zero period would make the timer panic; a millisecond is as good as immediate.
+        let flush_every = flush_every.max(Duration::from_millis(1));
+        let task = tokio::spawn(write(store, flush_every, rows, stopped, dropped.clone()));
         Self {
             shared: Arc::new(Shared {
                 queue,
@@ -93,7 +94,6 @@ impl RequestLog {
     /// after the HTTP server has drained, so in-flight requests get their rows. Later calls, and
     /// calls on other clones, return at once.
     pub async fn shutdown(self) {
-        if std::env::var("KB_SABOTAGE").is_ok() { return; }
         let writer = self
             .shared
             .writer
@@ -142,16 +142,17 @@ fn count_dropped(dropped: &AtomicU64, n: u64, why: &'static str) {
     }
 }
 
-/// The writer: gathers rows, inserts them in batches of [`BATCH`] every [`FLUSH_EVERY`] (or as
+/// The writer: gathers rows, inserts them in batches of [`BATCH`] every `flush_every` (or as
 /// soon as a batch is full), backs off while Postgres fails, and on stop writes what remains.
 async fn write(
     store: Store,
+    flush_every: Duration,
     mut rows: mpsc::Receiver<RequestLogRow>,
     mut stop: oneshot::Receiver<()>,
     dropped: Arc<AtomicU64>,
 ) {
     let mut held: Vec<RequestLogRow> = Vec::new();
-    let mut ticks = tokio::time::interval(FLUSH_EVERY);
+    let mut ticks = tokio::time::interval(flush_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::default();
     let mut stopping = false;

@@ -432,7 +432,20 @@ impl Broker {
                 token.unseal(mk, &sealed, &aad.bytes())
             })
             .await
-            .map_err(stored_blob_error)?;
+            .map_err(stored_blob_error);
+        let plaintext = match plaintext {
+            Err(BrokerError::NotAuthentic) => {
+                let event = crate::store::NewAuditEvent::info("unauthorized_key_access")
+                    .severity("warning")
+                    .client(owner)
+                    .key(id)
+                    .subject(key.name.clone())
+                    .details(serde_json::json!({ "operation": "key.read", "version": version }));
+                self.store.audit(&crate::audit::meta(), &[event]).await?;
+                return Err(BrokerError::NotAuthentic);
+            }
+            other => other?,
+        };
         self.usage.record(owner, id, super::Operation::KeyRead, now);
         Ok((key, version, plaintext))
     }

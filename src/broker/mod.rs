@@ -124,6 +124,8 @@ impl From<StoreError> for BrokerError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NoActiveMasterKey => Self::NoActiveKey,
+            // The token could not MAC the audit event, so the change was not made either.
+            StoreError::AuditSign(e) => e.into(),
             e if e.is_unavailable() => Self::DatabaseUnavailable(e),
             e => Self::Store(e),
         }
@@ -354,10 +356,11 @@ impl Broker {
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
-        let owner = owner.to_owned();
+        let owner_text = owner.to_owned();
         let results = self
-            .each_item(items, move |token, item| open(token, &owner, item))
+            .each_item(items, move |token, item| open(token, &owner_text, item))
             .await?;
+        self.audit_refused_opens(owner, "unwrap", &results).await?;
         self.explain_missing_versions(results).await
     }
 
@@ -373,13 +376,13 @@ impl Broker {
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
         let version = self.reserve_seals(items.len()).await?;
-        let owner = owner.to_owned();
+        let owner_text = owner.to_owned();
         let results = self
             .each_item(items, move |token, item| {
-                let plaintext = open(token, &owner, item)?;
+                let plaintext = open(token, &owner_text, item)?;
                 let aad = Aad {
                     mk_version: version,
-                    client_id: Some(&owner),
+                    client_id: Some(&owner_text),
                     key_ref: None,
                     context: &item.context,
                 };
@@ -387,12 +390,37 @@ impl Broker {
                 Ok(WrappedBlob::new(version, payload))
             })
             .await?;
+        self.audit_refused_opens(owner, "rewrap", &results).await?;
         self.explain_missing_versions(results).await
     }
 
     /// A blob's master-key version that the token does not hold is the caller's mistake only
     /// if we never had that version; a version we recorded and did not destroy is missing
     /// because the token is not the one it should be, which is an outage.
+    /// Records refused opens (another client's blob, another context, an altered blob) as
+    /// `unauthorized_key_access`, one event per call with the count.
+    async fn audit_refused_opens<T>(
+        &self,
+        owner: &str,
+        operation: &'static str,
+        results: &[Result<T, BrokerError>],
+    ) -> Result<(), BrokerError> {
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(BrokerError::NotAuthentic)))
+            .count();
+        if refused == 0 {
+            return Ok(());
+        }
+        let mut event = crate::store::NewAuditEvent::info("unauthorized_key_access")
+            .severity("warning")
+            .details(serde_json::json!({ "operation": operation, "refused": refused }));
+        if let Ok(client) = uuid::Uuid::parse_str(owner) {
+            event = event.client(client).subject(client.to_string());
+        }
+        Ok(self.store.audit(&crate::audit::meta(), &[event]).await?)
+    }
+
     async fn explain_missing_versions<T>(
         &self,
         mut results: Vec<Result<T, BrokerError>>,

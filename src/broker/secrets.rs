@@ -11,7 +11,7 @@ use super::{Broker, BrokerError, Operation};
 use crate::crypto::envelope::{self, DataKey, NONCE_LEN};
 use crate::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
 use crate::hsm::HsmError;
-use crate::store::{ItemWriteError, NewSecretVersion, SecretRow};
+use crate::store::{ItemWriteError, NewAuditEvent, NewSecretVersion, SecretRow};
 
 /// Largest secret value: 64 KiB.
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
@@ -225,7 +225,24 @@ impl Broker {
                 envelope::open(&key, &value_aad, &sealed).map_err(|_| HsmError::NotAuthentic)
             })
             .await
-            .map_err(stored_blob_error)?;
+            .map_err(stored_blob_error);
+        // A read is served only once it is on the record; a refused one is recorded too.
+        let event = match &value {
+            Ok(_) => Some(NewAuditEvent::info("secret.read")),
+            Err(BrokerError::NotAuthentic) => {
+                Some(NewAuditEvent::info("unauthorized_key_access").severity("warning"))
+            }
+            Err(_) => None,
+        };
+        if let Some(event) = event {
+            let event = event
+                .client(owner)
+                .key(id)
+                .subject(name.as_str().to_owned())
+                .details(serde_json::json!({ "operation": "secret.read", "version": version }));
+            self.store.audit(&crate::audit::meta(), &[event]).await?;
+        }
+        let value = value?;
         self.usage.record(owner, id, Operation::SecretRead, now);
         Ok((row.into(), version, value))
     }

@@ -26,6 +26,11 @@ pub struct ChildServer {
 impl ChildServer {
     /// `keybroker hsm init` then `keybroker serve`, with the given SoftHSM2 config.
     pub async fn start(softhsm_conf: &Path, log: PathBuf) -> Self {
+        Self::start_with_env(softhsm_conf, log, &[]).await
+    }
+
+    /// As [`ChildServer::start`], with more environment variables for both commands.
+    pub async fn start_with_env(softhsm_conf: &Path, log: PathBuf, extra: &[(&str, &str)]) -> Self {
         let database_url = fresh_database().await;
         let cert = dev_certificate();
         let port = {
@@ -41,7 +46,8 @@ impl ChildServer {
                 .env("KEYBROKER_TLS_KEY", &cert.key)
                 .env("KEYBROKER_LISTEN", format!("127.0.0.1:{port}"))
                 .env("KEYBROKER_HSM_TIMEOUT_MS", "3000")
-                .env("RUST_LOG", "trace");
+                .env("RUST_LOG", "trace")
+                .envs(extra.iter().copied());
             cmd
         };
         let credentials = log.with_file_name("admin-credentials.json");

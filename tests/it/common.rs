@@ -120,6 +120,9 @@ pub fn https_client_from(local: Option<std::net::IpAddr>) -> reqwest::Client {
         .unwrap()
 }
 
+/// How often test servers write partial request-log batches: never, in practice.
+pub const REQUEST_LOG_FLUSH: Duration = Duration::from_secs(3600);
+
 /// The `iss` of test tokens; the token endpoint a client assertion names is this plus
 /// `/v1/oauth/token`.
 pub const TEST_ISSUER: &str = "https://keybroker.test";
@@ -174,7 +177,9 @@ impl TestServer {
             AppState {
                 broker: broker.clone(),
                 auth: auth.clone(),
-                request_log: RequestLog::start(broker.store().clone()),
+                // Rows are written at shutdown (or in full batches), not on a timer, so a test
+                // that reads the log after `stop` sees the shutdown flush at work.
+                request_log: RequestLog::start(broker.store().clone(), REQUEST_LOG_FLUSH),
             },
             "127.0.0.1:0".parse().unwrap(),
             tls_config,

@@ -3,13 +3,13 @@
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use secrecy::SecretString;
 
 use crate::common::{TestServer, fresh_database, hsm_config, pkcs11_module, token_label, user_pin};
 use keybroker::broker::{Broker, Limits};
-use keybroker::hsm::{self, Hsm, HsmError};
+use keybroker::hsm::Hsm;
 use keybroker::store::Store;
 
 /// Our own cryptoki context, independent of keybroker's HSM layer (it may share the process's
@@ -130,21 +130,33 @@ fn the_master_key_cannot_be_read_wrapped_or_made_extractable() {
 
 #[test]
 fn pkcs11_tool_shows_the_master_key_sensitive_and_never_extractable() {
-    // The PIN goes through the environment, not the command line.
-    let output = std::process::Command::new("pkcs11-tool")
-        .args(["--module"])
-        .arg(pkcs11_module())
-        .args([
-            "--token-label",
-            &token_label(),
-            "--login",
-            "--pin",
-            "env:KB_TEST_PKCS11_TOOL_PIN",
-        ])
-        .args(["--list-objects", "--type", "secrkey"])
-        .env("KB_TEST_PKCS11_TOOL_PIN", user_pin())
-        .output()
-        .expect("pkcs11-tool runs");
+    // The PIN goes through the environment, not the command line. Another test may be adding a
+    // token to the shared token folder at this moment, which can make pkcs11-tool's slot scan
+    // miss ours once: that is the test bed, not the broker, so we ask again.
+    let list = || {
+        std::process::Command::new("pkcs11-tool")
+            .args(["--module"])
+            .arg(pkcs11_module())
+            .args([
+                "--token-label",
+                &token_label(),
+                "--login",
+                "--pin",
+                "env:KB_TEST_PKCS11_TOOL_PIN",
+            ])
+            .args(["--list-objects", "--type", "secrkey"])
+            .env("KB_TEST_PKCS11_TOOL_PIN", user_pin())
+            .output()
+            .expect("pkcs11-tool runs")
+    };
+    let mut output = list();
+    for _ in 0..5 {
+        if output.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        output = list();
+    }
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8_lossy(&output.stdout);
     let block = text
@@ -208,52 +220,76 @@ async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
 
 #[tokio::test]
 async fn hsm_init_refuses_a_token_whose_master_key_is_extractable() {
-    // A token of our own, so the shared one stays clean.
-    let label = format!(
-        "kb-unsafe-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    hsm::init_token(
-        pkcs11_module(),
-        label.clone(),
-        SecretString::from("so-pin-for-this-test"),
-        SecretString::from(user_pin()),
+    // A token folder of our own (through the real CLI, as an officer would), so that neither the
+    // shared token nor other tests' view of the token folder is disturbed.
+    let dir = crate::common::scratch_dir("unsafe");
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
     )
-    .await
     .unwrap();
-    {
-        let session = raw_session(&label);
-        session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Sensitive(false),
-                    Attribute::Extractable(true),
-                    Attribute::Label(b"keybroker-mk-v1".to_vec()),
-                ],
-            )
-            .unwrap();
-    }
-    let mut config = hsm_config();
-    config.token_label = label;
-    let hsm = Hsm::connect(config).await.unwrap();
-    match hsm.ensure_keys().await {
-        Err(HsmError::UnsafeObject { label, .. }) => assert_eq!(label, "keybroker-mk-v1"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-    // Nothing was created next to the unsafe key.
-    assert!(
-        hsm.status()
-            .await
+    let database_url = fresh_database().await;
+    let keybroker = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(args)
+            .env("SOFTHSM2_CONF", &conf)
+            .env("KEYBROKER_TOKEN_LABEL", "kb-unsafe")
+            .env("KEYBROKER_SO_PIN", "so-pin-for-this-test")
+            .env("DATABASE_URL", &database_url)
+            .output()
             .unwrap()
-            .iter()
-            .all(|o| o.label == "keybroker-mk-v1")
+    };
+    let init_token = keybroker(&["hsm", "init-token"]);
+    assert!(init_token.status.success(), "{init_token:?}");
+    // An AES key with keybroker's label, made extractable and not sensitive.
+    let keygen = std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(pkcs11_module())
+        .args([
+            "--token-label",
+            "kb-unsafe",
+            "--login",
+            "--pin",
+            "env:KB_TEST_PIN",
+        ])
+        .args([
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "keybroker-mk-v1",
+            "--extractable",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .env("KB_TEST_PIN", user_pin())
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+
+    let init = keybroker(&["hsm", "init"]);
+    assert!(
+        !init.status.success(),
+        "hsm init accepted an unsafe token: {init:?}"
     );
+    let stderr = String::from_utf8_lossy(&init.stderr);
+    assert!(
+        stderr.contains("keybroker-mk-v1") && stderr.contains("unsafe"),
+        "{stderr}"
+    );
+    // Nothing was created next to the unsafe key.
+    let status = keybroker(&["hsm", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    let listed: Vec<String> = String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .filter(|l| l.starts_with("keybroker-"))
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(listed, vec!["keybroker-mk-v1".to_owned()]);
 }
 
 #[tokio::test]

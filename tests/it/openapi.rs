@@ -3,7 +3,9 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 39] = [
+const ENDPOINTS: [(&str, &str); 41] = [
+    ("/v1/admin/audit", "get"),
+    ("/v1/admin/audit/verify", "get"),
     ("/v1/keys", "post"),
     ("/v1/keys", "get"),
     ("/v1/keys/{id}", "get"),

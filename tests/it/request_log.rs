@@ -312,7 +312,13 @@ async fn every_request_has_one_row_with_its_route_template_status_and_code() {
 #[tokio::test]
 async fn no_row_is_lost_when_the_real_binary_stops_on_sigterm() {
     let (conf, _tokens) = private_token_copy();
-    let server = ChildServer::start(&conf, scratch_dir("request-log").join("server.log")).await;
+    // No timed writes: whatever reaches Postgres, the shutdown flush wrote.
+    let server = ChildServer::start_with_env(
+        &conf,
+        scratch_dir("request-log").join("server.log"),
+        &[("KEYBROKER_REQUEST_LOG_FLUSH_MS", "3600000")],
+    )
+    .await;
     let database_url = server.database_url.clone();
     let (client, base) = server.endpoint();
     const REQUESTS: usize = 300;
@@ -359,7 +365,6 @@ async fn no_row_is_lost_when_the_real_binary_stops_on_sigterm() {
             seen.push(answer);
         }
     }
-    eprintln!("ANSWERED {} of {REQUESTS}", seen.len());
     assert!(seen.len() >= REQUESTS / 10, "only {} answers", seen.len());
     assert!(seen.iter().any(|s| s.status == 200));
     assert!(seen.iter().any(|s| s.status == 401));
@@ -446,4 +451,59 @@ async fn the_purge_keeps_the_retention_period_at_a_chosen_time() {
     assert_eq!(server.broker.purge_request_log(now, 5).await.unwrap(), 1);
     assert_eq!(left().await, ["now"]);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn rows_are_written_while_serving_not_only_at_shutdown() {
+    let test = TestServer::start().await;
+    // A second listener on the same broker, whose log writes every 20 ms as a served one does.
+    let cert = crate::common::dev_certificate();
+    let state = keybroker::api::AppState {
+        broker: test.broker.clone(),
+        auth: test.auth.clone(),
+        request_log: keybroker::api::RequestLog::start(
+            test.broker.store().clone(),
+            Duration::from_millis(20),
+        ),
+    };
+    let server = keybroker::server::RunningServer::start(
+        state,
+        "127.0.0.1:0".parse().unwrap(),
+        keybroker::tls::server_config(&cert.cert, &cert.key).unwrap(),
+        1024 * 1024,
+    )
+    .await
+    .unwrap();
+    let response = test
+        .client
+        .get(format!("https://127.0.0.1:{}/healthz", server.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // Polled like a readiness probe: the row must show up while the server still runs.
+    let ids = [request_id];
+    let start = std::time::Instant::now();
+    loop {
+        if rows_for(&test.database_url, &ids)
+            .await
+            .contains_key(&ids[0])
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no row while serving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await.unwrap();
+    let rows = rows_for(&test.database_url, &ids).await;
+    assert_eq!(rows[&ids[0]].len(), 1, "written twice: {rows:?}");
+    assert_eq!(rows[&ids[0]][0].path, "/healthz");
+    test.stop().await;
 }
