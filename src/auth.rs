@@ -276,6 +276,127 @@ pub fn source_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
 }
 
 // ---------------------------------------------------------------------------------------------
+// Security settings (rate limits, automatic response)
+
+/// Rate limits and the automatic response to misbehaving clients. Kept in Postgres, changed
+/// through the admin API, picked up by every broker within seconds.
+///
+/// The defaults are sized for a KMS in front of one HSM partition, not for a toy: one broker
+/// node serves several thousand authenticated requests a second, so a single client may use a
+/// good share (2000/s sustained, bursts of 4000) without starving the others, and a single
+/// address (possibly a NAT of many clients) up to 5000/s. A source refused 1000 times within a
+/// minute is blocked for 15 minutes. 20 refusals (denied unwraps, address mismatches,
+/// authentication failures) of one client within 5 minutes disable it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Sustained requests per second from one source address.
+    pub per_ip_per_second: f64,
+    /// Burst allowance of one source address.
+    pub per_ip_burst: u32,
+    /// Sustained requests per second of one client.
+    pub per_client_per_second: f64,
+    /// Burst allowance of one client.
+    pub per_client_burst: u32,
+    /// Refused (rate-limited) requests within `violation_window_secs` that block the source.
+    pub block_after_violations: u32,
+    /// The window counting violations.
+    pub violation_window_secs: u64,
+    /// How long a blocked source stays blocked.
+    pub block_secs: u64,
+    /// Refusals of one client within `anomaly_window_secs` that disable it (0 = never).
+    pub anomaly_refusals: u32,
+    /// The window counting refusals.
+    pub anomaly_window_secs: u64,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        Self {
+            per_ip_per_second: 5000.0,
+            per_ip_burst: 10_000,
+            per_client_per_second: 2000.0,
+            per_client_burst: 4000,
+            block_after_violations: 1000,
+            violation_window_secs: 60,
+            block_secs: 900,
+            anomaly_refusals: 20,
+            anomaly_window_secs: 300,
+        }
+    }
+}
+
+impl SecuritySettings {
+    /// Checks the values make sense.
+    ///
+    /// # Errors
+    /// A message saying which does not.
+    pub fn validate(&self) -> Result<(), String> {
+        let rate_ok = |r: f64| r.is_finite() && r > 0.0 && r <= 1_000_000.0;
+        if !rate_ok(self.per_ip_per_second) || !rate_ok(self.per_client_per_second) {
+            return Err("rates must be above 0 and at most 1000000 per second".into());
+        }
+        if self.per_ip_burst == 0 || self.per_client_burst == 0 {
+            return Err("bursts must be at least 1".into());
+        }
+        if self.block_after_violations == 0 || self.violation_window_secs == 0 {
+            return Err(
+                "block_after_violations and violation_window_secs must be at least 1".into(),
+            );
+        }
+        if self.block_secs == 0 || self.block_secs > 7 * 86_400 {
+            return Err("block_secs must be 1 to 604800".into());
+        }
+        if self.anomaly_window_secs == 0 {
+            return Err("anomaly_window_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The settings in Postgres, or the defaults.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn load(store: &Store) -> Result<Self, StoreError> {
+        Ok(match store.security_settings().await? {
+            Some(json) => serde_json::from_str(&json).unwrap_or_default(),
+            None => Self::default(),
+        })
+    }
+}
+
+/// After a refusal was recorded for `client`: if its refusals within the window reach the
+/// threshold, disable it (a critical audit event says why). An officer re-enables it.
+///
+/// # Errors
+/// An outage.
+pub async fn respond_to_refusal(store: &Store, client: Uuid) -> Result<(), StoreError> {
+    let settings = SecuritySettings::load(store).await?;
+    if settings.anomaly_refusals == 0 {
+        return Ok(());
+    }
+    let window_us = i64::try_from(settings.anomaly_window_secs)
+        .unwrap_or(i64::MAX / 2)
+        .saturating_mul(1_000_000);
+    let refusals = store
+        .security_refusals(client, audit::now_us() - window_us)
+        .await?;
+    if refusals >= i64::from(settings.anomaly_refusals)
+        && store
+            .auto_disable_client(
+                client,
+                refusals,
+                settings.anomaly_window_secs,
+                &audit::meta(),
+            )
+            .await?
+    {
+        tracing::warn!(target: "keybroker::security", %client, refusals, "client disabled automatically");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clients
 
 /// A registered client.
@@ -776,6 +897,7 @@ impl Authenticator {
             Err(_) => return result,
         };
         // A token is handed out only once its issuance is on the record.
+        let refused_client = result.is_err().then_some(claimed).flatten();
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             return Err(match result {
                 Ok(_) => e.into(),
@@ -784,6 +906,11 @@ impl Authenticator {
                     original
                 }
             });
+        }
+        if let Some(client) = refused_client
+            && let Err(e) = respond_to_refusal(&self.store, client).await
+        {
+            tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
         }
         result
     }
@@ -975,12 +1102,18 @@ impl Authenticator {
             _ => return result,
         };
         // Whose token it claims to be, for the record (the signature may be bad: say so).
-        let event = match self.verify(token).ok().and_then(|c| parse_ids(&c).ok()) {
+        let client = self.verify(token).ok().and_then(|c| parse_ids(&c).ok());
+        let event = match client {
             Some((client, _)) => event.client(client).subject(client.to_string()),
             None => event,
         };
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             tracing::warn!(target: "keybroker::audit", error = %e, "refusal not audited");
+        }
+        if let Some((client, _)) = client
+            && let Err(e) = respond_to_refusal(&self.store, client).await
+        {
+            tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
         }
         result
     }

@@ -302,9 +302,23 @@ impl Hsm {
                 mk_handles: Mutex::new(HashMap::new()),
                 key_handles: Mutex::new(HashMap::new()),
             };
-            let first = {
-                let _shared = inner.module.enter();
-                inner.open_session()?
+            // A token being written by another process (SoftHSM2 keeps one file per object)
+            // can fail a read for a moment: a few tries before calling it unreachable.
+            let mut attempt = 0;
+            let first = loop {
+                let opened = {
+                    let _shared = inner.module.enter();
+                    inner.open_session()
+                };
+                match opened {
+                    Ok(session) => break session,
+                    Err(e) if e.is_unavailable() && attempt < 4 => {
+                        attempt += 1;
+                        *lock(&inner.slot) = None;
+                        std::thread::sleep(Duration::from_millis(100 * attempt));
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             inner.checkin(first);
             Ok(inner)

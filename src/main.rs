@@ -174,6 +174,15 @@ enum ClientCommand {
         /// Client id.
         id: uuid::Uuid,
     },
+    /// Lock a client down at once: disabled, its live tokens refused, its addresses blocked
+    /// (lift with the admin API's unblock), a critical audit event.
+    Lockdown {
+        /// Client id.
+        id: uuid::Uuid,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "lockdown by the officer")]
+        reason: String,
+    },
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -280,10 +289,17 @@ async fn serve_api(
         broker.store().clone(),
         Duration::from_millis(serve.request_log_flush_ms),
     );
+    let limiter = Arc::new(keybroker::api::limits::Limiter::new(
+        keybroker::auth::SecuritySettings::load(broker.store()).await?,
+        keybroker::api::limits::system_clock(),
+    ));
+    limiter.refresh(broker.store()).await?;
+    let refresher = tokio::spawn(refresh_limits(limiter.clone(), broker.clone()));
     let state = AppState {
         broker: broker.clone(),
         auth,
         request_log: request_log.clone(),
+        limiter,
     };
     let mut server =
         RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
@@ -305,11 +321,24 @@ async fn serve_api(
     request_log.shutdown().await;
     served?;
     maintenance.abort();
+    refresher.abort();
     // Counts gathered since the last tick.
     if let Err(e) = broker.flush_usage().await {
         tracing::warn!(error = %error_chain(&e), "usage counts not saved at shutdown");
     }
     Ok(())
+}
+
+/// Re-reads rate-limit settings and blocked sources every two seconds, so an officer's change
+/// (on any broker) takes effect here within seconds.
+async fn refresh_limits(limiter: Arc<keybroker::api::limits::Limiter>, broker: Arc<Broker>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        ticks.tick().await;
+        if let Err(e) = limiter.refresh(broker.store()).await {
+            tracing::warn!(error = %error_chain(&e), "rate-limit settings not refreshed");
+        }
+    }
 }
 
 /// Scheduled rotation, expiry, destruction after the pending window, purges (the request log's
@@ -530,6 +559,14 @@ async fn run_client(
         ClientCommand::Delete { id } => {
             auth.delete(id).await?;
             println!("deleted {id}");
+        }
+        ClientCommand::Lockdown { id, reason } => {
+            let blocked = broker
+                .store()
+                .lock_down_client(id, &reason, &keybroker::audit::meta())
+                .await?;
+            print_client(&auth.client(id).await?);
+            println!("blocked:    {}", blocked.join(" "));
         }
     }
     Ok(())

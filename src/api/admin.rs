@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiError, ApiJson, AppState, ErrorBody};
-use crate::auth::{AuthError, Caller, Client, ClientSpec, Scope};
+use crate::auth::{AuthError, Caller, Client, ClientSpec, Scope, SecuritySettings};
 
 /// `POST /v1/admin/clients` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -480,4 +480,133 @@ pub(super) async fn audit_verify(
         first_broken_seq: verdict.first_broken.map(|(seq, _)| seq),
         reason: verdict.first_broken.map(|(_, why)| why.to_owned()),
     }))
+}
+
+/// `POST /v1/admin/clients/{id}/lockdown` request.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LockdownBody {
+    /// Why, for the audit trail.
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/admin/clients/{id}/lockdown` response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LockdownResultBody {
+    /// The client, now disabled.
+    pub client: ClientBody,
+    /// The addresses now blocked.
+    pub blocked: Vec<String>,
+}
+
+/// Lock a client down at once: disabled (every live token refused from its next request),
+/// its registered addresses blocked, a critical audit event.
+#[utoipa::path(post, path = "/v1/admin/clients/{id}/lockdown", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), request_body = LockdownBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Locked down", body = LockdownResultBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn lockdown_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<LockdownBody>,
+) -> Result<Json<LockdownResultBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id = client_id(&id)?;
+    let reason = body.reason.unwrap_or_else(|| "lockdown".to_owned());
+    let blocked = state
+        .broker
+        .store()
+        .lock_down_client(id, &reason, &crate::audit::meta())
+        .await
+        .map_err(AuthError::from)?;
+    // This broker blocks at once; the others within their next refresh.
+    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+        tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after lockdown");
+    }
+    Ok(Json(LockdownResultBody {
+        client: state.auth.client(id).await?.into(),
+        blocked,
+    }))
+}
+
+/// Lift the address blocks of a client's lockdown (the client stays disabled until enabled).
+#[utoipa::path(post, path = "/v1/admin/clients/{id}/unblock", tag = "admin",
+    params(("id" = Uuid, Path, description = "Client id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Blocks lifted", body = ClientBody),
+        (status = 404, description = "`client_not_found`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn unblock_client(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ClientBody>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id = client_id(&id)?;
+    let client = state.auth.client(id).await?;
+    state
+        .broker
+        .store()
+        .unblock_client_sources(id, &crate::audit::meta())
+        .await
+        .map_err(AuthError::from)?;
+    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+        tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after unblock");
+    }
+    Ok(Json(client.into()))
+}
+
+/// The rate limits and automatic-response settings in force.
+#[utoipa::path(get, path = "/v1/admin/security-settings", tag = "admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The settings", body = SecuritySettings),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn get_security_settings(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<SecuritySettings>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let settings = SecuritySettings::load(state.broker.store())
+        .await
+        .map_err(AuthError::from)?;
+    Ok(Json(settings))
+}
+
+/// Replace the rate limits and automatic-response settings; every broker applies them within
+/// a few seconds (this one at once).
+#[utoipa::path(put, path = "/v1/admin/security-settings", tag = "admin",
+    request_body = SecuritySettings, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new settings", body = SecuritySettings),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        AdminErrorResponses,
+    ))]
+pub(super) async fn put_security_settings(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(settings): ApiJson<SecuritySettings>,
+) -> Result<Json<SecuritySettings>, ApiError> {
+    caller.require(Scope::Admin)?;
+    settings
+        .validate()
+        .map_err(|m| ApiError::from(crate::broker::BrokerError::InvalidSpec(m)))?;
+    let json = serde_json::to_string(&settings)
+        .map_err(|_| ApiError::from(crate::broker::BrokerError::InvalidSpec("settings".into())))?;
+    state
+        .broker
+        .store()
+        .put_security_settings(&json, &crate::audit::meta())
+        .await
+        .map_err(AuthError::from)?;
+    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+        tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed");
+    }
+    Ok(Json(settings))
 }

@@ -28,6 +28,7 @@ use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 
 mod admin;
 mod keys;
+pub mod limits;
 mod oauth;
 mod request_log;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Where each request's log row goes.
     pub request_log: RequestLog,
+    /// Rate limits and blocked sources.
+    pub limiter: Arc<limits::Limiter>,
 }
 
 /// The whole HTTP API.
@@ -75,6 +78,18 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .route("/v1/admin/clients/{id}/disable", post(disable_client))
         .route("/v1/admin/clients/{id}/enable", post(enable_client))
+        .route(
+            "/v1/admin/clients/{id}/lockdown",
+            post(admin::lockdown_client),
+        )
+        .route(
+            "/v1/admin/clients/{id}/unblock",
+            post(admin::unblock_client),
+        )
+        .route(
+            "/v1/admin/security-settings",
+            get(admin::get_security_settings).put(admin::put_security_settings),
+        )
         .route("/v1/admin/audit", get(admin::audit_events))
         .route("/v1/admin/audit/verify", get(admin::audit_verify))
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
@@ -107,6 +122,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Inside the audit scope (its refusals are recorded with the request's context) and
+        // inside the request log (refused requests get their row too).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_by_source,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), audit_scope))
         .layer(middleware::from_fn(attach_request_id))
         // Inside SetRequestIdLayer, so the request id is there; outside attach_request_id, whose
@@ -165,6 +186,19 @@ pub enum ApiError {
     /// 400 `invalid_request`: a form body of the wrong shape.
     #[error("the body must be an application/x-www-form-urlencoded form with a `token` field")]
     InvalidForm,
+    /// 429 `rate_limited`, with `Retry-After`.
+    #[error("too many requests; retry after {retry_after} s")]
+    RateLimited {
+        /// Seconds.
+        retry_after: u64,
+    },
+    /// 429 `source_blocked` for repeated violations (with `Retry-After`), or 403
+    /// `source_blocked` for a source an officer blocked (a lockdown).
+    #[error("this source is blocked")]
+    SourceBlocked {
+        /// Seconds, when the block ends by itself.
+        retry_after: Option<u64>,
+    },
     /// 404 `not_found`.
     #[error("no such endpoint")]
     NotFound,
@@ -228,6 +262,11 @@ impl ApiError {
             Self::Auth(e) => auth_status_and_code(e),
             Self::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::InvalidForm => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::SourceBlocked {
+                retry_after: Some(_),
+            } => (StatusCode::TOO_MANY_REQUESTS, "source_blocked"),
+            Self::SourceBlocked { retry_after: None } => (StatusCode::FORBIDDEN, "source_blocked"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
@@ -303,6 +342,14 @@ impl IntoResponse for ApiError {
         };
         let body = self.body();
         let mut response = (status, Json(&body)).into_response();
+        if let Self::RateLimited { retry_after }
+        | Self::SourceBlocked {
+            retry_after: Some(retry_after),
+        } = &self
+            && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             response
                 .headers_mut()
@@ -450,6 +497,8 @@ impl FromRequestParts<AppState> for Caller {
             facts.set_client(caller.client_id);
         }
         crate::audit::set_actor(caller.client_id);
+        let source = limits::Source::Client(caller.client_id);
+        limits::enforce(state, source, state.limiter.check(source))?;
         Ok(caller)
     }
 }
@@ -1088,7 +1137,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
         admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
         admin::disable_client, admin::enable_client, admin::delete_client,
-        admin::audit_events, admin::audit_verify,
+        admin::audit_events, admin::audit_verify, admin::lockdown_client, admin::unblock_client,
+        admin::get_security_settings, admin::put_security_settings,
         keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
         keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
         keys::cancel_key_deletion, keys::put_secret, keys::get_secret, keys::delete_secret,

@@ -415,10 +415,15 @@ impl Broker {
         let mut event = crate::store::NewAuditEvent::info("unauthorized_key_access")
             .severity("warning")
             .details(serde_json::json!({ "operation": operation, "refused": refused }));
-        if let Ok(client) = uuid::Uuid::parse_str(owner) {
+        let client = uuid::Uuid::parse_str(owner).ok();
+        if let Some(client) = client {
             event = event.client(client).subject(client.to_string());
         }
-        Ok(self.store.audit(&crate::audit::meta(), &[event]).await?)
+        self.store.audit(&crate::audit::meta(), &[event]).await?;
+        if let Some(client) = client {
+            crate::auth::respond_to_refusal(&self.store, client).await?;
+        }
+        Ok(())
     }
 
     async fn explain_missing_versions<T>(

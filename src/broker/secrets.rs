@@ -241,6 +241,9 @@ impl Broker {
                 .subject(name.as_str().to_owned())
                 .details(serde_json::json!({ "operation": "secret.read", "version": version }));
             self.store.audit(&crate::audit::meta(), &[event]).await?;
+            if matches!(value, Err(BrokerError::NotAuthentic)) {
+                crate::auth::respond_to_refusal(&self.store, owner).await?;
+            }
         }
         let value = value?;
         self.usage.record(owner, id, Operation::SecretRead, now);

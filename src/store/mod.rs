@@ -12,6 +12,7 @@ mod audit;
 mod keys;
 mod request_log;
 mod secrets;
+mod security;
 
 pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 

@@ -145,6 +145,9 @@ pub struct TestServer {
     pub database_url: String,
     /// Holds every scope, from anywhere.
     pub main: TestClient,
+    /// The rate limiter, and how far its clock is ahead of real time (ms): tests move it.
+    pub limiter: Arc<keybroker::api::limits::Limiter>,
+    pub clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
     server: Option<RunningServer>,
 }
 
@@ -171,6 +174,14 @@ impl TestServer {
                 .await
                 .unwrap(),
         );
+        let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let offset = clock_offset_ms.clone();
+        let limiter = Arc::new(keybroker::api::limits::Limiter::new(
+            keybroker::auth::SecuritySettings::default(),
+            Arc::new(move || {
+                keybroker::audit::now_us() / 1000 + offset.load(std::sync::atomic::Ordering::SeqCst)
+            }),
+        ));
         let cert = dev_certificate();
         let tls_config = tls::server_config(&cert.cert, &cert.key).unwrap();
         let server = RunningServer::start(
@@ -180,6 +191,7 @@ impl TestServer {
                 // Rows are written at shutdown (or in full batches), not on a timer, so a test
                 // that reads the log after `stop` sees the shutdown flush at work.
                 request_log: RequestLog::start(broker.store().clone(), REQUEST_LOG_FLUSH),
+                limiter: limiter.clone(),
             },
             "127.0.0.1:0".parse().unwrap(),
             tls_config,
@@ -193,6 +205,8 @@ impl TestServer {
             broker,
             auth,
             database_url: database_url.to_owned(),
+            limiter,
+            clock_offset_ms,
             main: TestClient {
                 id: String::new(),
                 secret: String::new(),

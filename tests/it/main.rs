@@ -6,6 +6,7 @@
 
 mod common;
 
+mod audit;
 mod bad_input;
 mod child;
 mod child_process;

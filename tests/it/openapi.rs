@@ -3,7 +3,11 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 41] = [
+const ENDPOINTS: [(&str, &str); 45] = [
+    ("/v1/admin/clients/{id}/lockdown", "post"),
+    ("/v1/admin/clients/{id}/unblock", "post"),
+    ("/v1/admin/security-settings", "get"),
+    ("/v1/admin/security-settings", "put"),
     ("/v1/admin/audit", "get"),
     ("/v1/admin/audit/verify", "get"),
     ("/v1/keys", "post"),

@@ -465,6 +465,7 @@ async fn rows_are_written_while_serving_not_only_at_shutdown() {
             test.broker.store().clone(),
             Duration::from_millis(20),
         ),
+        limiter: test.limiter.clone(),
     };
     let server = keybroker::server::RunningServer::start(
         state,
