@@ -33,6 +33,8 @@ const SECRET_PREFIX: &str = "kbs_";
 const SECRET_MAC_DOMAIN: &[u8] = b"keybroker-client-secret-v1\0";
 /// `client_assertion_type` of RFC 7523 private_key_jwt.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Why the token endpoint refused a client calling from an address it may not use.
+const IP_REFUSED: &str = "source address not allowed";
 /// Longest lifetime a client assertion may claim (RFC 7523 leaves it to the server).
 const MAX_ASSERTION_LIFETIME: i64 = 300;
 
@@ -886,7 +888,12 @@ impl Authenticator {
                     "expires_in": issued.expires_in,
                 })),
             Err(AuthError::InvalidClient(reason)) => {
-                let event = NewAuditEvent::info("auth.failed")
+                let name = if *reason == IP_REFUSED {
+                    "ip_mismatch"
+                } else {
+                    "auth.failed"
+                };
+                let event = NewAuditEvent::info(name)
                     .severity("warning")
                     .details(serde_json::json!({ "endpoint": "token", "reason": reason }));
                 match claimed {
@@ -938,7 +945,7 @@ impl Authenticator {
             return Err(AuthError::InvalidClient("client disabled"));
         }
         if !client.ip_policy.allows(source) {
-            return Err(AuthError::InvalidClient("source address not allowed"));
+            return Err(AuthError::InvalidClient(IP_REFUSED));
         }
         let scope = match requested {
             Some(text) => {

@@ -139,6 +139,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http())
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(sanitise_request_id))
         .with_state(state)
 }
 
@@ -418,6 +419,23 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Keeps a caller's own `x-request-id` only when it is a short plain token (1-128 of
+/// `A-Za-z0-9._-`); otherwise drops it, and a fresh UUID is used. The id ends up in logs, the
+/// request log and the audit trail, so it must not be arbitrary text.
+async fn sanitise_request_id(mut request: Request, next: Next) -> Response {
+    let acceptable = request.headers().get(REQUEST_ID).is_none_or(|v| {
+        let bytes = v.as_bytes();
+        (1..=128).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    });
+    if !acceptable {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(request).await
+}
+
 /// Runs the request with its audit context (request id, source address; the `Caller`
 /// extractor adds the client), so every event it records says who and from where.
 async fn audit_scope(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -479,8 +497,17 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(value) = Json::<T>::from_request(req, state).await?;
-        Ok(Self(value))
+        // Every request body is a JSON object: serde would otherwise fill a struct from an
+        // array by position, which no client means.
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::InvalidRequest(
+                "the request body must be a JSON object".to_owned(),
+            ));
+        }
+        serde_json::from_value(value).map(Self).map_err(|e| {
+            ApiError::InvalidRequest(format!("the request body does not match the schema: {e}"))
+        })
     }
 }
 

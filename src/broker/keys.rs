@@ -447,6 +447,13 @@ impl Broker {
             }
             other => other?,
         };
+        // Material is handed out only once the read is on the record.
+        let event = crate::store::NewAuditEvent::info("key.read")
+            .client(owner)
+            .key(id)
+            .subject(key.name.clone())
+            .details(serde_json::json!({ "version": version }));
+        self.store.audit(&crate::audit::meta(), &[event]).await?;
         self.usage.record(owner, id, super::Operation::KeyRead, now);
         Ok((key, version, plaintext))
     }

@@ -134,9 +134,15 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn security_refusals(&self, client: Uuid, since_us: i64) -> Result<i64, StoreError> {
+        // Refusals before the client was last enabled do not count again, and a batch's
+        // event counts each refused item.
         let (count,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM audit_events
-             WHERE client_id = $1 AND at_us >= $2
+            "SELECT coalesce(sum(coalesce((details::jsonb ->> 'refused')::bigint, 1)), 0)::bigint
+             FROM audit_events
+             WHERE client_id = $1
+               AND at_us >= greatest($2, coalesce((SELECT max(at_us) FROM audit_events
+                                                  WHERE client_id = $1
+                                                    AND event = 'client.enabled'), 0) + 1)
                AND event IN ('unauthorized_key_access', 'ip_mismatch', 'auth.failed')",
         )
         .bind(client)

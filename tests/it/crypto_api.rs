@@ -182,6 +182,17 @@ async fn every_single_bit_flip_of_the_payload_is_refused() {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     let server = TestServer::start().await;
+    // 480 refused opens in a row would (rightly) trip the automatic disabling of the client.
+    let (status, _) = server
+        .client
+        .put(format!("{}/v1/admin/security-settings", server.base))
+        .bearer_auth(&server.main.token)
+        .json(&json!({ "anomaly_refusals": 0 }))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 200);
     let (_, key) = server.post("/v1/datakey", &json!({})).await;
     let wrapped = key["wrapped"].as_str().unwrap();
     let parts = blob_parts(wrapped);

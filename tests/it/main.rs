@@ -14,6 +14,7 @@ mod crypto_api;
 mod custody;
 mod database_outage;
 mod examples;
+mod limits;
 mod managed;
 mod oauth;
 mod openapi;
