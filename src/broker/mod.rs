@@ -244,6 +244,16 @@ impl Broker {
     pub async fn initialise(&self) -> Result<InitReport, BrokerError> {
         let report = self.hsm.ensure_keys().await?;
         self.store.adopt_master_keys(&report.master_keys).await?;
+        let events: Vec<crate::store::NewAuditEvent> = report
+            .created
+            .iter()
+            .map(|label| {
+                crate::store::NewAuditEvent::info("hsm.key_created")
+                    .subject(label.clone())
+                    .details(serde_json::json!({ "token": self.hsm.token_label() }))
+            })
+            .collect();
+        self.store.audit(&crate::audit::meta(), &events).await?;
         Ok(report)
     }
 
