@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -70,6 +70,9 @@ pub enum HsmError {
         #[source]
         source: CkError,
     },
+    /// The token lacks mechanisms keybroker needs (named).
+    #[error("the token lacks what keybroker needs: {}", .0.join(", "))]
+    MissingMechanisms(Vec<&'static str>),
     /// No slot holds a token with the configured label.
     #[error("no token labelled {0:?} is present")]
     TokenNotFound(String),
@@ -320,6 +323,18 @@ impl Hsm {
                     Err(e) => return Err(e),
                 }
             };
+            // Refuse a token that cannot do the job, naming what is missing, rather than fail
+            // request by request later.
+            let missing = {
+                let _shared = inner.module.enter();
+                let slot = inner.slot()?;
+                let mut random = [0u8; 1];
+                let random_ok = first.session.generate_random_slice(&mut random).is_ok();
+                missing_mechanisms(&inner.module.ctx, slot, random_ok)?
+            };
+            if !missing.is_empty() {
+                return Err(HsmError::MissingMechanisms(missing));
+            }
             inner.checkin(first);
             Ok(inner)
         })
@@ -547,6 +562,63 @@ pub async fn init_token(
     })
     .await
     .map_err(|_| HsmError::Worker)?
+}
+
+/// The mechanisms keybroker uses, with the operation each must support.
+const REQUIRED_MECHANISMS: [(MechanismType, &str, Need); 5] = [
+    (
+        MechanismType::AES_GCM,
+        "CKM_AES_GCM (encrypt and decrypt)",
+        Need::EncryptDecrypt,
+    ),
+    (MechanismType::ECDSA, "CKM_ECDSA (sign)", Need::Sign),
+    (
+        MechanismType::SHA256_HMAC,
+        "CKM_SHA256_HMAC (sign)",
+        Need::Sign,
+    ),
+    (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN", Need::Any),
+    (
+        MechanismType::ECC_KEY_PAIR_GEN,
+        "CKM_EC_KEY_PAIR_GEN",
+        Need::Any,
+    ),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    EncryptDecrypt,
+    Sign,
+    Any,
+}
+
+/// The required mechanisms the token in `slot` lacks (or lacks the needed flags of), and
+/// C_GenerateRandom if `random_ok` is false.
+fn missing_mechanisms(
+    ctx: &Pkcs11,
+    slot: Slot,
+    random_ok: bool,
+) -> Result<Vec<&'static str>, HsmError> {
+    let offered = ctx.get_mechanism_list(slot).map_err(classify)?;
+    let mut missing = Vec::new();
+    if !random_ok {
+        missing.push("C_GenerateRandom");
+    }
+    for (mechanism, name, need) in REQUIRED_MECHANISMS {
+        let usable = offered.contains(&mechanism)
+            && match ctx.get_mechanism_info(slot, mechanism) {
+                Ok(info) => match need {
+                    Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
+                    Need::Sign => info.sign(),
+                    Need::Any => true,
+                },
+                Err(_) => false,
+            };
+        if !usable {
+            missing.push(name);
+        }
+    }
+    Ok(missing)
 }
 
 /// What [`Hsm::ensure_keys`] found and did.
