@@ -330,7 +330,7 @@ impl Hsm {
                 let slot = inner.slot()?;
                 let mut random = [0u8; 1];
                 let random_ok = first.session.generate_random_slice(&mut random).is_ok();
-                missing_mechanisms(&inner.module.ctx, slot, random_ok)?
+                missing_mechanisms(&inner.module.ctx, slot, random_ok)
             };
             if !missing.is_empty() {
                 return Err(HsmError::MissingMechanisms(missing));
@@ -594,31 +594,27 @@ enum Need {
 
 /// The required mechanisms the token in `slot` lacks (or lacks the needed flags of), and
 /// C_GenerateRandom if `random_ok` is false.
-fn missing_mechanisms(
-    ctx: &Pkcs11,
-    slot: Slot,
-    random_ok: bool,
-) -> Result<Vec<&'static str>, HsmError> {
-    let offered = ctx.get_mechanism_list(slot).map_err(classify)?;
+fn missing_mechanisms(ctx: &Pkcs11, slot: Slot, random_ok: bool) -> Vec<&'static str> {
+    // C_GetMechanismInfo per mechanism (CKR_MECHANISM_INVALID when absent) rather than the
+    // whole list, whose vendor-specific entries cryptoki logs as errors.
     let mut missing = Vec::new();
     if !random_ok {
         missing.push("C_GenerateRandom");
     }
     for (mechanism, name, need) in REQUIRED_MECHANISMS {
-        let usable = offered.contains(&mechanism)
-            && match ctx.get_mechanism_info(slot, mechanism) {
-                Ok(info) => match need {
-                    Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
-                    Need::Sign => info.sign(),
-                    Need::Any => true,
-                },
-                Err(_) => false,
-            };
+        let usable = match ctx.get_mechanism_info(slot, mechanism) {
+            Ok(info) => match need {
+                Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
+                Need::Sign => info.sign(),
+                Need::Any => true,
+            },
+            Err(_) => false,
+        };
         if !usable {
             missing.push(name);
         }
     }
-    Ok(missing)
+    missing
 }
 
 /// What [`Hsm::ensure_keys`] found and did.
