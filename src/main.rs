@@ -540,10 +540,7 @@ async fn run_client(
                         "{}  {:<8}  {:<6}  {}",
                         client.id,
                         if client.active { "active" } else { "disabled" },
-                        format!("{:?}", client.ip_policy)
-                            .split('(')
-                            .next()
-                            .unwrap_or(""),
+                        client.ip_policy.mode(),
                         client.name
                     );
                 }
