@@ -315,7 +315,8 @@ impl Hsm {
                 };
                 match opened {
                     Ok(session) => break session,
-                    Err(e) if e.is_unavailable() && attempt < 4 => {
+                    // Not for a refused PIN: trying it again could lock the token.
+                    Err(e) if !matches!(e, HsmError::PinRefused) && attempt < 4 => {
                         attempt += 1;
                         *lock(&inner.slot) = None;
                         std::thread::sleep(Duration::from_millis(100 * attempt));
