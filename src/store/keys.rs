@@ -123,6 +123,9 @@ const KEY_COLUMNS: &str = "id, client_id, name, format, length, context::text AS
     floor(extract(epoch FROM updated_at))::bigint AS updated_at,
     floor(extract(epoch FROM destroyed_at))::bigint AS destroyed_at";
 
+/// How long a broker holds a claimed scheduled rotation before another may take it over.
+pub const ROTATION_CLAIM_SECS: i64 = 300;
+
 /// A short hash of a stored context, for audit details (shows sameness, reveals nothing).
 pub(super) fn context_hash(context_json: &str) -> String {
     use sha2::Digest;
@@ -347,9 +350,10 @@ impl Store {
         .await?;
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE keys SET current_version = $2, updated_at = to_timestamp($3),
-                 next_rotation_at = CASE WHEN rotation = 'auto' AND $4 = 'manual'
+                 next_rotation_at = CASE WHEN rotation = 'auto'
                      THEN to_timestamp($3) + make_interval(days => rotation_period_days)
-                     ELSE next_rotation_at END
+                     ELSE next_rotation_at END,
+                 rotation_claimed_until = NULL
              WHERE id = $1 RETURNING {KEY_COLUMNS}"
         )))
         .bind(id)
@@ -450,9 +454,11 @@ impl Store {
         Ok(row)
     }
 
-    /// Claims up to `limit` `auto` keys due for rotation at `now`: their next rotation moves one
-    /// period on in the same statement, under `FOR UPDATE SKIP LOCKED`, so no other broker
-    /// claims them too. The caller then seals and adds the new version.
+    /// Claims up to `limit` `auto` keys due for rotation at `now` for [`ROTATION_CLAIM_SECS`],
+    /// under `FOR UPDATE SKIP LOCKED`, so no other broker claims them meanwhile. The due date
+    /// moves only when [`Store::add_key_version`] stores the scheduled version; a claim whose
+    /// broker died expires and the key is claimed again (the stale attempt, if it ever comes
+    /// back, fails its version check): each due rotation happens exactly once.
     ///
     /// # Errors
     /// Any database failure.
@@ -469,15 +475,17 @@ impl Store {
                  WHERE rotation = 'auto' AND state = 'active'
                    AND next_rotation_at <= to_timestamp($1)
                    AND (expires_at IS NULL OR expires_at > to_timestamp($1))
+                   AND (rotation_claimed_until IS NULL
+                        OR rotation_claimed_until <= to_timestamp($1))
                  ORDER BY next_rotation_at LIMIT $2 FOR UPDATE SKIP LOCKED),
              claimed AS (
-                 UPDATE keys k SET next_rotation_at =
-                         to_timestamp($1) + make_interval(days => k.rotation_period_days)
+                 UPDATE keys k SET rotation_claimed_until = to_timestamp($1) + make_interval(secs => $3)
                  FROM due WHERE k.id = due.id RETURNING k.id)
              SELECT {KEY_COLUMNS} FROM keys WHERE id IN (SELECT id FROM claimed)"
         )))
         .bind(ts(now))
         .bind(limit)
+        .bind(ROTATION_CLAIM_SECS as f64)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -16,7 +16,7 @@ mod security;
 
 pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 
-pub use keys::{KeyRow, KeyVersionRow, NewKey, RotationRow, UsageRow};
+pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow, UsageRow};
 pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
 

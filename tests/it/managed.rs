@@ -2479,3 +2479,52 @@ async fn a_session_of_managed_keys_and_secrets_logs_no_plaintext_and_no_secret_v
         );
     }
 }
+
+#[tokio::test]
+async fn a_claimed_rotation_whose_broker_died_is_done_by_the_next_pass_exactly_once() {
+    let server = TestServer::start().await;
+    let owner = Uuid::parse_str(&server.main.id).unwrap();
+    let now = unix_now();
+    let (key, _) = server
+        .broker
+        .create_key(
+            owner,
+            spec(
+                "claimed",
+                KeyFormat::Hex,
+                32,
+                Rotation::Auto { period_days: 30 },
+            ),
+            false,
+            now,
+        )
+        .await
+        .unwrap();
+    let due = now + 31 * 86_400;
+    // A broker claims the due rotation and dies before storing the new version.
+    let claimed = server
+        .broker
+        .store()
+        .claim_due_rotations(due, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![key.id]
+    );
+    // While its claim holds, no other pass takes the key.
+    let report = server.broker.run_maintenance(due + 60).await.unwrap();
+    assert!(report.rotated.is_empty(), "{report:?}");
+    // Once the claim lapses, the next pass rotates it, once.
+    let later = due + keybroker::store::ROTATION_CLAIM_SECS + 1;
+    let report = server.broker.run_maintenance(later).await.unwrap();
+    assert_eq!(report.rotated, vec![key.id]);
+    let report = server.broker.run_maintenance(later + 1).await.unwrap();
+    assert!(report.rotated.is_empty(), "{report:?}");
+    let details = server.broker.key(owner, key.id, later).await.unwrap();
+    assert_eq!(details.key.current_version, 2);
+    assert_eq!(details.rotations.len(), 1);
+    assert_eq!(details.rotations[0].reason, "scheduled");
+    assert_eq!(details.key.next_rotation_at, Some(later + 30 * 86_400));
+    server.stop().await;
+}
