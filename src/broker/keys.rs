@@ -235,6 +235,23 @@ pub(super) fn check_name(name: &str) -> Result<(), BrokerError> {
     }
 }
 
+/// The furthest expiry accepted: 100 years ahead (Postgres timestamps end in year 294276;
+/// an out-of-range value would otherwise fail the query instead of the request).
+const MAX_EXPIRY_SECS: i64 = 100 * 366 * DAY;
+
+/// An expiry must lie in the future and within [`MAX_EXPIRY_SECS`].
+fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), BrokerError> {
+    match expires_at {
+        Some(at) if at <= now => Err(BrokerError::InvalidSpec(
+            "expires_at must be in the future".into(),
+        )),
+        Some(at) if at > now.saturating_add(MAX_EXPIRY_SECS) => Err(BrokerError::InvalidSpec(
+            "expires_at must be at most 100 years ahead".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The destruction time for a window of `days` (default 7, 1 to 30).
 pub(super) fn deletion_due(days: Option<u32>, now: i64) -> Result<i64, BrokerError> {
     let days = days.unwrap_or(DEFAULT_DELETION_WINDOW_DAYS);
@@ -262,11 +279,7 @@ impl Broker {
         now: i64,
     ) -> Result<(ManagedKey, Option<Zeroizing<Vec<u8>>>), BrokerError> {
         check_name(&spec.name)?;
-        if spec.expires_at.is_some_and(|e| e <= now) {
-            return Err(BrokerError::InvalidSpec(
-                "expires_at must be in the future".into(),
-            ));
-        }
+        check_expiry(spec.expires_at, now)?;
         let id = Uuid::new_v4();
         let (version, material, sealed) = self
             .seal_new_material(owner, id, 1, spec.format, spec.length, &spec.context)
@@ -530,11 +543,7 @@ impl Broker {
         expires_at: Option<i64>,
         now: i64,
     ) -> Result<ManagedKey, BrokerError> {
-        if expires_at.is_some_and(|e| e <= now) {
-            return Err(BrokerError::InvalidSpec(
-                "expires_at must be in the future".into(),
-            ));
-        }
+        check_expiry(expires_at, now)?;
         let current = self.key(owner, id, now).await?.key.state;
         let to = match current {
             KeyState::Disabled => "disabled",

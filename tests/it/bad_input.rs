@@ -310,3 +310,34 @@ async fn default_limits_are_one_mebibyte_and_a_thousand_items() {
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn expiry_times_beyond_any_calendar_are_refused_not_failed() {
+    let server = TestServer::start().await;
+    for expires_at in [i64::MAX, 9_000_000_000_000_000, 253_402_300_800_000] {
+        let (status, body) = server
+            .post(
+                "/v1/keys",
+                &json!({"name": "far", "format": "hex", "expires_at": expires_at}),
+            )
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (422, "invalid_request"),
+            "{expires_at}"
+        );
+    }
+    let (status, created) = server
+        .post("/v1/keys", &json!({"name": "near", "format": "hex"}))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["key"]["id"].as_str().unwrap();
+    let (status, body) = server
+        .post(
+            &format!("/v1/keys/{id}/refresh"),
+            &json!({"expires_at": i64::MAX}),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (422, "invalid_request"));
+    server.stop().await;
+}
