@@ -385,8 +385,6 @@ impl Broker {
         limit: u32,
         now: i64,
     ) -> Result<Vec<ManagedKey>, BrokerError> {
-        // Mark expiry first, so that the state filter sees it.
-        self.store.expire_keys(now, &crate::audit::meta()).await?;
         self.store
             .keys(
                 owner,
@@ -394,6 +392,7 @@ impl Broker {
                 name,
                 after,
                 i64::from(limit),
+                now,
             )
             .await?
             .into_iter()

@@ -216,7 +216,7 @@ impl Store {
         .await?)
     }
 
-    /// A page of `owner`'s keys by id, optionally of one stored state or name.
+    /// A page of `owner`'s keys by id, optionally in one state (as of `now`) or of one name.
     ///
     /// # Errors
     /// Any database failure.
@@ -227,10 +227,16 @@ impl Store {
         name: Option<&str>,
         after: Option<Uuid>,
         limit: i64,
+        now: i64,
     ) -> Result<Vec<KeyRow>, StoreError> {
+        // The state filter applies to the state as of `now`: an active key past its expiry is
+        // expired even before the worker records it (reading must not have to write).
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {KEY_COLUMNS} FROM keys
-             WHERE client_id = $1 AND ($2::text IS NULL OR state = $2)
+             WHERE client_id = $1
+               AND ($2::text IS NULL OR $2 = CASE
+                     WHEN state = 'active' AND expires_at <= to_timestamp($6) THEN 'expired'
+                     ELSE state END)
                AND ($3::text IS NULL OR name = $3) AND ($4::uuid IS NULL OR id > $4)
              ORDER BY id LIMIT $5"
         )))
@@ -239,6 +245,7 @@ impl Store {
         .bind(name)
         .bind(after)
         .bind(limit)
+        .bind(ts(now))
         .fetch_all(&self.pool)
         .await?)
     }
