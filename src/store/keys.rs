@@ -404,16 +404,25 @@ impl Store {
     ) -> Result<KeyRow, ItemWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        // Record an expiry the worker has not recorded yet, with its own event.
+        let expired: Option<(String,)> = sqlx::query_as(
             "UPDATE keys SET state = 'expired', updated_at = to_timestamp($3)
              WHERE id = $1 AND client_id = $2 AND state = 'active'
-               AND expires_at <= to_timestamp($3)",
+               AND expires_at <= to_timestamp($3)
+             RETURNING name",
         )
         .bind(id)
         .bind(owner)
         .bind(ts(now))
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        if let Some((name,)) = expired {
+            let event = NewAuditEvent::info("key.expired")
+                .client(owner)
+                .key(id)
+                .subject(name);
+            append(&mut tx, signer, meta, &[event]).await?;
+        }
         let state: Option<(String,)> =
             sqlx::query_as("SELECT state FROM keys WHERE id = $1 AND client_id = $2 FOR UPDATE")
                 .bind(id)
