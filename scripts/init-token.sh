@@ -33,7 +33,7 @@ MODULE=${PKCS11_MODULE:-$KB_SOFTHSM_MODULE}
 export PKCS11_MODULE=$MODULE
 if [ "$MODULE" = "$KB_SOFTHSM_MODULE" ]; then
   command -v softhsm2-util >/dev/null || kb_install_deps
-  if ! kb_softhsm_has_token "$KEYBROKER_TOKEN_LABEL"; then
+  if ! kb_has_token "$KEYBROKER_TOKEN_LABEL"; then
     ask KEYBROKER_SO_PIN "SO PIN for the new token" yes
   fi
 else

@@ -4,6 +4,10 @@
 KB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KB_PG_BIN=${KB_PG_BIN:-/usr/lib/postgresql/15/bin}
 KB_SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+# The second PKCS#11 implementation the suite runs on: Kryoptic, built from crates.io (it ships
+# no binary) and cached here, so only the first run builds it.
+KB_KRYOPTIC_VERSION=1.5.4
+KB_CACHE_DIR=${KB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keybroker}
 
 kb_log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 kb_die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -18,6 +22,22 @@ kb_install_deps() {
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || missing+=("$extra"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    kb_die "missing packages: ${missing[*]}. Install them with: sudo apt-get install -y --no-install-recommends ${missing[*]}"
+  fi
+  kb_log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Installs the Debian packages named that are not installed yet (as root), or says which.
+kb_install_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
     kb_die "missing packages: ${missing[*]}. Install them with: sudo apt-get install -y --no-install-recommends ${missing[*]}"
@@ -52,9 +72,51 @@ kb_setup_softhsm() {
   export PKCS11_MODULE="$KB_SOFTHSM_MODULE"
 }
 
-# Whether a SoftHSM2 token labelled LABEL exists under SOFTHSM2_CONF.
-kb_softhsm_has_token() {
-  softhsm2-util --show-slots 2>/dev/null | grep -Eq "^[[:space:]]*Label:[[:space:]]+$1[[:space:]]*$"
+# Kryoptic's PKCS#11 module (libkryoptic_pkcs11.so), built once with the system OpenSSL (Debian
+# 12's 3.0 is too old for its default features) and kept in KB_CACHE_DIR; exports
+# KB_KRYOPTIC_MODULE.
+kb_build_kryoptic() {
+  local dest="$KB_CACHE_DIR/kryoptic-$KB_KRYOPTIC_VERSION"
+  export KB_KRYOPTIC_MODULE="$dest/libkryoptic_pkcs11.so"
+  [ -f "$KB_KRYOPTIC_MODULE" ] && return 0
+  kb_install_packages libssl-dev pkg-config libsqlite3-dev libclang-dev
+  kb_log "building Kryoptic $KB_KRYOPTIC_VERSION (once; cached in $dest)"
+  local build
+  build=$(mktemp -d /tmp/kryoptic-build.XXXXXX)
+  # Cargo fetches the published crate (with its Cargo.lock) through a throwaway manifest.
+  mkdir -p "$build/fetch/src"
+  touch "$build/fetch/src/lib.rs"
+  printf '[package]\nname = "fetch"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\nkryoptic = { version = "=%s", default-features = false }\n' \
+    "$KB_KRYOPTIC_VERSION" >"$build/fetch/Cargo.toml"
+  local source
+  source=$(cd "$build/fetch" && cargo metadata --format-version 1 | python3 -c '
+import json, sys
+meta = json.load(sys.stdin)
+print(next(p["manifest_path"] for p in meta["packages"] if p["name"] == "kryoptic").rsplit("/", 1)[0])')
+  cp -r "$source" "$build/kryoptic"
+  (cd "$build/kryoptic" && cargo build --release --locked --quiet \
+    --no-default-features --features minimal,kryoptic-lib/dynamic --target-dir "$build/target")
+  mkdir -p "$dest"
+  cp "$build/target/release/libkryoptic_pkcs11.so" "$KB_KRYOPTIC_MODULE.tmp"
+  mv "$KB_KRYOPTIC_MODULE.tmp" "$KB_KRYOPTIC_MODULE"
+  rm -rf "$build"
+}
+
+# A Kryoptic token store (SQLite) and its config under DIR; exports KRYOPTIC_CONF and
+# PKCS11_MODULE (after kb_build_kryoptic).
+kb_setup_kryoptic() {
+  local dir=$1
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  sed "s|@TOKENDB@|$dir/token.sqlite|" "$KB_ROOT/softhsm/kryoptic.conf.in" >"$dir/kryoptic.conf"
+  export KRYOPTIC_CONF="$dir/kryoptic.conf"
+  export PKCS11_MODULE="$KB_KRYOPTIC_MODULE"
+}
+
+# Whether the module in PKCS11_MODULE shows a token labelled LABEL.
+kb_has_token() {
+  pkcs11-tool --module "$PKCS11_MODULE" --list-token-slots 2>/dev/null \
+    | grep -Eq "^[[:space:]]*token label[[:space:]]*:[[:space:]]*$1[[:space:]]*$"
 }
 
 # Runs a command as the unprivileged owner of the Postgres cluster (initdb refuses root).
@@ -95,17 +157,23 @@ kb_stop_postgres() {
   kb_pg_run "$KB_PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
 }
 
-# Token LABEL initialised (SoftHSM2 only: another vendor's token is initialised with its own
-# tools), then keybroker's keys created and recorded by `keybroker hsm init` (further arguments
-# go to it). PINs come from KEYBROKER_SO_PIN(_FILE) and KEYBROKER_PIN(_FILE).
+# Token LABEL initialised (the soft tokens these scripts set up only: a vendor's token is
+# initialised with its own tools), then keybroker's keys created and recorded by `keybroker hsm
+# init` (further arguments go to it). PINs come from KEYBROKER_SO_PIN(_FILE) and
+# KEYBROKER_PIN(_FILE).
 kb_init_token() {
   local bin=$1 label=$2
   shift 2
   export KEYBROKER_TOKEN_LABEL=$label
-  if [ "${PKCS11_MODULE:-$KB_SOFTHSM_MODULE}" = "$KB_SOFTHSM_MODULE" ] && ! kb_softhsm_has_token "$label"; then
-    kb_log "initialising SoftHSM2 token '$label'"
-    "$bin" hsm init-token
-  fi
+  export PKCS11_MODULE=${PKCS11_MODULE:-$KB_SOFTHSM_MODULE}
+  case "$PKCS11_MODULE" in
+    "$KB_SOFTHSM_MODULE" | "${KB_KRYOPTIC_MODULE:-/nonexistent}")
+      if ! kb_has_token "$label"; then
+        kb_log "initialising token '$label' on $(basename "$PKCS11_MODULE")"
+        "$bin" hsm init-token
+      fi
+      ;;
+  esac
   "$bin" hsm init "$@"
 }
 

@@ -19,13 +19,27 @@ kb_log "building keybroker (release)"
 cargo build --release --quiet
 BIN="$KB_ROOT/target/release/keybroker"
 
-if [ -z "${PKCS11_MODULE:-}" ] || [ "$PKCS11_MODULE" = "$KB_SOFTHSM_MODULE" ]; then
-  kb_setup_softhsm "$LOCAL/softhsm"
-  kb_secret_file "$LOCAL/secrets/so.pin"
-  kb_secret_file "$LOCAL/secrets/user.pin"
-  export KEYBROKER_SO_PIN_FILE="$LOCAL/secrets/so.pin"
-  export KEYBROKER_PIN_FILE="$LOCAL/secrets/user.pin"
+# Which token: KEYBROKER_TOKEN=softhsm (default) or kryoptic, set up under .local/ with PINs
+# of their own; or PKCS11_MODULE=/path/to/vendor/module.so for a token initialised already.
+TOKEN=${KEYBROKER_TOKEN:-softhsm}
+if [ -n "${PKCS11_MODULE:-}" ] && [ "$PKCS11_MODULE" != "$KB_SOFTHSM_MODULE" ]; then
+  TOKEN=vendor
 fi
+case "$TOKEN" in
+  softhsm) kb_setup_softhsm "$LOCAL/softhsm" ;;
+  kryoptic) kb_build_kryoptic; kb_setup_kryoptic "$LOCAL/kryoptic" ;;
+  vendor) kb_log "vendor module $PKCS11_MODULE: token '$LABEL' must be initialised already" ;;
+  *) kb_die "KEYBROKER_TOKEN must be softhsm or kryoptic (or set PKCS11_MODULE to a vendor module)" ;;
+esac
+# Each token has its own PINs, database and bootstrap admin (SoftHSM2's without a prefix).
+PREFIX=$([ "$TOKEN" = softhsm ] || echo "$TOKEN-")
+if [ "$TOKEN" != vendor ]; then
+  kb_secret_file "$LOCAL/secrets/${PREFIX}so.pin"
+  kb_secret_file "$LOCAL/secrets/${PREFIX}user.pin"
+  export KEYBROKER_SO_PIN_FILE="$LOCAL/secrets/${PREFIX}so.pin"
+  export KEYBROKER_PIN_FILE="$LOCAL/secrets/${PREFIX}user.pin"
+fi
+CREDENTIALS="$LOCAL/${PREFIX}admin-credentials.json"
 
 SERVER=
 cleanup() {
@@ -39,18 +53,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-kb_setup_postgres "$LOCAL/pg" keybroker
+kb_setup_postgres "$LOCAL/pg" "keybroker$([ "$TOKEN" = softhsm ] || echo "_$TOKEN")"
 
 export KEYBROKER_LISTEN=${KEYBROKER_LISTEN:-127.0.0.1:8443}
 export KEYBROKER_PUBLIC_URL=${KEYBROKER_PUBLIC_URL:-https://$KEYBROKER_LISTEN}
 # The first init prints a bootstrap admin client once and keeps it in .local for the README's
 # examples (mode 0600).
-kb_init_token "$BIN" "$LABEL" --admin-credentials-out "$LOCAL/admin-credentials.json"
+kb_init_token "$BIN" "$LABEL" --admin-credentials-out "$CREDENTIALS"
 "$BIN" dev-cert --dir "$LOCAL/tls" >/dev/null
 export KEYBROKER_TLS_CERT="$LOCAL/tls/server.pem" KEYBROKER_TLS_KEY="$LOCAL/tls/server-key.pem"
 
 kb_log "serving $KEYBROKER_PUBLIC_URL (trust $LOCAL/tls/ca.pem); Ctrl-C stops"
-[ -f "$LOCAL/admin-credentials.json" ] && kb_log "admin client credentials: $LOCAL/admin-credentials.json"
+[ -f "$CREDENTIALS" ] && kb_log "admin client credentials: $CREDENTIALS"
 "$BIN" serve &
 SERVER=$!
 wait "$SERVER"

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # README command 2: the same set-up as run.sh, in throwaway locations (a temp folder, free
-# ports), then the whole test suite against the real SoftHSM2 token and the real Postgres.
-# .ci/run calls exactly this script.
+# ports), then the whole test suite against a real Postgres and a real token, twice: once on
+# SoftHSM2 and once on Kryoptic (a second PKCS#11 implementation). Fault tests reach the real
+# token through the fault-injecting module in tests/pkcs11-faults. .ci/run calls exactly this.
+#
+#   KB_TEST_TOKENS   the tokens to run on (default "softhsm kryoptic")
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
+TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic}
 kb_install_deps python3
+case " $TOKENS " in *" kryoptic "*) kb_build_kryoptic ;; esac
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)
 chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg
@@ -16,39 +21,57 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kb_log "building keybroker and its tests (debug)"
+kb_log "building keybroker, its tests and the fault-injecting PKCS#11 module (debug)"
 cargo build --all-targets --quiet
+cargo build --quiet -p pkcs11-faults
 BIN="$KB_ROOT/target/debug/keybroker"
-
-kb_setup_softhsm "$WORK/softhsm"
-kb_secret_file "$WORK/secrets/so.pin"
-kb_secret_file "$WORK/secrets/user.pin"
-export KEYBROKER_SO_PIN_FILE="$WORK/secrets/so.pin"
-export KEYBROKER_PIN_FILE="$WORK/secrets/user.pin"
-kb_setup_postgres "$WORK/pg" keybroker
-# Its output shows the bootstrap admin's secret once: keep it out of the CI log.
-kb_init_token "$BIN" "keybroker-test" >"$WORK/hsm-init.log"
-
-# What the tests read: the token, its folder (fault tests copy it), the PIN, the database.
-export KB_TEST_SOFTHSM_DIR="$WORK/softhsm"
-export KB_TEST_WORK="$WORK"
-export KEYBROKER_PIN
-KEYBROKER_PIN=$(cat "$KEYBROKER_PIN_FILE")
-SO_PIN=$(cat "$KEYBROKER_SO_PIN_FILE")
+export KB_TEST_FAULT_MODULE="$KB_ROOT/target/debug/libkb_pkcs11_faults.so"
 export RUST_LOG=${RUST_LOG:-info,keybroker=debug}
 
-LOG="$WORK/test-run.log"
-kb_log "running the test suite (log: $LOG)"
-status=0
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast --success-output final --failure-output final 2>&1 | tee "$LOG" || status=$?
-else
-  cargo test --no-fail-fast -- --nocapture 2>&1 | tee "$LOG" || status=$?
-fi
-[ "$status" -eq 0 ] || exit "$status"
+# One run of the whole suite on TOKEN (softhsm or kryoptic), with its own token, PINs and
+# database. Exits on failure; checks the run's log for the PINs.
+run_suite() {
+  local token=$1 dir="$WORK/$1"
+  # Nothing of the previous run's token may leak into this one (a PIN in the environment wins
+  # over the PIN file).
+  unset SOFTHSM2_CONF KRYOPTIC_CONF KEYBROKER_PIN
+  case "$token" in
+    softhsm) kb_setup_softhsm "$dir" ;;
+    kryoptic) kb_setup_kryoptic "$dir" ;;
+    *) kb_die "unknown token '$token' in KB_TEST_TOKENS (softhsm, kryoptic)" ;;
+  esac
+  kb_secret_file "$WORK/secrets/$token-so.pin"
+  kb_secret_file "$WORK/secrets/$token-user.pin"
+  export KEYBROKER_SO_PIN_FILE="$WORK/secrets/$token-so.pin"
+  export KEYBROKER_PIN_FILE="$WORK/secrets/$token-user.pin"
+  kb_setup_postgres "$WORK/pg" "keybroker_$token"
+  # Its output shows the bootstrap admin's secret once: keep it out of the CI log.
+  kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log"
 
-# The whole run's output, server logs included, must not contain a PIN.
-if grep -qF -e "$KEYBROKER_PIN" -e "$SO_PIN" "$LOG"; then
-  kb_die "a PIN appears in the test log"
-fi
-kb_log "no PIN in the test log"
+  # What the tests read: which token and where its storage is (fault tests copy it), the PIN,
+  # the database.
+  export KB_TEST_TOKEN=$token KB_TEST_TOKEN_DIR=$dir KB_TEST_WORK=$WORK
+  export KEYBROKER_PIN
+  KEYBROKER_PIN=$(cat "$KEYBROKER_PIN_FILE")
+  local so_pin log="$WORK/test-run-$token.log" status=0
+  so_pin=$(cat "$KEYBROKER_SO_PIN_FILE")
+
+  kb_log "running the test suite on $token (log: $log)"
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast --success-output final --failure-output final 2>&1 | tee "$log" || status=$?
+  else
+    cargo test --no-fail-fast -- --nocapture 2>&1 | tee "$log" || status=$?
+  fi
+  [ "$status" -eq 0 ] || kb_die "the suite failed on $token"
+
+  # The whole run's output, server logs included, must not contain a PIN.
+  if grep -qF -e "$KEYBROKER_PIN" -e "$so_pin" "$log"; then
+    kb_die "a PIN appears in the test log of the $token run"
+  fi
+  kb_log "suite passed on $token; no PIN in its log"
+}
+
+for token in $TOKENS; do
+  run_suite "$token"
+done
+kb_log "all runs passed: $TOKENS"

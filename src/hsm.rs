@@ -139,6 +139,11 @@ fn classify(err: CkError) -> HsmError {
         CkError::Pkcs11(rv, _) => match rv {
             RvError::DeviceRemoved
             | RvError::DeviceError
+            // "Some horrible, unrecoverable error": the token's, not the caller's. (A failed GCM
+            // tag is also CKR_GENERAL_ERROR on SoftHSM2; `unseal` sorts that out before this.)
+            | RvError::GeneralError
+            // An operation left open on a session by a failure mid-call: that session is spoilt.
+            | RvError::OperationActive
             | RvError::DeviceMemory
             | RvError::TokenNotPresent
             | RvError::TokenNotRecognized

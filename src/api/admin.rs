@@ -306,7 +306,7 @@ pub(super) enum AdminErrorResponses {
     /// `internal_error`
     #[response(status = 500)]
     Internal(ErrorBody),
-    /// `hsm_unavailable` or `database_unavailable`
+    /// `hsm_unavailable`, `hsm_timeout` or `database_unavailable`
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

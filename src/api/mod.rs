@@ -25,6 +25,7 @@ use zeroize::Zeroizing;
 use crate::auth::{AuthError, Authenticator, Caller, Scope, source_ip, unix_now};
 use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, Operation, WrapRequest};
 use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
+use crate::hsm::HsmError;
 
 mod admin;
 mod keys;
@@ -174,7 +175,8 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidBlob(BlobError),
     /// 422 `batch_too_large` / `empty_batch`, `unknown_mk_version`, `context_mismatch`; 503
-    /// `hsm_unavailable`, `database_unavailable`, `no_active_key`; 500 `internal_error`.
+    /// `hsm_unavailable`, `hsm_timeout`, `database_unavailable`, `no_active_key`; 500
+    /// `internal_error`.
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// 401 `invalid_token`; 403 `insufficient_scope`, `ip_not_allowed`, `client_disabled`;
@@ -234,6 +236,9 @@ impl ApiError {
             }
             Self::Broker(B::EmptyBatch) => (StatusCode::UNPROCESSABLE_ENTITY, "empty_batch"),
             Self::Broker(B::NoActiveKey) => (StatusCode::SERVICE_UNAVAILABLE, "no_active_key"),
+            Self::Broker(B::HsmUnavailable(HsmError::Timeout(_))) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "hsm_timeout")
+            }
             Self::Broker(B::HsmUnavailable(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "hsm_unavailable")
             }
@@ -279,6 +284,11 @@ impl ApiError {
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() {
             match self {
+                Self::Broker(BrokerError::HsmUnavailable(HsmError::Timeout(limit)))
+                | Self::Auth(AuthError::Hsm(HsmError::Timeout(limit))) => format!(
+                    "the HSM did not answer within the {} ms deadline; retry later",
+                    limit.as_millis()
+                ),
                 Self::Broker(BrokerError::HsmUnavailable(_)) => {
                     "the HSM is unavailable; retry later".to_owned()
                 }
@@ -392,6 +402,7 @@ fn auth_status_and_code(err: &AuthError) -> (StatusCode, &'static str) {
         AuthError::UnsupportedGrantType => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
         AuthError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         AuthError::InvalidScope => (StatusCode::BAD_REQUEST, "invalid_scope"),
+        AuthError::Hsm(HsmError::Timeout(_)) => (StatusCode::SERVICE_UNAVAILABLE, "hsm_timeout"),
         AuthError::Hsm(e) if e.is_unavailable() => {
             (StatusCode::SERVICE_UNAVAILABLE, "hsm_unavailable")
         }
@@ -759,7 +770,8 @@ enum CryptoErrorResponses {
     /// `internal_error`: a bug; the request id finds it in the server log
     #[response(status = 500)]
     Internal(ErrorBody),
-    /// `hsm_unavailable`, `database_unavailable` or `no_active_key`
+    /// `hsm_unavailable`, `hsm_timeout` (the token did not answer within the deadline),
+    /// `database_unavailable` or `no_active_key`
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

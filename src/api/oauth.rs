@@ -335,7 +335,7 @@ fn credentials(
         (status = 200, description = "What the token is", body = IntrospectionResponse),
         (status = 400, description = "`invalid_request`: no `token` field", body = ErrorBody),
         (status = 401, description = "`invalid_token`: the caller's own token is bad", body = ErrorBody),
-        (status = 503, description = "`hsm_unavailable` or `database_unavailable`", body = ErrorBody),
+        (status = 503, description = "`hsm_unavailable`, `hsm_timeout` or `database_unavailable`", body = ErrorBody),
     ))]
 pub(super) async fn oauth_introspect(
     State(state): State<AppState>,

@@ -2,13 +2,13 @@
 //! (they break it) or the server's whole log: `hsm init` with the bootstrap admin's credentials
 //! written to a file, then `serve` at trace level, on a fresh database.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{dev_certificate, env, fresh_database, https_client, read, scratch_dir};
+use crate::common::{dev_certificate, fresh_database, https_client, read};
 
 /// A `keybroker serve` child process, logged in as the bootstrap admin.
 pub struct ChildServer {
@@ -16,7 +16,8 @@ pub struct ChildServer {
     base: String,
     log: PathBuf,
     client: reqwest::Client,
-    /// The bootstrap admin's secret, from the credentials file `hsm init` wrote.
+    /// The bootstrap admin's id and secret, from the credentials file `hsm init` wrote.
+    pub admin_id: String,
     pub admin_secret: String,
     pub token: String,
     /// The child's own database.
@@ -24,13 +25,18 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
-    /// `keybroker hsm init` then `keybroker serve`, with the given SoftHSM2 config.
-    pub async fn start(softhsm_conf: &Path, log: PathBuf) -> Self {
-        Self::start_with_env(softhsm_conf, log, &[]).await
+    /// `keybroker hsm init` then `keybroker serve`, on the token storage that `token` (an
+    /// environment variable, see [`crate::token::PrivateToken::env`]) names.
+    pub async fn start(token: (&str, String), log: PathBuf) -> Self {
+        Self::start_with_env(token, log, &[]).await
     }
 
     /// As [`ChildServer::start`], with more environment variables for both commands.
-    pub async fn start_with_env(softhsm_conf: &Path, log: PathBuf, extra: &[(&str, &str)]) -> Self {
+    pub async fn start_with_env(
+        token: (&str, String),
+        log: PathBuf,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let database_url = fresh_database().await;
         let cert = dev_certificate();
         let port = {
@@ -40,7 +46,7 @@ impl ChildServer {
         let command = |args: &[&str]| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_keybroker"));
             cmd.args(args)
-                .env("SOFTHSM2_CONF", softhsm_conf)
+                .env(token.0, &token.1)
                 .env("DATABASE_URL", &database_url)
                 .env("KEYBROKER_TLS_CERT", &cert.cert)
                 .env("KEYBROKER_TLS_KEY", &cert.key)
@@ -73,6 +79,7 @@ impl ChildServer {
             base: format!("https://127.0.0.1:{port}"),
             log,
             client: https_client(),
+            admin_id: credentials["client_id"].as_str().unwrap().to_owned(),
             admin_secret: credentials["client_secret"].as_str().unwrap().to_owned(),
             token: String::new(),
             database_url: database_url.clone(),
@@ -80,22 +87,24 @@ impl ChildServer {
         server
             .wait_for("/healthz", 200, Duration::from_secs(30))
             .await;
-        // client_secret_basic, as most OAuth libraries send it.
-        let response = server
+        let (status, body) = server.issue_admin_token().await;
+        assert_eq!(status, 200, "{body}");
+        server.token = body["access_token"].as_str().unwrap().to_owned();
+        server
+    }
+
+    /// A token request as the bootstrap admin (client_secret_basic, as most OAuth libraries
+    /// send it): the status and the body.
+    pub async fn issue_admin_token(&self) -> (u16, Value) {
+        let response = self
             .client
-            .post(format!("{}/v1/oauth/token", server.base))
-            .basic_auth(
-                credentials["client_id"].as_str().unwrap(),
-                Some(&server.admin_secret),
-            )
+            .post(format!("{}/v1/oauth/token", self.base))
+            .basic_auth(&self.admin_id, Some(&self.admin_secret))
             .form(&[("grant_type", "client_credentials")])
             .send()
             .await
             .unwrap();
-        let (status, body) = read(response).await;
-        assert_eq!(status, 200, "{body}");
-        server.token = body["access_token"].as_str().unwrap().to_owned();
-        server
+        read(response).await
     }
 
     /// The HTTPS client (a clone shares its connections) and the base URL, for requests that
@@ -171,28 +180,4 @@ impl Drop for ChildServer {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A private copy of the test token, so breaking it cannot disturb other tests.
-pub fn private_token_copy() -> (PathBuf, PathBuf) {
-    let dir = scratch_dir("token");
-    let tokens = dir.join("tokens");
-    let source = PathBuf::from(env("KB_TEST_SOFTHSM_DIR")).join("tokens");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(&source)
-        .arg(&tokens)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    (conf, tokens)
 }

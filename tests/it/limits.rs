@@ -9,7 +9,6 @@
 //! (denied unwraps, address mismatches, failed authentications) disable a client with a
 //! critical audit event, until an officer enables it again.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -625,8 +624,11 @@ async fn settings_in_any_shape_but_an_object_are_refused() {
 #[tokio::test]
 async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
     // The real binary (refreshing every 2 s) and an in-process broker on the same database.
-    let conf = PathBuf::from(common::env("SOFTHSM2_CONF"));
-    let child = ChildServer::start(&conf, common::scratch_dir("limits").join("server.log")).await;
+    let child = ChildServer::start(
+        crate::token::shared_env(),
+        common::scratch_dir("limits").join("server.log"),
+    )
+    .await;
     let (_, child_base) = child.endpoint();
     let server =
         TestServer::start_on(&child.database_url, Limits { max_batch: 1000 }, 1 << 20).await;

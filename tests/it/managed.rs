@@ -2356,9 +2356,9 @@ fn forms(shown: &str, bytes: &[u8]) -> Vec<String> {
 #[tokio::test]
 async fn a_session_of_managed_keys_and_secrets_logs_no_plaintext_and_no_secret_value() {
     use reqwest::Method;
-    let (conf, _tokens) = crate::child::private_token_copy();
+    let token = crate::token::PrivateToken::copy();
     let server = crate::child::ChildServer::start(
-        &conf,
+        token.env(),
         common::scratch_dir("managed-logs").join("server.log"),
     )
     .await;

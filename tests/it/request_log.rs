@@ -11,8 +11,9 @@ use keybroker::store::RequestLogRow;
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use crate::child::{ChildServer, private_token_copy};
+use crate::child::ChildServer;
 use crate::common::{TestServer, scratch_dir};
+use crate::token::PrivateToken;
 
 const AGENT: &str = "request-log-test/1.0";
 
@@ -311,10 +312,10 @@ async fn every_request_has_one_row_with_its_route_template_status_and_code() {
 
 #[tokio::test]
 async fn no_row_is_lost_when_the_real_binary_stops_on_sigterm() {
-    let (conf, _tokens) = private_token_copy();
+    let token = PrivateToken::copy();
     // No timed writes: whatever reaches Postgres, the shutdown flush wrote.
     let server = ChildServer::start_with_env(
-        &conf,
+        token.env(),
         scratch_dir("request-log").join("server.log"),
         &[("KEYBROKER_REQUEST_LOG_FLUSH_MS", "3600000")],
     )

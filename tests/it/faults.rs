@@ -1,0 +1,378 @@
+//! A token that fails on purpose: the real binary reaches the real token (SoftHSM2 or Kryoptic)
+//! through `tests/pkcs11-faults`, a PKCS#11 module that forwards every call and injects return
+//! codes or latency as a control file says (its module doc is the reference).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::child::ChildServer;
+use crate::common::{b64, env, error_code, read, scratch_dir};
+use crate::token::shared_env;
+
+/// A child broker whose token calls go through the fault-injecting module, and the control
+/// file that steers it.
+struct FaultyToken {
+    server: ChildServer,
+    control: PathBuf,
+}
+
+impl FaultyToken {
+    async fn start(name: &str, extra: &[(&str, &str)]) -> Self {
+        let dir = scratch_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = dir.join("faults.conf");
+        let fault_module = env("KB_TEST_FAULT_MODULE");
+        let real_module = env("PKCS11_MODULE");
+        let control_path = control.display().to_string();
+        let mut vars = vec![
+            ("PKCS11_MODULE", fault_module.as_str()),
+            ("KB_FAULTS_MODULE", real_module.as_str()),
+            ("KB_FAULTS_CONTROL", control_path.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        let server = ChildServer::start_with_env(shared_env(), dir.join("server.log"), &vars).await;
+        Self { server, control }
+    }
+
+    /// Replaces the injection instructions (the module reads them at every call).
+    fn inject(&self, instructions: &str) {
+        let staged = self.control.with_extension("staged");
+        std::fs::write(&staged, instructions).unwrap();
+        std::fs::rename(&staged, &self.control).unwrap();
+    }
+
+    /// Stops injecting: the module forwards every call again.
+    fn heal(&self) {
+        let _ = std::fs::remove_file(&self.control);
+    }
+
+    /// How many failures the module injected under the current instructions.
+    fn injected(&self) -> u64 {
+        std::fs::read_to_string(self.control.with_extension("conf.injected"))
+            .map(|n| n.trim().parse().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn a_single_transient_token_failure_is_retried_and_the_client_sees_success() {
+    let token = FaultyToken::start("faults-transient", &[]).await;
+    let server = &token.server;
+    let (status, key) = server
+        .request("/v1/datakey", Some(&json!({"context": {"a": "b"}})))
+        .await;
+    assert_eq!(status, 200, "{key}");
+
+    for rv in [
+        "CKR_DEVICE_REMOVED",
+        "CKR_SESSION_HANDLE_INVALID",
+        "CKR_TOKEN_NOT_PRESENT",
+        "CKR_DEVICE_ERROR",
+        "CKR_GENERAL_ERROR",
+    ] {
+        // Sealing: a new data key.
+        token.inject(&format!("functions = C_Encrypt\nrv = {rv}\ntimes = 1\n"));
+        let (status, body) = server
+            .request("/v1/datakey", Some(&json!({"context": {"a": "b"}})))
+            .await;
+        assert_eq!(status, 200, "{rv} on C_Encrypt: {body}");
+        assert_eq!(token.injected(), 1, "{rv} was not injected on C_Encrypt");
+        let (status, opened) = server
+            .request(
+                "/v1/unwrap",
+                Some(&json!({"wrapped": body["wrapped"], "context": {"a": "b"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{opened}");
+        assert_eq!(opened["plaintext"], body["plaintext"]);
+
+        // Signing: a new access token (CKM_ECDSA on the token).
+        token.inject(&format!("functions = C_Sign\nrv = {rv}\ntimes = 1\n"));
+        let (status, body) = server.request("/.well-known/jwks.json", None).await;
+        assert_eq!(status, 200, "{body}");
+        let reply = server.issue_admin_token().await;
+        assert_eq!(reply.0, 200, "{rv} on C_Sign: {}", reply.1);
+        assert_eq!(token.injected(), 1, "{rv} was not injected on C_Sign");
+    }
+
+    // Opening an existing blob (not with CKR_GENERAL_ERROR: from C_Decrypt, that means "does not
+    // authenticate" on SoftHSM2).
+    for rv in [
+        "CKR_DEVICE_REMOVED",
+        "CKR_SESSION_HANDLE_INVALID",
+        "CKR_DEVICE_ERROR",
+    ] {
+        token.inject(&format!("functions = C_Decrypt\nrv = {rv}\ntimes = 1\n"));
+        let (status, opened) = server
+            .request(
+                "/v1/unwrap",
+                Some(&json!({"wrapped": key["wrapped"], "context": {"a": "b"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{rv} on C_Decrypt: {opened}");
+        assert_eq!(opened["plaintext"], key["plaintext"]);
+        assert_eq!(token.injected(), 1, "{rv} was not injected on C_Decrypt");
+    }
+
+    // A token that fails every third C_Encrypt (a seal makes two): every request still
+    // succeeds, most of them after a retry.
+    token.inject("functions = C_Encrypt\nrv = CKR_DEVICE_ERROR\nevery = 3\n");
+    for _ in 0..10 {
+        let (status, body) = server.request("/v1/datakey", Some(&json!({}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(token.injected() >= 5, "only {} injected", token.injected());
+    token.heal();
+    token.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_that_stays_gone_gives_503_and_recovers_without_a_restart() {
+    let token = FaultyToken::start("faults-gone", &[]).await;
+    let server = &token.server;
+    let (status, key) = server.request("/v1/datakey", Some(&json!({}))).await;
+    assert_eq!(status, 200, "{key}");
+
+    for rv in ["CKR_DEVICE_REMOVED", "CKR_TOKEN_NOT_PRESENT"] {
+        token.inject(&format!("rv = {rv}\n"));
+        let ready = server
+            .wait_for("/readyz", 503, Duration::from_secs(20))
+            .await;
+        assert_eq!(ready["checks"]["token"], "hsm_unavailable", "{ready}");
+        assert_eq!(ready["checks"]["database"], "ok", "{ready}");
+        // The process itself is alive and answering.
+        let health = server
+            .wait_for("/healthz", 200, Duration::from_secs(5))
+            .await;
+        assert_eq!(health["status"], "ok");
+        for (path, body) in [
+            ("/v1/datakey", json!({})),
+            ("/v1/unwrap", json!({"wrapped": key["wrapped"]})),
+            ("/v1/wrap", json!({"plaintext": b64(&[3u8; 32])})),
+        ] {
+            let (status, body) = server.request(path, Some(&body)).await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (503, "hsm_unavailable"),
+                "{rv} {path}: {body}"
+            );
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(!message.contains("CKR_"), "{message}");
+        }
+        assert!(token.injected() > 0);
+
+        // The token comes back: so does the service, by itself.
+        token.heal();
+        server
+            .wait_for("/readyz", 200, Duration::from_secs(20))
+            .await;
+        let (status, body) = server
+            .request("/v1/unwrap", Some(&json!({"wrapped": key["wrapped"]})))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["plaintext"], key["plaintext"]);
+        let (status, body) = server.request("/v1/datakey", Some(&json!({}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    token.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear_503() {
+    // Two sessions, a 1 s deadline, and a token that takes 150 ms for every call on a key (a
+    // data key makes four: random, init, and encrypt twice).
+    let token = FaultyToken::start(
+        "faults-slow",
+        &[
+            ("KEYBROKER_HSM_TIMEOUT_MS", "1000"),
+            ("KEYBROKER_HSM_POOL_SIZE", "2"),
+        ],
+    )
+    .await;
+    let server = &token.server;
+    token.inject(
+        "functions = C_EncryptInit, C_Encrypt, C_DecryptInit, C_Decrypt, C_GenerateRandom\n\
+         latency_ms = 150\n",
+    );
+
+    // 24 data keys at once: 600 ms of token time each, two at a time, so most of them wait
+    // past the deadline.
+    const CALLS: usize = 24;
+    let done = Arc::new(AtomicUsize::new(0));
+    let (client, base) = server.endpoint();
+    let mut calls = Vec::new();
+    for _ in 0..CALLS {
+        let (client, base, done) = (client.clone(), base.clone(), done.clone());
+        let bearer = server.token.clone();
+        calls.push(tokio::spawn(async move {
+            let response = client
+                .post(format!("{base}/v1/datakey"))
+                .bearer_auth(bearer)
+                .json(&json!({}))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .expect("a call hung instead of answering");
+            let reply = read(response).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            reply
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // While the crypto calls queue for the token, liveness answers: the executor is free.
+    for _ in 0..5 {
+        let (status, body) = server.request("/healthz", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        done.load(Ordering::SeqCst) < CALLS,
+        "every crypto call finished before /healthz answered: the token was not slow"
+    );
+
+    // Every call answers: a data key, or a clear 503 after the deadline. None hangs.
+    let (mut served, mut timed_out) = (0, 0);
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        match status {
+            200 => {
+                assert!(body["wrapped"].as_str().unwrap().starts_with("kb:v1:"));
+                served += 1;
+            }
+            503 => {
+                assert_eq!(error_code(&body), "hsm_timeout", "{body}");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("1000 ms"), "{message}");
+                timed_out += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(served + timed_out, CALLS);
+    assert!(timed_out > 0, "no call reached the deadline");
+
+    // Once the token is quick again, everything works.
+    token.heal();
+    let (status, body) = server.request("/v1/datakey", Some(&json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    token.server.stop().await;
+}
+
+/// Rows in `table` of the child's database.
+async fn count(database_url: &str, table: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+    let query = format!("SELECT count(*) FROM {table}");
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test]
+async fn nothing_is_acknowledged_or_stored_for_a_seal_the_token_did_not_do() {
+    use reqwest::Method;
+    let token = FaultyToken::start("faults-no-ack", &[]).await;
+    let server = &token.server;
+    let db = server.database_url.clone();
+    let (status, key) = server
+        .send(
+            Method::POST,
+            "/v1/keys",
+            Some(&json!({"name": "before", "format": "raw", "length": 32})),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let before = (
+        count(&db, "keys").await,
+        count(&db, "key_versions").await,
+        count(&db, "secrets").await,
+        count(&db, "audit_events").await,
+    );
+
+    // Every seal fails (also on the retry); reads and the audit MAC still work.
+    token.inject("functions = C_Encrypt\nrv = CKR_DEVICE_ERROR\n");
+    let attempts: Vec<(Method, String, Value)> = vec![
+        (Method::POST, "/v1/datakey".into(), json!({})),
+        (
+            Method::POST,
+            "/v1/wrap".into(),
+            json!({"plaintext": b64(&[9u8; 32])}),
+        ),
+        (
+            Method::POST,
+            "/v1/keys".into(),
+            json!({"name": "during", "format": "raw", "length": 32}),
+        ),
+        (
+            Method::POST,
+            format!("/v1/keys/{}/rotate", key["key"]["id"].as_str().unwrap()),
+            json!({}),
+        ),
+        (
+            Method::PUT,
+            "/v1/secrets/during".into(),
+            json!({"value": b64(b"hush")}),
+        ),
+    ];
+    for (method, path, body) in &attempts {
+        let (status, reply) = server.send(method.clone(), path, Some(body)).await;
+        assert_eq!(
+            (status, error_code(&reply)),
+            (503, "hsm_unavailable"),
+            "{path}: {reply}"
+        );
+        assert!(reply.get("wrapped").is_none() && reply.get("key").is_none());
+    }
+    assert!(token.injected() >= attempts.len() as u64);
+    // Nothing was written: no key, no version, no secret, no audit event of a change.
+    let after = (
+        count(&db, "keys").await,
+        count(&db, "key_versions").await,
+        count(&db, "secrets").await,
+        count(&db, "audit_events").await,
+    );
+    assert_eq!(before, after);
+
+    // The same requests succeed once the token does its job.
+    token.heal();
+    for (method, path, body) in &attempts {
+        let (status, reply) = server.send(method.clone(), path, Some(body)).await;
+        assert!(status == 200 || status == 201, "{path}: {status} {reply}");
+    }
+    token.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_without_a_required_mechanism_is_refused_at_start_naming_it() {
+    let dir = scratch_dir("faults-mechanisms");
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("faults.conf");
+    std::fs::write(
+        &control,
+        "functions = C_GenerateRandom\nrv = 0x121 # CKR_RANDOM_NO_RNG\n\
+         hide_mechanisms = CKM_AES_GCM, CKM_SHA256_HMAC\n",
+    )
+    .unwrap();
+    let (conf_var, conf) = shared_env();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(["hsm", "status"])
+        .env(conf_var, conf)
+        .env("PKCS11_MODULE", crate::common::env("KB_TEST_FAULT_MODULE"))
+        .env("KB_FAULTS_MODULE", crate::common::pkcs11_module())
+        .env("KB_FAULTS_CONTROL", &control)
+        .env("DATABASE_URL", crate::common::fresh_database().await)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for missing in ["C_GenerateRandom", "CKM_AES_GCM", "CKM_SHA256_HMAC"] {
+        assert!(stderr.contains(missing), "{missing} not named: {stderr}");
+    }
+    assert!(!stderr.contains("CKM_ECDSA"), "{stderr}");
+}
