@@ -663,6 +663,28 @@ struct SigningKey {
     decoding: DecodingKey,
 }
 
+/// A signing key this broker publishes: the one that signs (first), or a replaced one whose
+/// tokens may still be live (until `published_until`, unix seconds).
+struct PublishedKey {
+    label: String,
+    key: SigningKey,
+    published_until: Option<i64>,
+}
+
+impl PublishedKey {
+    fn live_at(&self, now: i64) -> bool {
+        self.published_until.is_none_or(|until| now < until)
+    }
+}
+
+/// How long, beyond a token's lifetime and leeway, a replaced signing key stays published: other
+/// brokers pick up a rotation at their next refresh, and may sign with the old key until then.
+const SIGNING_KEY_REFRESH_MARGIN: i64 = 60;
+
+/// How often an unknown `kid` may make a broker re-read the signing keys (another broker may
+/// have rotated): at most once per this many seconds.
+const UNKNOWN_KID_REFRESH_SECS: i64 = 2;
+
 impl SigningKey {
     fn from_ec_point(ec_point: &[u8]) -> Result<Self, HsmError> {
         let (x, y) = ec_point_coordinates(ec_point)
@@ -817,7 +839,10 @@ pub struct Authenticator {
     hsm: Hsm,
     store: Store,
     config: AuthConfig,
-    keys: RwLock<Vec<SigningKey>>,
+    /// The signing key first, then the replaced ones still published.
+    keys: RwLock<Vec<PublishedKey>>,
+    /// When an unknown `kid` last made us re-read the keys (unix seconds).
+    last_kid_refresh: std::sync::atomic::AtomicI64,
     /// Tokens whose signature and claims verified, by SHA-256 of the token. A signature stays
     /// valid, so this needs no coherence between nodes; expiry is checked again on every hit,
     /// and everything that can change (client state, revocation, address, scope) is checked in
@@ -826,21 +851,110 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Reads the signing public key from the token.
+    /// Reads the signing keys: which versions sign and are published (Postgres; the token's
+    /// versions are adopted on first use), and their public keys (the token).
     ///
     /// # Errors
-    /// A token failure, or a signing key that is not P-256.
+    /// A token or database failure, or a signing key that is not P-256.
     pub async fn load(hsm: Hsm, store: Store, config: AuthConfig) -> Result<Self, AuthError> {
         audit::install(&store, &hsm);
-        let point = hsm.signing_public_key().await?;
-        let key = SigningKey::from_ec_point(&point)?;
-        Ok(Self {
+        let auth = Self {
             hsm,
             store,
             config,
-            keys: RwLock::new(vec![key]),
+            keys: RwLock::new(Vec::new()),
+            last_kid_refresh: std::sync::atomic::AtomicI64::new(0),
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
-        })
+        };
+        auth.refresh_signing_keys(unix_now()).await?;
+        Ok(auth)
+    }
+
+    /// Re-reads which signing keys sign and are published at `now`, fetching the public key of
+    /// any new one from the token. Brokers call it each maintenance pass, and when a token names
+    /// a `kid` they do not know (at most every few seconds).
+    ///
+    /// # Errors
+    /// A token or database failure (the keys in use stay as they were).
+    pub async fn refresh_signing_keys(&self, now: i64) -> Result<(), AuthError> {
+        let mut rows = self.store.signing_keys().await?;
+        if rows.is_empty() {
+            let on_token = self.hsm.signing_key_versions().await?;
+            self.store.adopt_signing_keys(&on_token).await?;
+            rows = self.store.signing_keys().await?;
+        }
+        rows.retain(|row| {
+            row.state == "active"
+                || (row.state == "retiring" && row.published_until.is_some_and(|u| now < u))
+        });
+        // The signing key first.
+        rows.sort_by_key(|row| (row.state != "active", std::cmp::Reverse(row.version)));
+        let mut fresh = Vec::with_capacity(rows.len());
+        for row in rows {
+            let label = crate::hsm::signing_key_label(row.version);
+            let known = read(&self.keys)
+                .iter()
+                .find(|k| k.label == label)
+                .map(|k| (k.key.kid.clone(), k.key.jwk.clone()));
+            let key = match known {
+                Some((kid, jwk)) => SigningKey {
+                    decoding: DecodingKey::from_jwk(&jwk).map_err(|_| {
+                        HsmError::Unexpected("cannot build a verifier for the signing key")
+                    })?,
+                    kid,
+                    jwk,
+                },
+                None => SigningKey::from_ec_point(&self.hsm.signing_public_key(&label).await?)?,
+            };
+            fresh.push(PublishedKey {
+                label,
+                key,
+                published_until: (row.state == "retiring")
+                    .then_some(row.published_until)
+                    .flatten(),
+            });
+        }
+        if fresh.first().is_none_or(|k| k.published_until.is_some()) {
+            return Err(HsmError::ObjectMissing(crate::hsm::SIGNING_KEY_LABEL.to_owned()).into());
+        }
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// Rotates the token-signing key: creates `keybroker-sign-v<N+1>` on the token, makes it
+    /// sign from now on, and keeps the previous one published (JWKS, verification) until every
+    /// token it signed has expired. Racing rotations on several brokers make one new key each
+    /// in turn; a rotation that stopped after creating the key on the token reuses it. Returns
+    /// the new version.
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn rotate_signing_key(&self, now: i64) -> Result<u32, AuthError> {
+        let _lock = self.store.lock_signing_keys().await?;
+        let recorded = self.store.signing_keys().await?;
+        let next = recorded.iter().map(|row| row.version).max().unwrap_or(0) + 1;
+        self.hsm.ensure_signing_key(next).await?;
+        let ttl = i64::try_from(self.config.token_ttl.as_secs()).unwrap_or(i64::MAX / 4);
+        let leeway = i64::try_from(self.config.leeway).unwrap_or(0);
+        let until = now + ttl + leeway + SIGNING_KEY_REFRESH_MARGIN;
+        self.store
+            .activate_signing_key(next, until, &audit::meta())
+            .await?;
+        self.refresh_signing_keys(now).await?;
+        Ok(next)
+    }
+
+    /// Retires the replaced signing keys whose tokens have all expired, and re-reads the keys.
+    /// Run by each maintenance pass.
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn maintain_signing_keys(&self, now: i64) -> Result<(), AuthError> {
+        self.store.retire_signing_keys(now).await?;
+        self.refresh_signing_keys(now).await
     }
 
     /// The settings.
@@ -848,10 +962,20 @@ impl Authenticator {
         &self.config
     }
 
+    /// The `kid` of the key that signs now.
+    pub fn signing_kid(&self) -> Option<String> {
+        read(&self.keys).first().map(|k| k.key.kid.clone())
+    }
+
     /// The JWKS document: every key whose tokens may still be live.
     pub fn jwks(&self) -> JwkSet {
+        let now = unix_now();
         JwkSet {
-            keys: read(&self.keys).iter().map(|k| k.jwk.clone()).collect(),
+            keys: read(&self.keys)
+                .iter()
+                .filter(|k| k.live_at(now))
+                .map(|k| k.key.jwk.clone())
+                .collect(),
         }
     }
 
@@ -984,9 +1108,9 @@ impl Authenticator {
 
     /// Builds and signs a compact JWS (ES256) inside the token.
     async fn sign(&self, claims: &AccessClaims) -> Result<String, AuthError> {
-        let kid = read(&self.keys)
+        let (label, kid) = read(&self.keys)
             .first()
-            .map(|k| k.kid.clone())
+            .map(|k| (k.label.clone(), k.key.kid.clone()))
             .ok_or(HsmError::Unexpected("no signing key"))?;
         let header = serde_json::json!({"alg": "ES256", "typ": "at+jwt", "kid": kid});
         let signing_input = format!(
@@ -998,7 +1122,10 @@ impl Authenticator {
             )
         );
         let digest: [u8; 32] = Sha256::digest(signing_input.as_bytes()).into();
-        let signature = self.hsm.run(move |t| t.sign_digest(&digest)).await?;
+        let signature = self
+            .hsm
+            .run(move |t| t.sign_digest(&label, &digest))
+            .await?;
         Ok(format!(
             "{signing_input}.{}",
             URL_SAFE_NO_PAD.encode(signature)
@@ -1130,7 +1257,14 @@ impl Authenticator {
         token: &str,
         source: IpAddr,
     ) -> Result<Caller, AuthError> {
-        let claims = self.verify(token)?;
+        let claims = match self.verify(token) {
+            // Another broker may have rotated the signing key: look again, now and then.
+            Err(AuthError::InvalidToken("unknown kid")) if self.may_refresh_for_unknown_kid() => {
+                self.refresh_signing_keys(unix_now()).await?;
+                self.verify(token)?
+            }
+            other => other?,
+        };
         let (client_id, jti) = parse_ids(&claims)?;
         let state = self
             .store
@@ -1160,6 +1294,19 @@ impl Authenticator {
             jti,
             expires_at: claims.exp,
         })
+    }
+
+    /// Whether an unknown `kid` may make us re-read the signing keys now (at most every
+    /// [`UNKNOWN_KID_REFRESH_SECS`], so forged kids cannot make every request query Postgres).
+    fn may_refresh_for_unknown_kid(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = unix_now();
+        let last = self.last_kid_refresh.load(Ordering::Relaxed);
+        now - last >= UNKNOWN_KID_REFRESH_SECS
+            && self
+                .last_kid_refresh
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Verifies a token's signature and standard claims; nothing in Postgres is consulted.
@@ -1193,10 +1340,12 @@ impl Authenticator {
             return Err(AuthError::InvalidToken("algorithm is not ES256"));
         }
         let kid = header.kid.ok_or(AuthError::InvalidToken("no kid"))?;
+        let now = unix_now();
         let keys = read(&self.keys);
         let key = keys
             .iter()
-            .find(|k| k.kid == kid)
+            .find(|k| k.key.kid == kid && k.live_at(now))
+            .map(|k| &k.key)
             .ok_or(AuthError::InvalidToken("unknown kid"))?;
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_issuer(&[&self.config.issuer]);

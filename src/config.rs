@@ -145,6 +145,14 @@ pub struct ServeArgs {
     /// rows is written at once): how far behind the log may be while serving.
     #[arg(long, env = "KEYBROKER_REQUEST_LOG_FLUSH_MS", default_value_t = 200)]
     pub request_log_flush_ms: u64,
+    /// Rotate the master key when the active version is this many days old (0: never by age);
+    /// a rewrap job then moves the stored blobs.
+    #[arg(long, env = "KEYBROKER_MK_ROTATION_DAYS", default_value_t = 365)]
+    pub mk_rotation_days: u32,
+    /// Rotate the master key when the active version has done this many seals (GCM with random
+    /// IVs allows 2^32 per key; the default, 2^30, stays far below).
+    #[arg(long, env = "KEYBROKER_MK_MAX_SEALS", default_value_t = 1 << 30)]
+    pub mk_max_seals: u64,
 }
 
 /// How access tokens are issued and checked.

@@ -24,6 +24,13 @@ use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
 
 /// Label of keybroker's ES256 token-signing key pair (both halves), version 1.
 pub const SIGNING_KEY_LABEL: &str = "keybroker-sign-v1";
+/// Label prefix of the token-signing key pairs: `keybroker-sign-v<N>`.
+const SIGNING_KEY_PREFIX: &str = "keybroker-sign-v";
+
+/// The label of token-signing key pair `version`.
+pub fn signing_key_label(version: u32) -> String {
+    format!("{SIGNING_KEY_PREFIX}{version}")
+}
 /// Label of keybroker's HMAC-SHA256 audit/pepper key, version 1.
 pub const AUDIT_KEY_LABEL: &str = "keybroker-audit-v1";
 /// Every object keybroker creates has a label with this prefix.
@@ -278,7 +285,7 @@ struct Inner {
     /// Token-object handles of master keys, looked up once and dropped on a fault.
     mk_handles: Mutex<HashMap<MasterKeyVersion, ObjectHandle>>,
     /// Token-object handles of the signing private key and the audit/pepper key, by label.
-    key_handles: Mutex<HashMap<&'static str, ObjectHandle>>,
+    key_handles: Mutex<HashMap<String, ObjectHandle>>,
 }
 
 struct PooledSession {
@@ -403,11 +410,12 @@ impl Hsm {
     ///
     /// # Errors
     /// [`HsmError::ObjectMissing`] when the key pair is not on the token; any token failure.
-    pub async fn signing_public_key(&self) -> Result<Vec<u8>, HsmError> {
-        self.run(|s| {
+    pub async fn signing_public_key(&self, label: &str) -> Result<Vec<u8>, HsmError> {
+        let label = label.to_owned();
+        self.run(move |s| {
             let session = &s.pooled.session;
-            let handle = find_one(session, ObjectClass::PUBLIC_KEY, SIGNING_KEY_LABEL)?
-                .ok_or_else(|| HsmError::ObjectMissing(SIGNING_KEY_LABEL.to_owned()))?;
+            let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?
+                .ok_or_else(|| HsmError::ObjectMissing(label.clone()))?;
             let attrs = session
                 .get_attributes(handle, &[AttributeType::EcPoint])
                 .map_err(classify)?;
@@ -468,7 +476,7 @@ impl Hsm {
                 report.created.push(MasterKeyVersion::FIRST.token_label());
                 versions.push(MasterKeyVersion::FIRST);
             }
-            if find_one(session, ObjectClass::PRIVATE_KEY, SIGNING_KEY_LABEL)?.is_none() {
+            if signing_key_versions(session)?.is_empty() {
                 create_signing_key(session, SIGNING_KEY_LABEL)?;
                 report.created.push(SIGNING_KEY_LABEL.to_owned());
             }
@@ -489,6 +497,92 @@ impl Hsm {
     pub async fn create_master_key(&self, version: MasterKeyVersion) -> Result<(), HsmError> {
         self.admin(move |session| create_master_key(session, version))
             .await
+    }
+
+    /// Master key `version` on the token: created from the template unless it is there
+    /// already (from a rotation that stopped half-way), in which case it is checked. Returns
+    /// whether this call created it.
+    ///
+    /// # Errors
+    /// [`HsmError::UnsafeObject`] for an existing key that is extractable or not sensitive; any
+    /// token failure.
+    pub async fn ensure_master_key(&self, version: MasterKeyVersion) -> Result<bool, HsmError> {
+        self.admin(move |session| {
+            let label = version.token_label();
+            match find_one(session, ObjectClass::SECRET_KEY, &label)? {
+                Some(handle) => {
+                    check_secret_is_safe(session, handle, &label)?;
+                    Ok(false)
+                }
+                None => create_master_key(session, version).map(|()| true),
+            }
+        })
+        .await
+    }
+
+    /// Removes master key `version` from the token (every object with its label), and drops
+    /// this process's handles and session copies of it. Returns whether anything was there.
+    ///
+    /// # Errors
+    /// Any token failure.
+    pub async fn destroy_master_key(&self, version: MasterKeyVersion) -> Result<bool, HsmError> {
+        let found = self
+            .admin(move |session| {
+                let handles = session
+                    .find_objects(&[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::Token(true),
+                        Attribute::Label(version.token_label().into_bytes()),
+                    ])
+                    .map_err(classify)?;
+                for handle in &handles {
+                    session.destroy_object(*handle).map_err(classify)?;
+                }
+                Ok(!handles.is_empty())
+            })
+            .await?;
+        self.forget_master_keys(&[version]);
+        Ok(found)
+    }
+
+    /// Drops this process's handles and session copies of the given master-key versions (which
+    /// another broker destroyed): the pool starts afresh if it held any of them.
+    pub fn forget_master_keys(&self, versions: &[MasterKeyVersion]) {
+        let held = {
+            let handles = lock(&self.inner.mk_handles);
+            versions.iter().any(|v| handles.contains_key(v))
+        };
+        if held {
+            self.inner.invalidate();
+        }
+    }
+
+    /// Token-signing key pair `version`: created from the template unless it is there already.
+    /// Returns whether this call created it.
+    ///
+    /// # Errors
+    /// [`HsmError::UnsafeObject`] for an existing private key that is extractable or not
+    /// sensitive; any token failure.
+    pub async fn ensure_signing_key(&self, version: u32) -> Result<bool, HsmError> {
+        self.admin(move |session| {
+            let label = signing_key_label(version);
+            match find_one(session, ObjectClass::PRIVATE_KEY, &label)? {
+                Some(handle) => {
+                    check_secret_is_safe(session, handle, &label)?;
+                    Ok(false)
+                }
+                None => create_signing_key(session, &label).map(|()| true),
+            }
+        })
+        .await
+    }
+
+    /// The token-signing key-pair versions on the token, ascending.
+    ///
+    /// # Errors
+    /// Any token failure.
+    pub async fn signing_key_versions(&self) -> Result<Vec<u32>, HsmError> {
+        self.admin(signing_key_versions).await
     }
 
     /// The master-key versions present on the token, ascending.
@@ -887,8 +981,8 @@ impl TokenSession<'_> {
     ///
     /// # Errors
     /// [`HsmError::ObjectMissing`] without a signing key; any token failure.
-    pub fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<[u8; 64], HsmError> {
-        let key = self.named_key(ObjectClass::PRIVATE_KEY, SIGNING_KEY_LABEL)?;
+    pub fn sign_digest(&mut self, label: &str, digest: &[u8; 32]) -> Result<[u8; 64], HsmError> {
+        let key = self.named_key(ObjectClass::PRIVATE_KEY, label)?;
         let signature = self
             .pooled
             .session
@@ -915,17 +1009,13 @@ impl TokenSession<'_> {
     }
 
     /// The token-object handle of a fixed keybroker key, looked up once.
-    fn named_key(
-        &mut self,
-        class: ObjectClass,
-        label: &'static str,
-    ) -> Result<ObjectHandle, HsmError> {
+    fn named_key(&mut self, class: ObjectClass, label: &str) -> Result<ObjectHandle, HsmError> {
         if let Some(handle) = lock(&self.inner.key_handles).get(label) {
             return Ok(*handle);
         }
         let handle = find_one(&self.pooled.session, class, label)?
             .ok_or_else(|| HsmError::ObjectMissing(label.to_owned()))?;
-        lock(&self.inner.key_handles).insert(label, handle);
+        lock(&self.inner.key_handles).insert(label.to_owned(), handle);
         Ok(handle)
     }
 
@@ -1155,6 +1245,18 @@ fn locked_secret_template(label: &str, id: &[u8]) -> Vec<Attribute> {
         Attribute::Derive(false),
         Attribute::Unwrap(false),
     ]
+}
+
+/// The versions of the token-signing private keys on the token, ascending.
+fn signing_key_versions(session: &Session) -> Result<Vec<u32>, HsmError> {
+    let mut versions: Vec<u32> = find_labelled(session, ObjectClass::PRIVATE_KEY)?
+        .into_iter()
+        .filter_map(|(label, _)| label.strip_prefix(SIGNING_KEY_PREFIX)?.parse().ok())
+        .filter(|v| *v > 0)
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    Ok(versions)
 }
 
 fn create_master_key(session: &Session, version: MasterKeyVersion) -> Result<(), HsmError> {

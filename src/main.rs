@@ -114,12 +114,55 @@ enum HsmCommand {
         #[command(flatten)]
         db: DatabaseArgs,
     },
-    /// Create master key v(N+1) and make it active for new seals.
+    /// Create master key v(N+1) and make it active for new seals (or finish a rotation that
+    /// stopped half-way). Older versions stay decrypt-only.
     RotateMaster {
         #[command(flatten)]
         token: TokenArgs,
         #[command(flatten)]
         db: DatabaseArgs,
+    },
+    /// Move every stored blob to the active master key, with a progress bar (joins the job
+    /// running on any broker; interrupting it loses nothing: run it again).
+    Rewrap {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Retire a decrypt-only master-key version that no stored blob references.
+    RetireMaster {
+        /// The version, e.g. 1.
+        #[arg(long)]
+        version: u32,
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Remove a retired master-key version from the token, for good. Refused while any stored
+    /// blob references it; asks to type its label unless --yes.
+    DestroyMaster {
+        /// The version, e.g. 1.
+        #[arg(long)]
+        version: u32,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Create token-signing key v(N+1) and sign with it; the previous key stays in the JWKS
+    /// until every token it signed has expired.
+    RotateSigning {
+        #[command(flatten)]
+        token: TokenArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
 }
 
@@ -276,7 +319,12 @@ async fn serve_api(
     let limits = Limits {
         max_batch: serve.max_batch,
     };
-    let broker = Arc::new(broker(&token, &db, limits).await?);
+    let broker = Arc::new(broker(&token, &db, limits).await?.with_master_key_policy(
+        keybroker::broker::MasterKeyPolicy {
+            rotation_period_days: serve.mk_rotation_days,
+            max_seals: serve.mk_max_seals,
+        },
+    ));
     let auth = Arc::new(
         Authenticator::load(
             broker.hsm().clone(),
@@ -297,7 +345,7 @@ async fn serve_api(
     let refresher = tokio::spawn(refresh_limits(limiter.clone(), broker.clone()));
     let state = AppState {
         broker: broker.clone(),
-        auth,
+        auth: auth.clone(),
         request_log: request_log.clone(),
         limiter,
     };
@@ -305,6 +353,7 @@ async fn serve_api(
         RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
     let maintenance = tokio::spawn(maintenance_loop(
         broker.clone(),
+        auth.clone(),
         Duration::from_secs(serve.maintenance_interval_secs.max(1)),
         serve.request_log_retention_days,
     ));
@@ -346,6 +395,7 @@ async fn refresh_limits(limiter: Arc<keybroker::api::limits::Limiter>, broker: A
 /// run it at once: Postgres hands each item to one.
 async fn maintenance_loop(
     broker: Arc<Broker>,
+    auth: Arc<Authenticator>,
     interval: Duration,
     request_log_retention_days: u32,
 ) {
@@ -359,8 +409,12 @@ async fn maintenance_loop(
                     || report.expired > 0
                     || !report.destroyed_keys.is_empty()
                     || !report.destroyed_secrets.is_empty()
+                    || report.master_key_rotated.is_some()
+                    || report.rewrapped > 0
                 {
                     tracing::info!(
+                        master_key = report.master_key_rotated.map(|v| v.get()),
+                        rewrapped = report.rewrapped,
                         rotated = report.rotated.len(),
                         expired = report.expired,
                         destroyed_keys = report.destroyed_keys.len(),
@@ -371,6 +425,14 @@ async fn maintenance_loop(
                 }
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "maintenance pass failed"),
+        }
+        // Replaced signing keys leave the JWKS once their tokens expired; a rotation made on
+        // another broker is picked up.
+        if let Err(e) = auth
+            .maintain_signing_keys(keybroker::auth::unix_now())
+            .await
+        {
+            tracing::warn!(error = %error_chain(&e), "signing keys not refreshed");
         }
         // Apart from the pass above, so that a failed rotation does not keep old rows.
         match broker
@@ -454,8 +516,69 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
         HsmCommand::RotateMaster { token, db } => {
             let broker = broker(&token, &db, limits).await?;
             let version = broker.rotate_master_key().await?;
-            println!("master key v{version} created and active");
+            println!(
+                "master key v{version} is active; run `keybroker hsm rewrap` to move stored blobs to it"
+            );
             print_master_keys(&broker).await?;
+        }
+        HsmCommand::Rewrap { token, db } => {
+            let broker = broker(&token, &db, limits).await?;
+            let (job, started) = broker.start_rewrap("officer").await?;
+            println!(
+                "{} rewrap job {}: {} blobs to move",
+                if started { "started" } else { "joined" },
+                job.id,
+                job.remaining
+            );
+            let total = job.rewrapped + job.remaining;
+            broker
+                .run_rewrap(|step| print_progress(step.rewrapped, total.max(step.rewrapped)))
+                .await?;
+            println!();
+            print_master_keys(&broker).await?;
+        }
+        HsmCommand::RetireMaster { version, token, db } => {
+            let version = MasterKeyVersion::new(version).ok_or("versions start at 1")?;
+            let broker = broker(&token, &db, limits).await?;
+            broker.retire_master_key(version).await?;
+            println!("master key v{version} retired");
+            print_master_keys(&broker).await?;
+        }
+        HsmCommand::DestroyMaster {
+            version,
+            yes,
+            token,
+            db,
+        } => {
+            let version = MasterKeyVersion::new(version).ok_or("versions start at 1")?;
+            let label = version.token_label();
+            if !yes {
+                confirm(
+                    &format!(
+                        "This removes {label} from the token for good: blobs that clients still hold \
+                     under it can never be opened again. Type {label} to go on: "
+                    ),
+                    &label,
+                )?;
+            }
+            let broker = broker(&token, &db, limits).await?;
+            broker.destroy_master_key(version).await?;
+            println!("master key v{version} destroyed");
+            print_master_keys(&broker).await?;
+        }
+        HsmCommand::RotateSigning { token, db, auth } => {
+            let broker = broker(&token, &db, limits).await?;
+            let config = auth.auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
+            let authenticator =
+                Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?;
+            let version = authenticator
+                .rotate_signing_key(keybroker::auth::unix_now())
+                .await?;
+            println!(
+                "token-signing key {} signs from now on; brokers pick it up within one \
+                 maintenance pass, and the previous key stays in the JWKS until its tokens expire",
+                keybroker::hsm::signing_key_label(version)
+            );
         }
     }
     Ok(())
@@ -634,17 +757,62 @@ async fn print_status(broker: &Broker) -> Result<(), BoxError> {
 
 async fn print_master_keys(broker: &Broker) -> Result<(), BoxError> {
     println!(
-        "{:<8} {:<13} {:<15} CREATED",
-        "MK", "STATE", "SEALS (BOUND)"
+        "{:<8} {:<13} {:<12} {:<12} {:<9} CREATED",
+        "MK", "STATE", "SEALS", "BLOBS", "ON TOKEN"
     );
-    for row in broker.store().master_keys().await? {
-        println!(
-            "{:<8} {:<13} {:<15} {}",
-            format!("v{}", row.version),
-            row.state,
-            row.seals_reserved,
-            row.created_at
-        );
+    for view in broker.master_key_overview().await? {
+        let on_token = if view.on_token { "yes" } else { "no" };
+        match &view.recorded {
+            Some(row) => println!(
+                "{:<8} {:<13} {:<12} {:<12} {:<9} {}",
+                format!("v{}", view.version),
+                row.state,
+                row.seals,
+                row.stored_blobs,
+                on_token,
+                row.created_at
+            ),
+            // Created on the token but never recorded (a rotation whose database was restored
+            // from a backup, or by hand): `hsm init` adopts it as decrypt-only.
+            None => println!(
+                "{:<8} {:<13} {:<12} {:<12} {:<9} -",
+                format!("v{}", view.version),
+                "unrecorded",
+                "-",
+                "-",
+                on_token
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// A one-line progress bar on stderr, redrawn in place.
+fn print_progress(done: i64, total: i64) {
+    const WIDTH: i64 = 40;
+    let filled = if total > 0 {
+        done * WIDTH / total
+    } else {
+        WIDTH
+    };
+    let bar: String = (0..WIDTH)
+        .map(|i| if i < filled { '#' } else { '.' })
+        .collect();
+    eprint!("\r[{bar}] {done}/{total} blobs rewrapped");
+}
+
+/// Asks on the terminal for `expected` to be typed; anything else (or no terminal) stops.
+fn confirm(prompt: &str, expected: &str) -> Result<(), BoxError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err("refusing without confirmation: no terminal to ask on (use --yes)".into());
+    }
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != expected {
+        return Err("not confirmed; nothing was destroyed".into());
     }
     Ok(())
 }

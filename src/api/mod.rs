@@ -28,6 +28,7 @@ use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 use crate::hsm::HsmError;
 
 mod admin;
+mod custody;
 mod keys;
 pub mod limits;
 mod oauth;
@@ -117,6 +118,23 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/usage", get(keys::own_usage))
         .route("/v1/admin/usage", get(keys::admin_usage))
         .route("/v1/admin/keys/due", get(keys::keys_due))
+        .route("/v1/admin/master-keys", get(custody::list_master_keys))
+        .route(
+            "/v1/admin/master-keys/rotate",
+            post(custody::rotate_master_key),
+        )
+        .route(
+            "/v1/admin/master-keys/rewrap",
+            post(custody::start_rewrap).get(custody::get_rewrap),
+        )
+        .route(
+            "/v1/admin/master-keys/{version}/retire",
+            post(custody::retire_master_key),
+        )
+        .route(
+            "/v1/admin/signing-keys/rotate",
+            post(custody::rotate_signing_key),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -205,6 +223,9 @@ pub enum ApiError {
     /// 404 `not_found`.
     #[error("no such endpoint")]
     NotFound,
+    /// 404 `no_rewrap_job`.
+    #[error("no rewrap job was ever started")]
+    NoRewrapJob,
     /// 405 `method_not_allowed`.
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
@@ -265,6 +286,11 @@ impl ApiError {
                 _ => (StatusCode::CONFLICT, "secret_pending_deletion"),
             },
             Self::Broker(B::Busy) => (StatusCode::CONFLICT, "concurrent_update"),
+            Self::Broker(B::MasterKey(_, "mk_version_not_found")) => {
+                (StatusCode::NOT_FOUND, "mk_version_not_found")
+            }
+            Self::Broker(B::MasterKey(_, code)) => (StatusCode::CONFLICT, code),
+            Self::Broker(B::RewrapStuck(_)) => (StatusCode::CONFLICT, "rewrap_stuck"),
             Self::Auth(e) => auth_status_and_code(e),
             Self::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::InvalidForm => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -274,6 +300,7 @@ impl ApiError {
             } => (StatusCode::TOO_MANY_REQUESTS, "source_blocked"),
             Self::SourceBlocked { retry_after: None } => (StatusCode::FORBIDDEN, "source_blocked"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NoRewrapJob => (StatusCode::NOT_FOUND, "no_rewrap_job"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
@@ -1182,6 +1209,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
         keys::cancel_key_deletion, keys::put_secret, keys::get_secret, keys::delete_secret,
         keys::cancel_secret_deletion, keys::own_usage, keys::admin_usage, keys::keys_due,
+        custody::list_master_keys, custody::rotate_master_key, custody::start_rewrap,
+        custody::get_rewrap, custody::retire_master_key, custody::rotate_signing_key,
         healthz, readyz, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -1192,6 +1221,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         (name = "admin", description = "Client registration and lockdown (scope `admin`)"),
         (name = "keys", description = "Managed keys kept sealed in Postgres, and usage"),
         (name = "secrets", description = "Secrets under envelope encryption"),
+        (name = "custody", description = "Master-key and token-signing key rotation, rewrap, retirement (scope `admin`)"),
         (name = "operations", description = "Health, readiness, this document"),
     )
 )]

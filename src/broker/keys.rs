@@ -202,7 +202,7 @@ pub(super) fn stored_blob_error(err: HsmError) -> BrokerError {
     }
 }
 
-fn key_ref(id: Uuid, version: u32) -> String {
+pub(super) fn key_ref(id: Uuid, version: u32) -> String {
     format!("key:{id}:v{version}")
 }
 

@@ -22,11 +22,19 @@ pub struct MaintenanceReport {
     pub destroyed_secrets: Vec<Uuid>,
     /// Revoked-token and used-assertion rows purged.
     pub purged_token_rows: u64,
+    /// A master-key rotation this pass finished (one that stopped half-way) or did by policy.
+    pub master_key_rotated: Option<crate::crypto::MasterKeyVersion>,
+    /// Stored blobs this pass moved to the active master key.
+    pub rewrapped: i64,
 }
 
+/// How long one pass works on a running rewrap job before it returns (the next pass goes on).
+const REWRAP_TIME_PER_PASS: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Broker {
-    /// One pass: scheduled rotations, expiry, destruction after the pending window, purge of
-    /// expired revocation rows, usage flush.
+    /// One pass: a master-key rotation left half-way is finished, the master key is rotated if
+    /// the policy says so, a running rewrap job advances, then scheduled key rotations, expiry,
+    /// destruction after the pending window, purge of expired revocation rows, usage flush.
     ///
     /// # Errors
     /// An outage (work already done stays done; the next pass continues).
@@ -40,7 +48,34 @@ impl Broker {
     }
 
     async fn maintenance_pass(&self, now: i64) -> Result<MaintenanceReport, BrokerError> {
-        let mut report = MaintenanceReport::default();
+        let mut report = MaintenanceReport {
+            master_key_rotated: self.finish_interrupted_rotation().await?,
+            ..MaintenanceReport::default()
+        };
+        if self.rotate_master_key_if_due(now).await?.is_some() {
+            report.master_key_rotated = self.store.master_key_in_state("active").await?;
+        }
+        let destroyed: Vec<_> = self
+            .store
+            .master_keys()
+            .await?
+            .into_iter()
+            .filter(|row| row.state == "destroyed")
+            .map(|row| row.version)
+            .collect();
+        self.hsm.forget_master_keys(&destroyed);
+        let started = std::time::Instant::now();
+        while started.elapsed() < REWRAP_TIME_PER_PASS {
+            match self.rewrap_step(super::REWRAP_BATCH).await? {
+                Some(step) => {
+                    report.rewrapped = step.rewrapped;
+                    if step.remaining == 0 || step.failed > 0 {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
         loop {
             let due = self.store.claim_due_rotations(now, ROTATION_BATCH).await?;
             let claimed = due.len();

@@ -5,11 +5,15 @@
 
 mod keys;
 mod maintenance;
+mod master_keys;
 mod secrets;
 mod usage;
 
 pub use keys::{KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
 pub use maintenance::MaintenanceReport;
+pub use master_keys::{
+    MasterKeyPolicy, MasterKeyView, REWRAP_BATCH, RewrapProgress, RotationReason,
+};
 pub use secrets::{SecretName, StoredSecret};
 pub use usage::Operation;
 
@@ -91,6 +95,13 @@ pub enum BrokerError {
     /// Another writer changed the item at the same moment, more than once in a row.
     #[error("the item changed concurrently; retry")]
     Busy,
+    /// A master-key change was refused (unknown version, wrong state, still referenced): the
+    /// message, and the client-facing code.
+    #[error("{0}")]
+    MasterKey(String, &'static str),
+    /// A rewrap job cannot finish: the given number of stored blobs do not open (see the log).
+    #[error("{0} stored blobs cannot be rewrapped; see the server log")]
+    RewrapStuck(i64),
 }
 
 impl From<crate::store::ItemWriteError> for BrokerError {
@@ -201,6 +212,7 @@ pub struct Broker {
     limits: Limits,
     budget: Mutex<SealBudget>,
     usage: usage::UsageCounter,
+    master_key_policy: MasterKeyPolicy,
 }
 
 impl Broker {
@@ -218,7 +230,14 @@ impl Broker {
                 block: MIN_SEAL_BLOCK,
             }),
             usage: usage::UsageCounter::default(),
+            master_key_policy: MasterKeyPolicy::default(),
         }
+    }
+
+    /// Sets when the maintenance pass rotates the master key by itself.
+    pub fn with_master_key_policy(mut self, policy: MasterKeyPolicy) -> Self {
+        self.master_key_policy = policy;
+        self
     }
 
     /// The configured limits.
@@ -255,41 +274,6 @@ impl Broker {
             .collect();
         self.store.audit(&crate::audit::meta(), &events).await?;
         Ok(report)
-    }
-
-    /// Creates master key v(N+1) on the token and makes it active for new seals; older versions
-    /// stay usable for unwrap and rewrap.
-    ///
-    /// # Errors
-    /// A token or database failure.
-    pub async fn rotate_master_key(&self) -> Result<MasterKeyVersion, BrokerError> {
-        // Another broker may create the same next version between our look and our create;
-        // then we look again. (Step 5 coordinates rotation through Postgres.)
-        let mut attempts = 0;
-        let next = loop {
-            let on_token = self.hsm.master_key_versions().await?;
-            let in_db = self.store.master_keys().await?;
-            let highest = on_token
-                .iter()
-                .copied()
-                .chain(in_db.iter().map(|row| row.version))
-                .max()
-                .unwrap_or(MasterKeyVersion::FIRST);
-            let next = highest.next().ok_or(BrokerError::Hsm(HsmError::Unexpected(
-                "master key versions exhausted",
-            )))?;
-            match self.hsm.create_master_key(next).await {
-                Ok(()) => break next,
-                Err(HsmError::AlreadyExists(_)) if attempts < 5 => attempts += 1,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        self.store
-            .activate_new_master_key(next, &crate::audit::meta())
-            .await?;
-        // Seal under the new version from the next call on, on this node at least.
-        self.budget.lock().await.fetched = Instant::now() - ACTIVE_VERSION_TTL;
-        Ok(next)
     }
 
     /// Checks the token and the database, each on its own.

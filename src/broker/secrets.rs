@@ -79,7 +79,7 @@ fn secret_error(err: ItemWriteError) -> BrokerError {
 
 /// The two AADs of a secret version: the token's seal of the data key, and this process's seal
 /// of the value.
-fn aads(
+pub(super) fn aads(
     mk: MasterKeyVersion,
     owner: &str,
     id: Uuid,

@@ -10,15 +10,22 @@ use crate::crypto::MasterKeyVersion;
 
 mod audit;
 mod keys;
+mod master_keys;
 mod request_log;
 mod secrets;
 mod security;
+mod signing_keys;
 
 pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 
 pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow, UsageRow};
+pub use master_keys::{
+    KeyBlob, MasterKeyChangeError, MasterKeyLock, MasterKeyStatus, RewrapBatch, RewrapJob,
+    RewrappedKey, RewrappedSecret, SecretBlob,
+};
 pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
+pub use signing_keys::SigningKeyRow;
 
 /// What went wrong in Postgres.
 #[derive(Debug, thiserror::Error)]

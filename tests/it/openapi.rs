@@ -3,7 +3,13 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 45] = [
+const ENDPOINTS: [(&str, &str); 51] = [
+    ("/v1/admin/master-keys", "get"),
+    ("/v1/admin/master-keys/rotate", "post"),
+    ("/v1/admin/master-keys/rewrap", "post"),
+    ("/v1/admin/master-keys/rewrap", "get"),
+    ("/v1/admin/master-keys/{version}/retire", "post"),
+    ("/v1/admin/signing-keys/rotate", "post"),
     ("/v1/admin/clients/{id}/lockdown", "post"),
     ("/v1/admin/clients/{id}/unblock", "post"),
     ("/v1/admin/security-settings", "get"),

@@ -1,0 +1,500 @@
+//! Master-key lifecycle: rotation that a crash at any point leaves resumable, the rewrap job
+//! that moves every stored blob to the active version inside the token, retirement, destruction,
+//! and the automatic rotation policy.
+//!
+//! Every change takes the cluster-wide master-key lock in Postgres (an advisory lock that dies
+//! with its connection), so two brokers or officers asking at once make one new version; the
+//! rewrap job itself needs no lock: its batches lock their rows `FOR UPDATE SKIP LOCKED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use super::{Broker, BrokerError, keys::context_from_json, keys::key_ref, secrets::aads};
+use crate::crypto::envelope::{self, DataKey};
+use crate::crypto::{Aad, MasterKeyVersion};
+use crate::hsm::HsmError;
+use crate::store::{
+    MasterKeyChangeError, MasterKeyStatus, RewrapJob, RewrappedKey, RewrappedSecret,
+};
+
+/// How many blobs one rewrap batch moves (one transaction, one token call).
+pub const REWRAP_BATCH: i64 = 200;
+
+/// When the broker rotates the master key by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MasterKeyPolicy {
+    /// Rotate when the active version is this many days old (0: never by age).
+    pub rotation_period_days: u32,
+    /// Rotate when the active version has done this many seals. GCM with random 96-bit IVs is
+    /// safe for 2^32 seals under one key (NIST SP 800-38D); the default stays far below.
+    pub max_seals: u64,
+}
+
+impl Default for MasterKeyPolicy {
+    fn default() -> Self {
+        Self {
+            rotation_period_days: 365,
+            max_seals: 1 << 30,
+        }
+    }
+}
+
+/// A version as the overview shows it, with whether the token holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeyView {
+    /// What Postgres records.
+    pub recorded: Option<MasterKeyStatus>,
+    /// The version.
+    pub version: MasterKeyVersion,
+    /// Whether the token holds it.
+    pub on_token: bool,
+}
+
+/// Why the broker rotated by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationReason {
+    /// The active version reached the age limit.
+    Age,
+    /// The active version reached the seal limit.
+    Seals,
+}
+
+/// Progress of one rewrap batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RewrapProgress {
+    /// Blobs moved by the job so far.
+    pub rewrapped: i64,
+    /// Blobs still outside the active version.
+    pub remaining: i64,
+    /// Blobs this batch could not open (left where they are, and logged).
+    pub failed: usize,
+}
+
+/// In debug builds, `KEYBROKER_CRASH_AT=<name>` makes the process kill itself with SIGKILL when
+/// it reaches the crash point `name`: the crash-safety tests stop the real binary at each step of
+/// a rotation or a rewrap exactly as `kill -9` would. Release builds ignore it.
+pub(crate) fn crash_point(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("KEYBROKER_CRASH_AT").is_ok_and(|at| at == name) {
+        tracing::warn!(target: "keybroker::broker", crash_point = name, "KEYBROKER_CRASH_AT: killing this process");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
+
+impl Broker {
+    /// Creates master key v(N+1) on the token and makes it active for new seals; older versions
+    /// stay decrypt-only. A rotation that stopped half-way (a pending version) is finished
+    /// instead, and one that another broker finished while this one waited for the lock counts
+    /// as done: racing rotations make one new version. Returns the active version.
+    ///
+    /// # Errors
+    /// A token or database failure (the rotation stays pending and the next attempt finishes it).
+    pub async fn rotate_master_key(&self) -> Result<MasterKeyVersion, BrokerError> {
+        let seen = self.store.master_key_in_state("active").await?;
+        let _lock = self.store.lock_master_keys().await?;
+        let version = match self.store.master_key_in_state("pending").await? {
+            Some(pending) => pending,
+            None => {
+                let active = self.store.master_key_in_state("active").await?;
+                if let Some(active) = active
+                    && active != seen.unwrap_or(active)
+                {
+                    return Ok(active);
+                }
+                let next = self.next_master_key_version().await?;
+                self.store.record_pending_master_key(next).await?;
+                crash_point("rotate:recorded");
+                next
+            }
+        };
+        self.hsm.ensure_master_key(version).await?;
+        crash_point("rotate:on-token");
+        self.store
+            .activate_pending_master_key(version, &crate::audit::meta())
+            .await?;
+        self.expire_seal_budget().await;
+        Ok(version)
+    }
+
+    /// Finishes a rotation that stopped half-way, if one did and no one else is at it. The
+    /// maintenance pass runs this, so a crashed rotation completes without an officer.
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn finish_interrupted_rotation(
+        &self,
+    ) -> Result<Option<MasterKeyVersion>, BrokerError> {
+        let Some(_lock) = self.store.try_lock_master_keys().await? else {
+            return Ok(None);
+        };
+        let Some(version) = self.store.master_key_in_state("pending").await? else {
+            return Ok(None);
+        };
+        self.hsm.ensure_master_key(version).await?;
+        self.store
+            .activate_pending_master_key(version, &crate::audit::meta())
+            .await?;
+        self.expire_seal_budget().await;
+        Ok(Some(version))
+    }
+
+    /// The next version: above every version recorded in Postgres and every version on the
+    /// token (one created there but never recorded is not reused).
+    async fn next_master_key_version(&self) -> Result<MasterKeyVersion, BrokerError> {
+        let on_token = self.hsm.master_key_versions().await?;
+        let recorded = self.store.master_keys().await?;
+        on_token
+            .iter()
+            .copied()
+            .chain(recorded.iter().map(|row| row.version))
+            .max()
+            .map_or(Some(MasterKeyVersion::FIRST), MasterKeyVersion::next)
+            .ok_or(BrokerError::Hsm(HsmError::Unexpected(
+                "master key versions exhausted",
+            )))
+    }
+
+    /// Seal under the new active version from the next call on (on this node at once; other
+    /// nodes within the active-version refresh interval).
+    async fn expire_seal_budget(&self) {
+        self.budget.lock().await.fetched = std::time::Instant::now() - super::ACTIVE_VERSION_TTL;
+    }
+
+    /// Every version recorded in Postgres or present on the token, ascending, with its state,
+    /// seals and the stored blobs under it. A version on the token but not recorded shows with
+    /// `recorded: None` (created by a rotation whose database was restored, or by hand).
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn master_key_overview(&self) -> Result<Vec<MasterKeyView>, BrokerError> {
+        let on_token = self.hsm.master_key_versions().await?;
+        let recorded = self.store.master_key_overview().await?;
+        let mut versions: Vec<MasterKeyVersion> = on_token
+            .iter()
+            .copied()
+            .chain(recorded.iter().map(|r| r.version))
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        Ok(versions
+            .into_iter()
+            .map(|version| MasterKeyView {
+                recorded: recorded.iter().find(|r| r.version == version).cloned(),
+                version,
+                on_token: on_token.contains(&version),
+            })
+            .collect())
+    }
+
+    /// Starts the rewrap job (or joins the one running). Returns it, and whether this call
+    /// started it. Any broker's maintenance pass works on it; [`Broker::run_rewrap`] drives it
+    /// to the end.
+    ///
+    /// # Errors
+    /// [`BrokerError::NoActiveKey`] or a database failure.
+    pub async fn start_rewrap(&self, started_by: &str) -> Result<(RewrapJob, bool), BrokerError> {
+        Ok(self
+            .store
+            .start_rewrap_job(started_by, &crate::audit::meta())
+            .await?)
+    }
+
+    /// The running rewrap job, else the latest.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn rewrap_job(&self) -> Result<Option<RewrapJob>, BrokerError> {
+        Ok(self.store.rewrap_job().await?)
+    }
+
+    /// Moves one batch of stored blobs to the active version inside the token: each is opened
+    /// and sealed again in one token call; the plaintext exists only in zeroizing buffers of this
+    /// process meanwhile and is never returned or logged. Nothing is stored unless the whole
+    /// batch was sealed. `None` when no job is running.
+    ///
+    /// # Errors
+    /// A token or database failure (the batch is left as it was).
+    pub async fn rewrap_step(&self, limit: i64) -> Result<Option<RewrapProgress>, BrokerError> {
+        let Some(mut batch) = self.store.rewrap_batch(limit).await? else {
+            return Ok(None);
+        };
+        let target = batch.target;
+        let keys = Arc::new(std::mem::take(&mut batch.keys));
+        let secrets = Arc::new(std::mem::take(&mut batch.secrets));
+        let (moved_keys, moved_secrets, failed) = if keys.is_empty() && secrets.is_empty() {
+            (Vec::new(), Vec::new(), 0)
+        } else {
+            let sealed = self
+                .hsm
+                .run(move |token| {
+                    let mut moved_keys = Vec::with_capacity(keys.len());
+                    let mut moved_secrets = Vec::with_capacity(secrets.len());
+                    let mut failed = 0;
+                    for key in keys.iter() {
+                        match rewrap_key(token, key, target) {
+                            Ok(moved) => moved_keys.push(moved),
+                            Err(e) if e.is_unavailable() => return Err(e),
+                            Err(e) => {
+                                failed += 1;
+                                tracing::error!(target: "keybroker::broker", key = %key.key_id, version = key.version, error = %e, "a stored key version cannot be rewrapped");
+                            }
+                        }
+                    }
+                    for secret in secrets.iter() {
+                        match rewrap_secret(token, secret, target) {
+                            Ok(moved) => moved_secrets.push(moved),
+                            Err(e) if e.is_unavailable() => return Err(e),
+                            Err(e) => {
+                                failed += 1;
+                                tracing::error!(target: "keybroker::broker", secret = %secret.secret_id, version = secret.version, error = %e, "a stored secret version cannot be rewrapped");
+                            }
+                        }
+                    }
+                    Ok((moved_keys, moved_secrets, failed))
+                })
+                .await?;
+            self.store
+                .count_seals(target, sealed.0.len() + sealed.1.len())
+                .await?;
+            sealed
+        };
+        crash_point("rewrap:sealed");
+        let (rewrapped, remaining) = batch
+            .commit(
+                moved_keys,
+                moved_secrets,
+                &self.store,
+                &crate::audit::meta(),
+            )
+            .await?;
+        crash_point("rewrap:committed");
+        Ok(Some(RewrapProgress {
+            rewrapped,
+            remaining,
+            failed,
+        }))
+    }
+
+    /// Runs rewrap batches until the job is done, no job runs, or a batch moves nothing while
+    /// blobs remain (they cannot be opened: see the log). `progress` sees each batch.
+    ///
+    /// # Errors
+    /// A token or database failure, or [`BrokerError::RewrapStuck`].
+    pub async fn run_rewrap(
+        &self,
+        mut progress: impl FnMut(&RewrapProgress),
+    ) -> Result<(), BrokerError> {
+        let mut last = None;
+        while let Some(step) = self.rewrap_step(REWRAP_BATCH).await? {
+            progress(&step);
+            if step.remaining == 0 {
+                return Ok(());
+            }
+            if step.failed > 0 && last == Some(step.rewrapped) {
+                return Err(BrokerError::RewrapStuck(step.remaining));
+            }
+            last = Some(step.rewrapped);
+        }
+        Ok(())
+    }
+
+    /// Retires a decrypt-only version that no stored blob references.
+    ///
+    /// # Errors
+    /// [`BrokerError::MasterKey`] when it is unknown, in another state or still referenced.
+    pub async fn retire_master_key(&self, version: MasterKeyVersion) -> Result<(), BrokerError> {
+        let _lock = self.store.lock_master_keys().await?;
+        self.store
+            .retire_master_key(version, &crate::audit::meta())
+            .await
+            .map_err(master_key_error)
+    }
+
+    /// Removes a retired version from the token for good, then records it destroyed. Refused
+    /// while any stored blob references it. Blobs that clients hold under it can no longer be
+    /// opened (`422 unknown_mk_version`).
+    ///
+    /// # Errors
+    /// [`BrokerError::MasterKey`] when it is unknown, not retired or still referenced; a token
+    /// failure.
+    pub async fn destroy_master_key(&self, version: MasterKeyVersion) -> Result<(), BrokerError> {
+        let _lock = self.store.lock_master_keys().await?;
+        self.store
+            .check_master_key_destroyable(version)
+            .await
+            .map_err(master_key_error)?;
+        self.hsm.destroy_master_key(version).await?;
+        crash_point("destroy:off-token");
+        self.store
+            .record_master_key_destroyed(version, &crate::audit::meta())
+            .await?;
+        Ok(())
+    }
+
+    /// The automatic rotation policy, checked by each maintenance pass: rotate when the active
+    /// version is too old or has done too many seals, then start a rewrap job. Returns why it
+    /// rotated, if it did.
+    ///
+    /// # Errors
+    /// A token or database failure.
+    pub async fn rotate_master_key_if_due(
+        &self,
+        now: i64,
+    ) -> Result<Option<RotationReason>, BrokerError> {
+        let Some(active) = self
+            .store
+            .master_key_overview()
+            .await?
+            .into_iter()
+            .find(|row| row.state == "active")
+        else {
+            return Ok(None);
+        };
+        let policy = self.master_key_policy;
+        let age_limit = i64::from(policy.rotation_period_days) * 86_400;
+        let activated = active
+            .activated_at
+            .as_deref()
+            .and_then(parse_rfc3339)
+            .unwrap_or(now);
+        let reason = if u64::try_from(active.seals).unwrap_or(0) >= policy.max_seals {
+            RotationReason::Seals
+        } else if policy.rotation_period_days > 0 && now - activated >= age_limit {
+            RotationReason::Age
+        } else {
+            return Ok(None);
+        };
+        let version = self.rotate_master_key().await?;
+        tracing::info!(target: "keybroker::broker", mk_version = version.get(), ?reason, "master key rotated by policy");
+        self.start_rewrap("scheduler").await?;
+        Ok(Some(reason))
+    }
+}
+
+fn master_key_error(err: MasterKeyChangeError) -> BrokerError {
+    match err {
+        MasterKeyChangeError::Store(e) => e.into(),
+        other => BrokerError::MasterKey(other.to_string(), master_key_error_code(&other)),
+    }
+}
+
+fn master_key_error_code(err: &MasterKeyChangeError) -> &'static str {
+    match err {
+        MasterKeyChangeError::NotFound(_) => "mk_version_not_found",
+        MasterKeyChangeError::WrongState(..) => "mk_version_state",
+        MasterKeyChangeError::InUse(..) => "mk_version_in_use",
+        MasterKeyChangeError::Store(_) => "internal_error",
+    }
+}
+
+/// Unix seconds of `YYYY-MM-DDTHH:MM:SSZ`.
+fn parse_rfc3339(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 20 || bytes[19] != b'Z' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// A managed-key version opened under its old version and sealed under `target`.
+fn rewrap_key(
+    token: &mut crate::hsm::TokenSession<'_>,
+    key: &crate::store::KeyBlob,
+    target: MasterKeyVersion,
+) -> Result<RewrappedKey, HsmError> {
+    let from = stored_version(key.mk_version)?;
+    let context = context_from_json(&key.context)
+        .map_err(|_| HsmError::Unexpected("a stored context does not parse"))?;
+    let owner = key.client_id.to_string();
+    let version = u32::try_from(key.version).map_err(|_| HsmError::Unexpected("key version"))?;
+    let key_ref = key_ref(key.key_id, version);
+    let aad = |mk_version| {
+        Aad {
+            mk_version,
+            client_id: Some(&owner),
+            key_ref: Some(&key_ref),
+            context: &context,
+        }
+        .bytes()
+    };
+    let material: Zeroizing<Vec<u8>> = token.unseal(from, &key.sealed, &aad(from))?;
+    let sealed = token.seal(target, &material, &aad(target))?;
+    Ok(RewrappedKey {
+        key_id: key.key_id,
+        version: key.version,
+        sealed,
+    })
+}
+
+/// A secret version's data key moved to `target`, and its value sealed again under the same
+/// data key with the new AAD (which names the master-key version too).
+fn rewrap_secret(
+    token: &mut crate::hsm::TokenSession<'_>,
+    secret: &crate::store::SecretBlob,
+    target: MasterKeyVersion,
+) -> Result<RewrappedSecret, HsmError> {
+    let from = stored_version(secret.mk_version)?;
+    let context = context_from_json(&secret.context)
+        .map_err(|_| HsmError::Unexpected("a stored context does not parse"))?;
+    let owner = secret.client_id.to_string();
+    let version =
+        u32::try_from(secret.version).map_err(|_| HsmError::Unexpected("secret version"))?;
+    let (old_dek_aad, old_value_aad) = aads(from, &owner, secret.secret_id, version, &context);
+    let (new_dek_aad, new_value_aad) = aads(target, &owner, secret.secret_id, version, &context);
+    let dek = token.unseal(from, &secret.wrapped_dek, &old_dek_aad)?;
+    let key = DataKey::from_bytes(&dek)
+        .map_err(|_| HsmError::Unexpected("data key of the wrong size"))?;
+    let value =
+        envelope::open(&key, &old_value_aad, &secret.sealed).map_err(|_| HsmError::NotAuthentic)?;
+    let mut nonce = [0u8; envelope::NONCE_LEN];
+    nonce.copy_from_slice(&token.random(envelope::NONCE_LEN)?);
+    let sealed = envelope::seal(&key, nonce, &new_value_aad, &value)
+        .map_err(|_| HsmError::Unexpected("in-process seal failed"))?;
+    let wrapped_dek = token.seal(target, &dek, &new_dek_aad)?;
+    Ok(RewrappedSecret {
+        secret_id: secret.secret_id,
+        version: secret.version,
+        wrapped_dek,
+        sealed,
+    })
+}
+
+fn stored_version(version: i32) -> Result<MasterKeyVersion, HsmError> {
+    u32::try_from(version)
+        .ok()
+        .and_then(MasterKeyVersion::new)
+        .ok_or(HsmError::Unexpected(
+            "a stored master key version is out of range",
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+
+    #[test]
+    fn rfc3339_times_convert_to_unix_seconds() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), Some(951_868_800));
+        assert_eq!(parse_rfc3339("2026-11-21T08:30:15Z"), Some(1_795_249_815));
+        assert_eq!(parse_rfc3339("2026-11-21 08:30:15"), None);
+    }
+}
