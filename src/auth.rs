@@ -917,10 +917,18 @@ impl Authenticator {
         if fresh.first().is_none_or(|k| k.published_until.is_some()) {
             return Err(HsmError::ObjectMissing(crate::hsm::SIGNING_KEY_LABEL.to_owned()).into());
         }
-        *self
+        let mut keys = self
             .keys
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A key that is no longer published takes its verified tokens with it.
+        if keys
+            .iter()
+            .any(|old| !fresh.iter().any(|k| k.label == old.label))
+        {
+            lock_verified(&self.verified).clear();
+        }
+        *keys = fresh;
         Ok(())
     }
 

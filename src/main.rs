@@ -125,6 +125,9 @@ enum HsmCommand {
     /// Move every stored blob to the active master key, with a progress bar (joins the job
     /// running on any broker; interrupting it loses nothing: run it again).
     Rewrap {
+        /// Blobs per batch (one transaction and one token call each).
+        #[arg(long, default_value_t = keybroker::broker::REWRAP_BATCH)]
+        batch_size: i64,
         #[command(flatten)]
         token: TokenArgs,
         #[command(flatten)]
@@ -521,7 +524,11 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             );
             print_master_keys(&broker).await?;
         }
-        HsmCommand::Rewrap { token, db } => {
+        HsmCommand::Rewrap {
+            batch_size,
+            token,
+            db,
+        } => {
             let broker = broker(&token, &db, limits).await?;
             let (job, started) = broker.start_rewrap("officer").await?;
             println!(
@@ -532,7 +539,9 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             );
             let total = job.rewrapped + job.remaining;
             broker
-                .run_rewrap(|step| print_progress(step.rewrapped, total.max(step.rewrapped)))
+                .run_rewrap(batch_size, |step| {
+                    print_progress(step.rewrapped, total.max(step.rewrapped));
+                })
                 .await?;
             println!();
             print_master_keys(&broker).await?;

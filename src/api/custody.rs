@@ -188,7 +188,7 @@ pub(super) async fn start_rewrap(
     tokio::spawn(crate::audit::scope(
         crate::audit::Context::system("scheduler"),
         async move {
-            if let Err(e) = broker.run_rewrap(|_| {}).await {
+            if let Err(e) = broker.run_rewrap(crate::broker::REWRAP_BATCH, |_| {}).await {
                 tracing::warn!(target: "keybroker::api", error = %e, "rewrap stopped; the maintenance pass goes on with it");
             }
         },

@@ -55,15 +55,7 @@ impl Broker {
         if self.rotate_master_key_if_due(now).await?.is_some() {
             report.master_key_rotated = self.store.master_key_in_state("active").await?;
         }
-        let destroyed: Vec<_> = self
-            .store
-            .master_keys()
-            .await?
-            .into_iter()
-            .filter(|row| row.state == "destroyed")
-            .map(|row| row.version)
-            .collect();
-        self.hsm.forget_master_keys(&destroyed);
+        self.destroyed_master_keys().await?;
         let started = std::time::Instant::now();
         while started.elapsed() < REWRAP_TIME_PER_PASS {
             match self.rewrap_step(super::REWRAP_BATCH).await? {

@@ -282,17 +282,18 @@ impl Broker {
         }))
     }
 
-    /// Runs rewrap batches until the job is done, no job runs, or a batch moves nothing while
+    /// Runs rewrap batches of `batch_size` until the job is done, no job runs, or a batch moves nothing while
     /// blobs remain (they cannot be opened: see the log). `progress` sees each batch.
     ///
     /// # Errors
     /// A token or database failure, or [`BrokerError::RewrapStuck`].
     pub async fn run_rewrap(
         &self,
+        batch_size: i64,
         mut progress: impl FnMut(&RewrapProgress),
     ) -> Result<(), BrokerError> {
         let mut last = None;
-        while let Some(step) = self.rewrap_step(REWRAP_BATCH).await? {
+        while let Some(step) = self.rewrap_step(batch_size.max(1)).await? {
             progress(&step);
             if step.remaining == 0 {
                 return Ok(());

@@ -213,6 +213,8 @@ pub struct Broker {
     budget: Mutex<SealBudget>,
     usage: usage::UsageCounter,
     master_key_policy: MasterKeyPolicy,
+    /// The destroyed master-key versions, as last read (at most [`ACTIVE_VERSION_TTL`] ago).
+    destroyed: Mutex<(Option<Instant>, Arc<Vec<MasterKeyVersion>>)>,
 }
 
 impl Broker {
@@ -231,6 +233,7 @@ impl Broker {
             }),
             usage: usage::UsageCounter::default(),
             master_key_policy: MasterKeyPolicy::default(),
+            destroyed: Mutex::new((None, Arc::new(Vec::new()))),
         }
     }
 
@@ -350,9 +353,13 @@ impl Broker {
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
+        let destroyed = self.destroyed_master_keys().await?;
         let owner_text = owner.to_owned();
         let results = self
-            .each_item(items, move |token, item| open(token, &owner_text, item))
+            .each_item(items, move |token, item| {
+                refuse_destroyed(&destroyed, item)?;
+                open(token, &owner_text, item)
+            })
             .await?;
         self.audit_refused_opens(owner, "unwrap", &results).await?;
         self.explain_missing_versions(results).await
@@ -369,10 +376,12 @@ impl Broker {
         items: Vec<BlobRequest>,
     ) -> Result<Vec<Result<WrappedBlob, BrokerError>>, BrokerError> {
         self.check_batch(items.len())?;
+        let destroyed = self.destroyed_master_keys().await?;
         let version = self.reserve_seals(items.len()).await?;
         let owner_text = owner.to_owned();
         let results = self
             .each_item(items, move |token, item| {
+                refuse_destroyed(&destroyed, item)?;
                 let plaintext = open(token, &owner_text, item)?;
                 let aad = Aad {
                     mk_version: version,
@@ -495,6 +504,30 @@ impl Broker {
             .collect())
     }
 
+    /// The destroyed master-key versions, re-read at most every [`ACTIVE_VERSION_TTL`]: an
+    /// officer's `destroy-master` on any broker takes effect on this one within that time, and
+    /// its copies of the key are dropped.
+    async fn destroyed_master_keys(&self) -> Result<Arc<Vec<MasterKeyVersion>>, BrokerError> {
+        let mut cached = self.destroyed.lock().await;
+        if let (Some(read_at), versions) = &*cached
+            && read_at.elapsed() < ACTIVE_VERSION_TTL
+        {
+            return Ok(versions.clone());
+        }
+        let versions: Vec<MasterKeyVersion> = self
+            .store
+            .master_keys()
+            .await?
+            .into_iter()
+            .filter(|row| row.state == "destroyed")
+            .map(|row| row.version)
+            .collect();
+        self.hsm.forget_master_keys(&versions);
+        let versions = Arc::new(versions);
+        *cached = (Some(Instant::now()), versions.clone());
+        Ok(versions)
+    }
+
     /// Reserves `n` seals and returns the version to seal under (see [`SealBudget`]).
     async fn reserve_seals(&self, n: usize) -> Result<MasterKeyVersion, BrokerError> {
         let n = n as u64;
@@ -522,6 +555,16 @@ impl Broker {
         budget.fetched = Instant::now();
         Ok(version)
     }
+}
+
+/// A blob under a destroyed master-key version is refused as if the token had never held it,
+/// even where this process still holds a session copy of that key.
+fn refuse_destroyed(destroyed: &[MasterKeyVersion], item: &BlobRequest) -> Result<(), HsmError> {
+    let version = item.wrapped.mk_version();
+    if destroyed.contains(&version) {
+        return Err(HsmError::UnknownMasterKey(version));
+    }
+    Ok(())
 }
 
 /// Opens a blob sealed for `owner` (the client id bound into its AAD).

@@ -37,7 +37,30 @@ impl ChildServer {
         log: PathBuf,
         extra: &[(&str, &str)],
     ) -> Self {
-        let database_url = fresh_database().await;
+        Self::launch(token, log, extra, None).await
+    }
+
+    /// A second broker on `first`'s database (and the token `token` names, which must be the
+    /// same token), logged in with `first`'s admin credentials.
+    pub async fn start_beside(
+        first: &ChildServer,
+        token: (&str, String),
+        log: PathBuf,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(token, log, extra, Some(first)).await
+    }
+
+    async fn launch(
+        token: (&str, String),
+        log: PathBuf,
+        extra: &[(&str, &str)],
+        beside: Option<&ChildServer>,
+    ) -> Self {
+        let database_url = match beside {
+            Some(first) => first.database_url.clone(),
+            None => fresh_database().await,
+        };
         let cert = dev_certificate();
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -56,18 +79,25 @@ impl ChildServer {
                 .envs(extra.iter().copied());
             cmd
         };
-        let credentials = log.with_file_name("admin-credentials.json");
-        let init = command(&["hsm", "init", "--admin-credentials-out"])
-            .arg(&credentials)
-            .output()
-            .unwrap();
-        assert!(init.status.success(), "{init:?}");
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(&credentials).unwrap().permissions(),
-        );
-        assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
-        let credentials: Value =
-            serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap();
+        let credentials: Value = match beside {
+            Some(first) => serde_json::json!({
+                "client_id": first.admin_id,
+                "client_secret": first.admin_secret,
+            }),
+            None => {
+                let credentials = log.with_file_name("admin-credentials.json");
+                let init = command(&["hsm", "init", "--admin-credentials-out"])
+                    .arg(&credentials)
+                    .output()
+                    .unwrap();
+                assert!(init.status.success(), "{init:?}");
+                let mode = std::os::unix::fs::PermissionsExt::mode(
+                    &std::fs::metadata(&credentials).unwrap().permissions(),
+                );
+                assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
+                serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap()
+            }
+        };
         let log_file = std::fs::File::create(&log).unwrap();
         let child = command(&["serve"])
             .stdout(Stdio::null())

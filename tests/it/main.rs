@@ -20,4 +20,5 @@ mod managed;
 mod oauth;
 mod openapi;
 mod request_log;
+mod rotation;
 mod token;

@@ -1,0 +1,776 @@
+//! Master-key rotation with online rewrap, retirement and destruction; token-signing key
+//! rotation with JWKS overlap; crash safety (the real binary killed at each step) and two brokers
+//! racing. All on the real token and Postgres, over HTTPS.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::child::ChildServer;
+use crate::common::{TestServer, b64, error_code, read, scratch_dir};
+use crate::token::PrivateToken;
+
+/// An HTTPS caller with a bearer token, for either kind of server.
+#[derive(Clone)]
+struct Api {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn of_test(server: &TestServer) -> Self {
+        Self {
+            client: server.client.clone(),
+            base: server.base.clone(),
+            token: server.main.token.clone(),
+        }
+    }
+
+    fn of_child(server: &ChildServer) -> Self {
+        let (client, base) = server.endpoint();
+        Self {
+            client,
+            base,
+            token: server.token.clone(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        read(request.send().await.unwrap()).await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+/// What a workload stored, and the plaintexts to expect back.
+struct Stored {
+    /// Key id → (context, plaintext of every version, by version).
+    keys: Vec<(String, Value, BTreeMap<u64, String>)>,
+    /// Secret name → (context, value of every version, by version).
+    secrets: Vec<(String, Value, BTreeMap<u64, String>)>,
+    /// A client-held data key: (blob, context, plaintext).
+    datakey: (Value, Value, Value),
+}
+
+/// Managed keys of several formats (two versions each) and secrets (two versions each).
+async fn store_workload(api: &Api, keys: usize, secrets: usize) -> Stored {
+    let formats = ["raw", "hex", "uuid", "alphanumeric", "numeric"];
+    let mut stored = Stored {
+        keys: Vec::new(),
+        secrets: Vec::new(),
+        datakey: (Value::Null, Value::Null, Value::Null),
+    };
+    for i in 0..keys {
+        let context = json!({"tenant": format!("t{i}")});
+        let (status, created) = api
+            .post(
+                "/v1/keys",
+                &json!({"name": format!("key-{i}"), "format": formats[i % formats.len()],
+                        "context": context, "return_plaintext": true}),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["key"]["id"].as_str().unwrap().to_owned();
+        let mut versions = BTreeMap::new();
+        versions.insert(1, created["plaintext"].as_str().unwrap().to_owned());
+        let (status, rotated) = api.post(&format!("/v1/keys/{id}/rotate"), &json!({})).await;
+        assert_eq!(status, 200, "{rotated}");
+        let (status, read) = api
+            .post(
+                &format!("/v1/keys/{id}/plaintext"),
+                &json!({"context": context}),
+            )
+            .await;
+        assert_eq!(status, 200, "{read}");
+        versions.insert(2, read["plaintext"].as_str().unwrap().to_owned());
+        stored.keys.push((id, context, versions));
+    }
+    for i in 0..secrets {
+        let name = format!("secret-{i}");
+        let context = json!({"env": format!("e{i}")});
+        let mut versions = BTreeMap::new();
+        for version in 1..=2u64 {
+            let value = b64(format!("value {i} v{version}").as_bytes());
+            let (status, body) = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/secrets/{name}"),
+                    Some(&json!({"value": value, "context": context})),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            versions.insert(version, value);
+        }
+        stored.secrets.push((name, context, versions));
+    }
+    let context = json!({"app": "billing"});
+    let (status, key) = api.post("/v1/datakey", &json!({"context": context})).await;
+    assert_eq!(status, 200, "{key}");
+    stored.datakey = (key["wrapped"].clone(), context, key["plaintext"].clone());
+    stored
+}
+
+/// Every stored version of every key and secret reads back with its original plaintext.
+async fn assert_all_readable(api: &Api, stored: &Stored) {
+    for (id, context, versions) in &stored.keys {
+        for (version, plaintext) in versions {
+            let (status, body) = api
+                .post(
+                    &format!("/v1/keys/{id}/plaintext"),
+                    &json!({"context": context, "version": version}),
+                )
+                .await;
+            assert_eq!(status, 200, "key {id} v{version}: {body}");
+            assert_eq!(body["plaintext"], plaintext.as_str(), "key {id} v{version}");
+        }
+    }
+    for (name, context, versions) in &stored.secrets {
+        let query: String = context
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("&context.{k}={}", v.as_str().unwrap()))
+            .collect();
+        for (version, value) in versions {
+            let (status, body) = api
+                .get(&format!("/v1/secrets/{name}?version={version}{query}"))
+                .await;
+            assert_eq!(status, 200, "secret {name} v{version}: {body}");
+            assert_eq!(body["value"], value.as_str(), "secret {name} v{version}");
+        }
+    }
+}
+
+/// The versions in `GET /v1/admin/master-keys`, by version number.
+async fn master_keys(api: &Api) -> BTreeMap<u64, Value> {
+    let (status, body) = api.get("/v1/admin/master-keys").await;
+    assert_eq!(status, 200, "{body}");
+    body["master_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v.clone()))
+        .collect()
+}
+
+fn active_version(versions: &BTreeMap<u64, Value>) -> u64 {
+    let active: Vec<u64> = versions
+        .values()
+        .filter(|v| v["state"] == "active")
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(active.len(), 1, "{versions:?}");
+    active[0]
+}
+
+/// Polls the rewrap job until it is done.
+async fn wait_for_rewrap(api: &Api) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, job) = api.get("/v1/admin/master-keys/rewrap").await;
+        assert_eq!(status, 200, "{job}");
+        if job["state"] == "done" {
+            return job;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the rewrap never finished: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn rotation_then_rewrap_leaves_no_blob_under_the_old_version_and_every_plaintext_unchanged() {
+    let server = TestServer::start().await;
+    let api = Api::of_test(&server);
+    let stored = store_workload(&api, 7, 4).await;
+    let before = master_keys(&api).await;
+    let old = active_version(&before);
+    assert_eq!(before[&old]["stored_blobs"], 7 * 2 + 4 * 2, "{before:?}");
+    assert!(before[&old]["seals"].as_i64().unwrap() >= 23, "{before:?}");
+
+    // No job yet.
+    let (status, body) = api.get("/v1/admin/master-keys/rewrap").await;
+    assert_eq!((status, error_code(&body)), (404, "no_rewrap_job"));
+
+    let (status, body) = api.post("/v1/admin/master-keys/rotate", &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let rotated = master_keys(&api).await;
+    let new = active_version(&rotated);
+    assert!(new > old);
+    assert_eq!(rotated[&old]["state"], "decrypt_only");
+    assert_eq!(rotated[&new]["on_token"], true);
+    // Reads work before the rewrap: the old version still opens its blobs.
+    assert_all_readable(&api, &stored).await;
+
+    // Retirement is refused while blobs remain; an active version cannot be retired.
+    let (status, body) = api
+        .post(&format!("/v1/admin/master-keys/{old}/retire"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "mk_version_in_use"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(&format!("/v1/admin/master-keys/{new}/retire"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (409, "mk_version_state"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post("/v1/admin/master-keys/999999/retire", &json!({}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (404, "mk_version_not_found"),
+        "{body}"
+    );
+
+    let (status, job) = api.post("/v1/admin/master-keys/rewrap", &json!({})).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["total"], 22, "{job}");
+    let job = wait_for_rewrap(&api).await;
+    assert_eq!(
+        (job["rewrapped"].as_i64(), job["remaining"].as_i64()),
+        (Some(22), Some(0))
+    );
+
+    let after = master_keys(&api).await;
+    assert_eq!(after[&old]["stored_blobs"], 0, "{after:?}");
+    assert_eq!(after[&new]["stored_blobs"], 22, "{after:?}");
+    assert_all_readable(&api, &stored).await;
+    // In Postgres itself: nothing under the old version.
+    let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
+    let (left,): (i64,) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM key_versions WHERE mk_version <> $1)
+              + (SELECT count(*) FROM secret_versions WHERE mk_version <> $1)",
+    )
+    .bind(i32::try_from(new).unwrap())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    pool.close().await;
+
+    // Retired now; a client's own blob under it still opens (and can be rewrapped).
+    let (status, body) = api
+        .post(&format!("/v1/admin/master-keys/{old}/retire"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (wrapped, context, plaintext) = &stored.datakey;
+    let (status, body) = api
+        .post(
+            "/v1/rewrap",
+            &json!({"wrapped": wrapped, "context": context}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, opened) = api
+        .post(
+            "/v1/unwrap",
+            &json!({"wrapped": body["wrapped"], "context": context}),
+        )
+        .await;
+    assert_eq!(status, 200, "{opened}");
+    assert_eq!(&opened["plaintext"], plaintext);
+    assert!(
+        body["wrapped"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("kb:v1:{new}:"))
+    );
+
+    // The trail shows rotation, rewrap start and finish, retirement.
+    let (status, events) = api.get("/v1/admin/audit?limit=1000").await;
+    assert_eq!(status, 200, "{events}");
+    let names: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    for event in [
+        "master_key.rotated",
+        "master_key.rewrap_started",
+        "master_key.rewrap_finished",
+        "master_key.retired",
+    ] {
+        assert!(names.contains(&event), "{event} missing from {names:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_replaced_signing_key_stays_in_the_jwks_until_its_tokens_expire_then_is_gone() {
+    let server = TestServer::start().await;
+    let api = Api::of_test(&server);
+    let kid_of = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let jwks_kids = || async {
+        let (status, jwks) = api.get("/.well-known/jwks.json").await;
+        assert_eq!(status, 200);
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let old_token = server.main.token.clone();
+    let old_kid = kid_of(&old_token);
+    assert_eq!(jwks_kids().await, vec![old_kid.clone()]);
+
+    let (status, rotated) = api.post("/v1/admin/signing-keys/rotate", &json!({})).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new_kid = rotated["kid"].as_str().unwrap().to_owned();
+    assert_ne!(new_kid, old_kid);
+    // Both are published; the old token still works; new tokens carry the new kid.
+    let kids = jwks_kids().await;
+    assert!(
+        kids.contains(&old_kid) && kids.contains(&new_kid),
+        "{kids:?}"
+    );
+    assert_eq!(kids[0], new_kid, "the signing key comes first");
+    let (status, body) = api.get("/v1/usage").await;
+    assert_eq!(status, 200, "{body}");
+    let new_token = server
+        .token_for(&server.main.id, &server.main.secret, &server.client)
+        .await;
+    assert_eq!(kid_of(&new_token), new_kid);
+    let fresh = Api {
+        token: new_token.clone(),
+        ..api.clone()
+    };
+    assert_eq!(fresh.get("/v1/usage").await.0, 200);
+
+    // Every token the old key signed has expired: a maintenance pass at that time retires it.
+    let ttl = keybroker::auth::unix_now()
+        + i64::try_from(server.auth.config().token_ttl.as_secs()).unwrap()
+        + i64::try_from(server.auth.config().leeway).unwrap()
+        + 61;
+    server.auth.maintain_signing_keys(ttl).await.unwrap();
+    assert_eq!(jwks_kids().await, vec![new_kid.clone()]);
+    let (status, body) = api.get("/v1/usage").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (401, "invalid_token"),
+        "{body}"
+    );
+    assert_eq!(fresh.get("/v1/usage").await.0, 200);
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary, on a token of its own
+
+/// `keybroker <args>` against `server`'s database and `token`, with more environment.
+fn keybroker(
+    server: &ChildServer,
+    token: &PrivateToken,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> std::process::Output {
+    let (var, conf) = token.env();
+    Command::new(env!("CARGO_BIN_EXE_keybroker"))
+        .args(args)
+        .env(var, conf)
+        .env("DATABASE_URL", &server.database_url)
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// Killed by SIGKILL, as `KEYBROKER_CRASH_AT` does.
+fn was_killed(output: &std::process::Output) -> bool {
+    std::os::unix::process::ExitStatusExt::signal(&output.status) == Some(9)
+}
+
+/// The `hsm status` master-key table: version → (state, blobs, on token).
+fn status_table(output: &std::process::Output) -> BTreeMap<u64, (String, String, String)> {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let version = cols.first()?.strip_prefix('v')?.parse().ok()?;
+            Some((
+                version,
+                (
+                    cols.get(1)?.to_string(),
+                    cols.get(3)?.to_string(),
+                    cols.get(4)?.to_string(),
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// No stored blob references a version that is not on the token.
+fn assert_every_blob_version_on_token(table: &BTreeMap<u64, (String, String, String)>) {
+    for (version, (state, blobs, on_token)) in table {
+        if blobs != "0" && blobs != "-" {
+            assert_eq!(
+                on_token, "yes",
+                "v{version} ({state}) holds {blobs} blobs but is not on the token"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_pass() {
+    let token = PrivateToken::copy();
+    let server = ChildServer::start_with_env(
+        token.env(),
+        scratch_dir("crash-rotate").join("server.log"),
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1")],
+    )
+    .await;
+    let api = Api::of_child(&server);
+    let stored = store_workload(&api, 3, 2).await;
+    // (The token may hold versions from earlier runs: `hsm init` recorded them all.)
+    let known = master_keys(&api).await.len();
+    let first = active_version(&master_keys(&api).await);
+
+    // Killed after recording the pending version: the next `rotate-master` finishes that one.
+    let crashed = keybroker(
+        &server,
+        &token,
+        &["hsm", "rotate-master"],
+        &[("KEYBROKER_CRASH_AT", "rotate:recorded")],
+    );
+    assert!(was_killed(&crashed), "{crashed:?}");
+    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    let pending: Vec<u64> = table
+        .iter()
+        .filter(|(_, (state, ..))| state == "pending")
+        .map(|(v, _)| *v)
+        .collect();
+    assert_eq!(pending.len(), 1, "{table:?}");
+    let second = pending[0];
+    assert_every_blob_version_on_token(&table);
+    assert_all_readable(&api, &stored).await;
+    let done = keybroker(&server, &token, &["hsm", "rotate-master"], &[]);
+    assert!(done.status.success(), "{done:?}");
+    let versions = master_keys(&api).await;
+    assert_eq!(active_version(&versions), second, "{versions:?}");
+    assert_eq!(
+        versions.len(),
+        known + 1,
+        "another version was made: {versions:?}"
+    );
+    assert_eq!(versions[&first]["state"], "decrypt_only");
+
+    // Killed after creating the key on the token: the running broker's maintenance pass
+    // adopts it and makes it active, without an officer.
+    let crashed = keybroker(
+        &server,
+        &token,
+        &["hsm", "rotate-master"],
+        &[("KEYBROKER_CRASH_AT", "rotate:on-token")],
+    );
+    assert!(was_killed(&crashed), "{crashed:?}");
+    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    let third = *table.keys().max().unwrap();
+    assert_every_blob_version_on_token(&table);
+    let start = Instant::now();
+    loop {
+        let versions = master_keys(&api).await;
+        if versions[&third]["state"] == "active" {
+            assert_eq!(versions[&second]["state"], "decrypt_only");
+            assert_eq!(versions.len(), known + 2, "{versions:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never finished: {versions:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_all_readable(&api, &stored).await;
+    let (status, key) = api.post("/v1/datakey", &json!({})).await;
+    assert_eq!(status, 200, "{key}");
+    assert!(
+        key["wrapped"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("kb:v1:{third}:"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_rewrap_killed_mid_batch_resumes_and_destroy_waits_for_it() {
+    let token = PrivateToken::copy();
+    let server = ChildServer::start_with_env(
+        token.env(),
+        scratch_dir("crash-rewrap").join("server.log"),
+        // No pass of the server's own during the test: the CLI does the work.
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "3600")],
+    )
+    .await;
+    let api = Api::of_child(&server);
+    let stored = store_workload(&api, 6, 3).await;
+    let old = active_version(&master_keys(&api).await);
+    let rotated = keybroker(&server, &token, &["hsm", "rotate-master"], &[]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    let new = active_version(&master_keys(&api).await);
+
+    // Destroying a version that blobs still reference is refused, retired or not.
+    let refused = keybroker(
+        &server,
+        &token,
+        &[
+            "hsm",
+            "destroy-master",
+            "--version",
+            &old.to_string(),
+            "--yes",
+        ],
+        &[],
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("decrypt_only"),
+        "{refused:?}"
+    );
+
+    // Killed after sealing a batch, before storing it; then after storing one.
+    for point in ["rewrap:sealed", "rewrap:committed"] {
+        let crashed = keybroker(
+            &server,
+            &token,
+            &["hsm", "rewrap", "--batch-size", "5"],
+            &[("KEYBROKER_CRASH_AT", point)],
+        );
+        assert!(was_killed(&crashed), "{point}: {crashed:?}");
+        let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+        assert_every_blob_version_on_token(&table);
+        assert_all_readable(&api, &stored).await;
+        let (_, job) = api.get("/v1/admin/master-keys/rewrap").await;
+        assert_eq!(job["state"], "running", "{point}: {job}");
+    }
+    let finished = keybroker(&server, &token, &["hsm", "rewrap"], &[]);
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(
+        String::from_utf8_lossy(&finished.stderr).contains("blobs rewrapped"),
+        "{finished:?}"
+    );
+    let job = wait_for_rewrap(&api).await;
+    assert_eq!(job["remaining"], 0);
+    let versions = master_keys(&api).await;
+    assert_eq!(versions[&old]["stored_blobs"], 0, "{versions:?}");
+    assert_eq!(
+        versions[&new]["stored_blobs"],
+        6 * 2 + 3 * 2,
+        "{versions:?}"
+    );
+    assert_all_readable(&api, &stored).await;
+
+    // Retire, then destroy: not without confirmation, then for good (killed once on the way).
+    let retire = keybroker(
+        &server,
+        &token,
+        &["hsm", "retire-master", "--version", &old.to_string()],
+        &[],
+    );
+    assert!(retire.status.success(), "{retire:?}");
+    let unconfirmed = keybroker(
+        &server,
+        &token,
+        &["hsm", "destroy-master", "--version", &old.to_string()],
+        &[],
+    );
+    assert!(!unconfirmed.status.success(), "{unconfirmed:?}");
+    assert_eq!(
+        status_table(&keybroker(&server, &token, &["hsm", "status"], &[]))[&old].2,
+        "yes"
+    );
+    let crashed = keybroker(
+        &server,
+        &token,
+        &[
+            "hsm",
+            "destroy-master",
+            "--version",
+            &old.to_string(),
+            "--yes",
+        ],
+        &[("KEYBROKER_CRASH_AT", "destroy:off-token")],
+    );
+    assert!(was_killed(&crashed), "{crashed:?}");
+    let destroyed = keybroker(
+        &server,
+        &token,
+        &[
+            "hsm",
+            "destroy-master",
+            "--version",
+            &old.to_string(),
+            "--yes",
+        ],
+        &[],
+    );
+    assert!(destroyed.status.success(), "{destroyed:?}");
+    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    assert_eq!(
+        table[&old],
+        ("destroyed".to_owned(), "0".to_owned(), "no".to_owned())
+    );
+    assert_every_blob_version_on_token(&table);
+    assert_all_readable(&api, &stored).await;
+    // A client's own blob under the destroyed version can no longer be opened, also not by
+    // the running broker that still had a copy of the key (it re-reads within a second).
+    let (wrapped, context, _) = &stored.datakey;
+    let start = Instant::now();
+    loop {
+        let (status, body) = api
+            .post(
+                "/v1/unwrap",
+                &json!({"wrapped": wrapped, "context": context}),
+            )
+            .await;
+        if status == 422 {
+            assert_eq!(error_code(&body), "unknown_mk_version", "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still opens: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_job_under_load() {
+    let token = PrivateToken::copy();
+    let first = ChildServer::start_with_env(
+        token.env(),
+        scratch_dir("race-a").join("server.log"),
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1")],
+    )
+    .await;
+    let second = ChildServer::start_beside(
+        &first,
+        token.env(),
+        scratch_dir("race-b").join("server.log"),
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1")],
+    )
+    .await;
+    let (a, b) = (Api::of_child(&first), Api::of_child(&second));
+    let stored = store_workload(&a, 8, 4).await;
+    let before = master_keys(&a).await;
+    let old = active_version(&before);
+
+    // A steady load of datakey + unwrap on both brokers, counting every failure.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for api in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (status, key) = api
+                    .post("/v1/datakey", &json!({"context": {"l": "1"}}))
+                    .await;
+                let opened = if status == 200 {
+                    let (status, opened) = api
+                        .post(
+                            "/v1/unwrap",
+                            &json!({"wrapped": key["wrapped"], "context": {"l": "1"}}),
+                        )
+                        .await;
+                    status == 200 && opened["plaintext"] == key["plaintext"]
+                } else {
+                    false
+                };
+                calls.fetch_add(1, Ordering::Relaxed);
+                if !opened {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("load failure: {status} {key}");
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Both rotate at once: one new version.
+    let empty = json!({});
+    let ((sa, ra), (sb, rb)) = tokio::join!(
+        a.post("/v1/admin/master-keys/rotate", &empty),
+        b.post("/v1/admin/master-keys/rotate", &empty)
+    );
+    assert_eq!((sa, sb), (200, 200), "{ra} {rb}");
+    let versions = master_keys(&a).await;
+    assert_eq!(versions.len(), before.len() + 1, "{versions:?}");
+    let new = active_version(&versions);
+    assert_eq!(new, old + 1);
+
+    // Both start the rewrap at once: one job.
+    let ((sa, ja), (sb, jb)) = tokio::join!(
+        a.post("/v1/admin/master-keys/rewrap", &empty),
+        b.post("/v1/admin/master-keys/rewrap", &empty)
+    );
+    assert_eq!((sa, sb), (202, 202), "{ja} {jb}");
+    assert_eq!(ja["id"], jb["id"], "two jobs: {ja} {jb}");
+    let job = wait_for_rewrap(&b).await;
+    assert_eq!(job["remaining"], 0, "{job}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(
+        calls.load(Ordering::Relaxed) > 20,
+        "too little load to mean anything"
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls failed during rotation and rewrap"
+    );
+
+    let versions = master_keys(&a).await;
+    assert_eq!(versions[&old]["stored_blobs"], 0, "{versions:?}");
+    assert_all_readable(&a, &stored).await;
+    assert_all_readable(&b, &stored).await;
+    // One job in Postgres.
+    let pool = sqlx::PgPool::connect(&first.database_url).await.unwrap();
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM rewrap_jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+    pool.close().await;
+    second.stop().await;
+    first.stop().await;
+}
