@@ -31,6 +31,7 @@ mod admin;
 mod custody;
 mod keys;
 pub mod limits;
+mod metrics;
 mod oauth;
 mod request_log;
 
@@ -135,6 +136,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/v1/admin/signing-keys/rotate",
             post(custody::rotate_signing_key),
         )
+        .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -226,6 +228,9 @@ pub enum ApiError {
     /// 404 `no_rewrap_job`.
     #[error("no rewrap job was ever started")]
     NoRewrapJob,
+    /// 500 `internal_error`: the metrics could not be written out.
+    #[error("the metrics could not be encoded")]
+    MetricsEncoding,
     /// 405 `method_not_allowed`.
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
@@ -301,6 +306,7 @@ impl ApiError {
             Self::SourceBlocked { retry_after: None } => (StatusCode::FORBIDDEN, "source_blocked"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::NoRewrapJob => (StatusCode::NOT_FOUND, "no_rewrap_job"),
+            Self::MetricsEncoding => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
@@ -1211,7 +1217,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         keys::cancel_secret_deletion, keys::own_usage, keys::admin_usage, keys::keys_due,
         custody::list_master_keys, custody::rotate_master_key, custody::start_rewrap,
         custody::get_rewrap, custody::retire_master_key, custody::rotate_signing_key,
-        healthz, readyz, openapi
+        metrics::metrics, healthz, readyz, openapi
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),

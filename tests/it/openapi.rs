@@ -3,7 +3,8 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 51] = [
+const ENDPOINTS: [(&str, &str); 52] = [
+    ("/metrics", "get"),
     ("/v1/admin/master-keys", "get"),
     ("/v1/admin/master-keys/rotate", "post"),
     ("/v1/admin/master-keys/rewrap", "post"),

@@ -191,7 +191,8 @@ async fn wait_for_rewrap(api: &Api) -> Value {
     let start = Instant::now();
     loop {
         let (status, job) = api.get("/v1/admin/master-keys/rewrap").await;
-        assert_eq!(status, 200, "{job}");
+        // (404 until the job is started, e.g. by the scheduler just after its rotation.)
+        assert!(status == 200 || status == 404, "{job}");
         if job["state"] == "done" {
             return job;
         }
@@ -265,6 +266,28 @@ async fn rotation_then_rewrap_leaves_no_blob_under_the_old_version_and_every_pla
     let after = master_keys(&api).await;
     assert_eq!(after[&old]["stored_blobs"], 0, "{after:?}");
     assert_eq!(after[&new]["stored_blobs"], 22, "{after:?}");
+    // The same progress in the metrics (scraped without a token, as Prometheus does).
+    let response = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let metrics = response.text().await.unwrap();
+    for line in [
+        "keybroker_rewrap_running 0".to_owned(),
+        "keybroker_rewrap_blobs_rewrapped 22".to_owned(),
+        "keybroker_rewrap_blobs_remaining 0".to_owned(),
+        format!("keybroker_master_key_stored_blobs{{version=\"{new}\",state=\"active\"}} 22"),
+        format!("keybroker_master_key_stored_blobs{{version=\"{old}\",state=\"decrypt_only\"}} 0"),
+        format!("keybroker_master_key_on_token{{version=\"{new}\",state=\"active\"}} 1"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
     assert_all_readable(&api, &stored).await;
     // In Postgres itself: nothing under the old version.
     let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
@@ -773,4 +796,131 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
     pool.close().await;
     second.stop().await;
     first.stop().await;
+}
+
+#[tokio::test]
+async fn the_policy_rotates_an_old_master_key_and_rewraps_by_itself() {
+    let server = TestServer::start().await;
+    let api = Api::of_test(&server);
+    let stored = store_workload(&api, 2, 1).await;
+    let old = active_version(&master_keys(&api).await);
+    let now = keybroker::auth::unix_now();
+    // Fresh: nothing to do. A year and a day later (the default period is 365 days): rotated.
+    assert_eq!(
+        server.broker.rotate_master_key_if_due(now).await.unwrap(),
+        None
+    );
+    let reason = server
+        .broker
+        .rotate_master_key_if_due(now + 366 * 86_400)
+        .await
+        .unwrap();
+    assert_eq!(reason, Some(keybroker::broker::RotationReason::Age));
+    let new = active_version(&master_keys(&api).await);
+    assert!(new > old);
+    // The scheduler started the rewrap; the next maintenance pass does it.
+    let (_, job) = api.get("/v1/admin/master-keys/rewrap").await;
+    assert_eq!(
+        (job["state"].as_str(), job["started_by"].as_str()),
+        (Some("running"), Some("scheduler")),
+        "{job}"
+    );
+    let report = server.broker.run_maintenance(now).await.unwrap();
+    assert_eq!(report.rewrapped, 6, "{report:?}");
+    let job = wait_for_rewrap(&api).await;
+    assert_eq!(job["remaining"], 0);
+    assert_all_readable(&api, &stored).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_real_binary_rotates_when_the_active_version_reaches_its_seal_bound() {
+    let token = PrivateToken::copy();
+    let server = ChildServer::start_with_env(
+        token.env(),
+        scratch_dir("seal-bound").join("server.log"),
+        &[
+            ("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1"),
+            ("KEYBROKER_MK_MAX_SEALS", "300"),
+        ],
+    )
+    .await;
+    let api = Api::of_child(&server);
+    let stored = store_workload(&api, 2, 1).await;
+    let old = active_version(&master_keys(&api).await);
+    // Seals are counted in reserved blocks: a few hundred data keys pass the bound.
+    for _ in 0..6 {
+        let items: Vec<Value> = (0..60).map(|_| json!({})).collect();
+        let (status, body) = api
+            .post("/v1/datakey/batch", &json!({"items": items}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let start = Instant::now();
+    let new = loop {
+        let versions = master_keys(&api).await;
+        let active = active_version(&versions);
+        if active != old {
+            break active;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never rotated: {:?}",
+            versions[&old]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(new > old);
+    let job = wait_for_rewrap(&api).await;
+    assert_eq!(job["started_by"], "scheduler", "{job}");
+    assert_eq!(master_keys(&api).await[&old]["stored_blobs"], 0);
+    assert_all_readable(&api, &stored).await;
+    let log = server.stop().await;
+    assert!(log.contains("master key rotated by policy"), "no log line");
+}
+
+#[tokio::test]
+async fn a_version_on_the_token_but_not_in_postgres_is_reported_then_adopted_never_reused() {
+    let token = PrivateToken::copy();
+    let server =
+        ChildServer::start(token.env(), scratch_dir("unrecorded").join("server.log")).await;
+    let api = Api::of_child(&server);
+    let highest = *master_keys(&api).await.keys().max().unwrap();
+    let orphan = highest + 1;
+    // As a rotation whose database was then restored from a backup would leave it.
+    let (var, conf) = token.env();
+    let keygen = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(crate::common::pkcs11_module())
+        .args([
+            "--token-label",
+            &crate::common::token_label(),
+            "--login",
+            "--pin",
+            "env:KB_TEST_PIN",
+        ])
+        .args(["--keygen", "--key-type", "AES:32", "--sensitive"])
+        .args(["--label", &format!("keybroker-mk-v{orphan}")])
+        .env(var, &conf)
+        .env("KB_TEST_PIN", crate::common::user_pin())
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+
+    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    assert_eq!(
+        table[&orphan],
+        ("unrecorded".to_owned(), "-".to_owned(), "yes".to_owned())
+    );
+    assert_eq!(master_keys(&api).await[&orphan]["state"], "unrecorded");
+    // A rotation never reuses its number.
+    let rotated = keybroker(&server, &token, &["hsm", "rotate-master"], &[]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    assert_eq!(active_version(&master_keys(&api).await), orphan + 1);
+    // `hsm init` adopts it, decrypt-only.
+    let init = keybroker(&server, &token, &["hsm", "init"], &[]);
+    assert!(init.status.success(), "{init:?}");
+    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    assert_eq!(table[&orphan].0, "decrypt_only");
+    server.stop().await;
 }
