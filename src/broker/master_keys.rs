@@ -231,8 +231,11 @@ impl Broker {
         let (moved_keys, moved_secrets, failed) = if keys.is_empty() && secrets.is_empty() {
             (Vec::new(), Vec::new(), 0)
         } else {
-            let sealed = self
-                .hsm
+            // Counted before sealing, so that a crash can only overcount.
+            self.store
+                .count_seals(target, keys.len() + secrets.len())
+                .await?;
+            self.hsm
                 .run(move |token| {
                     let mut moved_keys = Vec::with_capacity(keys.len());
                     let mut moved_secrets = Vec::with_capacity(secrets.len());
@@ -259,11 +262,7 @@ impl Broker {
                     }
                     Ok((moved_keys, moved_secrets, failed))
                 })
-                .await?;
-            self.store
-                .count_seals(target, sealed.0.len() + sealed.1.len())
-                .await?;
-            sealed
+                .await?
         };
         crash_point("rewrap:sealed");
         let (rewrapped, remaining) = batch
@@ -298,8 +297,12 @@ impl Broker {
             if step.remaining == 0 {
                 return Ok(());
             }
-            if step.failed > 0 && last == Some(step.rewrapped) {
-                return Err(BrokerError::RewrapStuck(step.remaining));
+            if last == Some(step.rewrapped) {
+                if step.failed > 0 {
+                    return Err(BrokerError::RewrapStuck(step.remaining));
+                }
+                // Another broker holds the remaining rows for its batch: give it a moment.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             last = Some(step.rewrapped);
         }

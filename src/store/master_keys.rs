@@ -14,10 +14,10 @@ const MASTER_KEY_LOCK: i64 = 0x6b62_6d6b;
 /// The advisory-lock key that serialises signing-key rotations ("kbsk").
 const SIGNING_KEY_LOCK: i64 = 0x6b62_736b;
 
-/// Holds the cluster-wide master-key lock: a Postgres session lock on a connection of its own,
-/// which is closed (never returned to the pool) when this is dropped. A broker that dies
-/// holding it loses its connection, and Postgres releases the lock.
-pub struct MasterKeyLock {
+/// Holds a cluster-wide lock (master keys, or signing keys): a Postgres session lock on a
+/// connection of its own, which is closed (never returned to the pool) when this is dropped. A
+/// broker that dies holding it loses its connection, and Postgres releases the lock.
+pub struct ClusterLock {
     _conn: PoolConnection<Postgres>,
 }
 
@@ -165,7 +165,7 @@ impl Store {
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn lock_master_keys(&self) -> Result<MasterKeyLock, StoreError> {
+    pub async fn lock_master_keys(&self) -> Result<ClusterLock, StoreError> {
         self.advisory_lock(MASTER_KEY_LOCK).await
     }
 
@@ -173,32 +173,32 @@ impl Store {
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn lock_signing_keys(&self) -> Result<MasterKeyLock, StoreError> {
+    pub async fn lock_signing_keys(&self) -> Result<ClusterLock, StoreError> {
         self.advisory_lock(SIGNING_KEY_LOCK).await
     }
 
-    async fn advisory_lock(&self, key: i64) -> Result<MasterKeyLock, StoreError> {
+    async fn advisory_lock(&self, key: i64) -> Result<ClusterLock, StoreError> {
         let mut conn = self.pool.acquire().await?;
         conn.close_on_drop();
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
             .execute(&mut *conn)
             .await?;
-        Ok(MasterKeyLock { _conn: conn })
+        Ok(ClusterLock { _conn: conn })
     }
 
     /// The lock if nobody holds it, else `None` (for background work that can wait a pass).
     ///
     /// # Errors
     /// Any database failure.
-    pub async fn try_lock_master_keys(&self) -> Result<Option<MasterKeyLock>, StoreError> {
+    pub async fn try_lock_master_keys(&self) -> Result<Option<ClusterLock>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         conn.close_on_drop();
         let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
             .bind(MASTER_KEY_LOCK)
             .fetch_one(&mut *conn)
             .await?;
-        Ok(locked.then_some(MasterKeyLock { _conn: conn }))
+        Ok(locked.then_some(ClusterLock { _conn: conn }))
     }
 
     /// The version in `state` (`active` or `pending`; there is at most one of each).
@@ -588,7 +588,7 @@ impl RewrapBatch {
         mut self,
         keys: Vec<RewrappedKey>,
         secrets: Vec<RewrappedSecret>,
-        signer: &Store,
+        store: &Store,
         meta: &AuditMeta,
     ) -> Result<(i64, i64), StoreError> {
         let target = from_version(self.target)?;
@@ -637,7 +637,7 @@ impl RewrapBatch {
             let event = NewAuditEvent::info("master_key.rewrap_finished")
                 .subject(self.target.token_label())
                 .details(serde_json::json!({ "job": self.job_id, "rewrapped": rewrapped }));
-            audit::append(&mut self.tx, signer.signer()?, meta, &[event]).await?;
+            audit::append(&mut self.tx, store.signer()?, meta, &[event]).await?;
         }
         self.tx.commit().await?;
         Ok((rewrapped, remaining))

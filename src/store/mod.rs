@@ -20,7 +20,7 @@ pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 
 pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow, UsageRow};
 pub use master_keys::{
-    KeyBlob, MasterKeyChangeError, MasterKeyLock, MasterKeyStatus, RewrapBatch, RewrapJob,
+    ClusterLock, KeyBlob, MasterKeyChangeError, MasterKeyStatus, RewrapBatch, RewrapJob,
     RewrappedKey, RewrappedSecret, SecretBlob,
 };
 pub use request_log::RequestLogRow;
