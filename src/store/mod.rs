@@ -210,37 +210,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records `version` (already created on the token) and makes it the active one; the
-    /// previous active version becomes decrypt-only.
-    ///
-    /// # Errors
-    /// Any database failure, e.g. a version that is already recorded.
-    pub async fn activate_new_master_key(
-        &self,
-        version: MasterKeyVersion,
-        meta: &AuditMeta,
-    ) -> Result<(), StoreError> {
-        let signer = self.signer()?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE master_keys SET state = 'decrypt_only' WHERE state = 'active'")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO master_keys (version, token_label, state, activated_at)
-             VALUES ($1, $2, 'active', now())",
-        )
-        .bind(from_version(version)?)
-        .bind(version.token_label())
-        .execute(&mut *tx)
-        .await?;
-        let event = NewAuditEvent::info("master_key.rotated")
-            .subject(version.token_label())
-            .details(serde_json::json!({ "mk_version": version.get() }));
-        audit::append(&mut tx, signer, meta, &[event]).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// Hands back `unused` seals reserved under a version earlier, then reserves `want` seals
     /// under the active version, in one transaction. Returns the active version.
     ///
