@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -667,7 +667,7 @@ struct SigningKey {
 /// tokens may still be live (until `published_until`, unix seconds).
 struct PublishedKey {
     label: String,
-    key: SigningKey,
+    key: Arc<SigningKey>,
     published_until: Option<i64>,
 }
 
@@ -895,16 +895,12 @@ impl Authenticator {
             let known = read(&self.keys)
                 .iter()
                 .find(|k| k.label == label)
-                .map(|k| (k.key.kid.clone(), k.key.jwk.clone()));
+                .map(|k| k.key.clone());
             let key = match known {
-                Some((kid, jwk)) => SigningKey {
-                    decoding: DecodingKey::from_jwk(&jwk).map_err(|_| {
-                        HsmError::Unexpected("cannot build a verifier for the signing key")
-                    })?,
-                    kid,
-                    jwk,
-                },
-                None => SigningKey::from_ec_point(&self.hsm.signing_public_key(&label).await?)?,
+                Some(key) => key,
+                None => Arc::new(SigningKey::from_ec_point(
+                    &self.hsm.signing_public_key(&label).await?,
+                )?),
             };
             fresh.push(PublishedKey {
                 label,

@@ -508,14 +508,12 @@ impl Hsm {
     /// token failure.
     pub async fn ensure_master_key(&self, version: MasterKeyVersion) -> Result<bool, HsmError> {
         self.admin(move |session| {
-            let label = version.token_label();
-            match find_one(session, ObjectClass::SECRET_KEY, &label)? {
-                Some(handle) => {
-                    check_secret_is_safe(session, handle, &label)?;
-                    Ok(false)
-                }
-                None => create_master_key(session, version).map(|()| true),
-            }
+            ensure_object(
+                session,
+                ObjectClass::SECRET_KEY,
+                &version.token_label(),
+                |s| create_master_key(s, version),
+            )
         })
         .await
     }
@@ -566,13 +564,9 @@ impl Hsm {
     pub async fn ensure_signing_key(&self, version: u32) -> Result<bool, HsmError> {
         self.admin(move |session| {
             let label = signing_key_label(version);
-            match find_one(session, ObjectClass::PRIVATE_KEY, &label)? {
-                Some(handle) => {
-                    check_secret_is_safe(session, handle, &label)?;
-                    Ok(false)
-                }
-                None => create_signing_key(session, &label).map(|()| true),
-            }
+            ensure_object(session, ObjectClass::PRIVATE_KEY, &label, |s| {
+                create_signing_key(s, &label)
+            })
         })
         .await
     }
@@ -1245,6 +1239,23 @@ fn locked_secret_template(label: &str, id: &[u8]) -> Vec<Attribute> {
         Attribute::Derive(false),
         Attribute::Unwrap(false),
     ]
+}
+
+/// The keybroker key of `class` labelled `label`: checked if it is on the token already (a run
+/// that stopped half-way left it), else made by `create`. Returns whether it was created.
+fn ensure_object(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+    create: impl FnOnce(&Session) -> Result<(), HsmError>,
+) -> Result<bool, HsmError> {
+    match find_one(session, class, label)? {
+        Some(handle) => {
+            check_secret_is_safe(session, handle, label)?;
+            Ok(false)
+        }
+        None => create(session).map(|()| true),
+    }
 }
 
 /// The versions of the token-signing private keys on the token, ascending.

@@ -291,10 +291,11 @@ impl ApiError {
                 _ => (StatusCode::CONFLICT, "secret_pending_deletion"),
             },
             Self::Broker(B::Busy) => (StatusCode::CONFLICT, "concurrent_update"),
-            Self::Broker(B::MasterKey(_, "mk_version_not_found")) => {
+            Self::Broker(B::MasterKeyNotFound(_)) => {
                 (StatusCode::NOT_FOUND, "mk_version_not_found")
             }
-            Self::Broker(B::MasterKey(_, code)) => (StatusCode::CONFLICT, code),
+            Self::Broker(B::MasterKeyState(..)) => (StatusCode::CONFLICT, "mk_version_state"),
+            Self::Broker(B::MasterKeyInUse(..)) => (StatusCode::CONFLICT, "mk_version_in_use"),
             Self::Broker(B::RewrapStuck(_)) => (StatusCode::CONFLICT, "rewrap_stuck"),
             Self::Auth(e) => auth_status_and_code(e),
             Self::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),

@@ -312,7 +312,8 @@ impl Broker {
     /// Retires a decrypt-only version that no stored blob references.
     ///
     /// # Errors
-    /// [`BrokerError::MasterKey`] when it is unknown, in another state or still referenced.
+    /// [`BrokerError::MasterKeyNotFound`], [`BrokerError::MasterKeyState`] or
+    /// [`BrokerError::MasterKeyInUse`].
     pub async fn retire_master_key(&self, version: MasterKeyVersion) -> Result<(), BrokerError> {
         let _lock = self.store.lock_master_keys().await?;
         self.store
@@ -326,8 +327,8 @@ impl Broker {
     /// opened (`422 unknown_mk_version`).
     ///
     /// # Errors
-    /// [`BrokerError::MasterKey`] when it is unknown, not retired or still referenced; a token
-    /// failure.
+    /// [`BrokerError::MasterKeyNotFound`], [`BrokerError::MasterKeyState`] (not retired) or
+    /// [`BrokerError::MasterKeyInUse`]; a token failure.
     pub async fn destroy_master_key(&self, version: MasterKeyVersion) -> Result<(), BrokerError> {
         let _lock = self.store.lock_master_keys().await?;
         self.store
@@ -352,9 +353,10 @@ impl Broker {
         &self,
         now: i64,
     ) -> Result<Option<RotationReason>, BrokerError> {
+        // The plain rows, not the overview: this runs every pass and needs no blob counts.
         let Some(active) = self
             .store
-            .master_key_overview()
+            .master_keys()
             .await?
             .into_iter()
             .find(|row| row.state == "active")
@@ -363,12 +365,8 @@ impl Broker {
         };
         let policy = self.master_key_policy;
         let age_limit = i64::from(policy.rotation_period_days) * 86_400;
-        let activated = active
-            .activated_at
-            .as_deref()
-            .and_then(parse_rfc3339)
-            .unwrap_or(now);
-        let reason = if u64::try_from(active.seals).unwrap_or(0) >= policy.max_seals {
+        let activated = active.activated_at.unwrap_or(now);
+        let reason = if u64::try_from(active.seals_reserved).unwrap_or(0) >= policy.max_seals {
             RotationReason::Seals
         } else if policy.rotation_period_days > 0 && now - activated >= age_limit {
             RotationReason::Age
@@ -384,38 +382,11 @@ impl Broker {
 
 fn master_key_error(err: MasterKeyChangeError) -> BrokerError {
     match err {
+        MasterKeyChangeError::NotFound(v) => BrokerError::MasterKeyNotFound(v),
+        MasterKeyChangeError::WrongState(v, state) => BrokerError::MasterKeyState(v, state),
+        MasterKeyChangeError::InUse(v, blobs) => BrokerError::MasterKeyInUse(v, blobs),
         MasterKeyChangeError::Store(e) => e.into(),
-        other => BrokerError::MasterKey(other.to_string(), master_key_error_code(&other)),
     }
-}
-
-fn master_key_error_code(err: &MasterKeyChangeError) -> &'static str {
-    match err {
-        MasterKeyChangeError::NotFound(_) => "mk_version_not_found",
-        MasterKeyChangeError::WrongState(..) => "mk_version_state",
-        MasterKeyChangeError::InUse(..) => "mk_version_in_use",
-        MasterKeyChangeError::Store(_) => "internal_error",
-    }
-}
-
-/// Unix seconds of `YYYY-MM-DDTHH:MM:SSZ`.
-fn parse_rfc3339(text: &str) -> Option<i64> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 20 || bytes[19] != b'Z' {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 /// A managed-key version opened under its old version and sealed under `target`.
@@ -488,17 +459,4 @@ fn stored_version(version: i32) -> Result<MasterKeyVersion, HsmError> {
         .ok_or(HsmError::Unexpected(
             "a stored master key version is out of range",
         ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_rfc3339;
-
-    #[test]
-    fn rfc3339_times_convert_to_unix_seconds() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), Some(951_868_800));
-        assert_eq!(parse_rfc3339("2026-11-21T08:30:15Z"), Some(1_795_249_815));
-        assert_eq!(parse_rfc3339("2026-11-21 08:30:15"), None);
-    }
 }

@@ -95,10 +95,15 @@ pub enum BrokerError {
     /// Another writer changed the item at the same moment, more than once in a row.
     #[error("the item changed concurrently; retry")]
     Busy,
-    /// A master-key change was refused (unknown version, wrong state, still referenced): the
-    /// message, and the client-facing code.
-    #[error("{0}")]
-    MasterKey(String, &'static str),
+    /// No such master-key version is recorded.
+    #[error("master key version {0} is not recorded")]
+    MasterKeyNotFound(MasterKeyVersion),
+    /// The master-key version's state forbids the change (the state is given).
+    #[error("master key version {0} is {1}")]
+    MasterKeyState(MasterKeyVersion, String),
+    /// Stored blobs are still sealed under the master-key version (their number is given).
+    #[error("{1} stored blobs are still sealed under master key version {0}")]
+    MasterKeyInUse(MasterKeyVersion, i64),
     /// A rewrap job cannot finish: the given number of stored blobs do not open (see the log).
     #[error("{0} stored blobs cannot be rewrapped; see the server log")]
     RewrapStuck(i64),

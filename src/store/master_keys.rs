@@ -337,14 +337,7 @@ impl Store {
     ) -> Result<(), MasterKeyChangeError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let state = lock_state(&mut tx, version).await?;
-        if state != "decrypt_only" {
-            return Err(MasterKeyChangeError::WrongState(version, state));
-        }
-        let blobs = blobs_under(&mut tx, version).await?;
-        if blobs > 0 {
-            return Err(MasterKeyChangeError::InUse(version, blobs));
-        }
+        lock_unreferenced(&mut tx, version, &["decrypt_only"]).await?;
         sqlx::query(
             "UPDATE master_keys SET state = 'retired', retired_at = now() WHERE version = $1",
         )
@@ -369,14 +362,7 @@ impl Store {
         version: MasterKeyVersion,
     ) -> Result<(), MasterKeyChangeError> {
         let mut tx = self.pool.begin().await?;
-        let state = lock_state(&mut tx, version).await?;
-        if state != "retired" && state != "destroyed" {
-            return Err(MasterKeyChangeError::WrongState(version, state));
-        }
-        let blobs = blobs_under(&mut tx, version).await?;
-        if blobs > 0 {
-            return Err(MasterKeyChangeError::InUse(version, blobs));
-        }
+        lock_unreferenced(&mut tx, version, &["retired", "destroyed"]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -644,26 +630,23 @@ impl RewrapBatch {
     }
 }
 
-/// The state of `version`, row-locked for the rest of the transaction.
-async fn lock_state(
+/// Row-locks `version` for the rest of the transaction and checks that it is in one of `states`
+/// and that no stored blob is sealed under it.
+async fn lock_unreferenced(
     tx: &mut Transaction<'static, Postgres>,
     version: MasterKeyVersion,
-) -> Result<String, MasterKeyChangeError> {
+    states: &[&str],
+) -> Result<(), MasterKeyChangeError> {
     let row: Option<(String,)> =
         sqlx::query_as("SELECT state FROM master_keys WHERE version = $1 FOR UPDATE")
             .bind(from_version(version)?)
             .fetch_optional(&mut **tx)
             .await?;
-    row.map(|(state,)| state)
-        .ok_or(MasterKeyChangeError::NotFound(version))
-}
-
-/// Stored blobs sealed under `version`.
-async fn blobs_under(
-    tx: &mut Transaction<'static, Postgres>,
-    version: MasterKeyVersion,
-) -> Result<i64, StoreError> {
-    let (n,): (i64,) = sqlx::query_as(
+    let (state,) = row.ok_or(MasterKeyChangeError::NotFound(version))?;
+    if !states.contains(&state.as_str()) {
+        return Err(MasterKeyChangeError::WrongState(version, state));
+    }
+    let (blobs,): (i64,) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM key_versions WHERE mk_version = $1 AND sealed IS NOT NULL)
               + (SELECT count(*) FROM secret_versions
                   WHERE mk_version = $1 AND wrapped_dek IS NOT NULL)",
@@ -671,7 +654,10 @@ async fn blobs_under(
     .bind(from_version(version)?)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(n)
+    if blobs > 0 {
+        return Err(MasterKeyChangeError::InUse(version, blobs));
+    }
+    Ok(())
 }
 
 /// Stored blobs sealed under any version but `active`.

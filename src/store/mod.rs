@@ -103,6 +103,8 @@ pub struct MasterKeyRow {
     pub seals_reserved: i64,
     /// Creation time, RFC 3339.
     pub created_at: String,
+    /// When it became active, unix seconds.
+    pub activated_at: Option<i64>,
 }
 
 /// The connection pool and the audit signer. Cheap to clone (clones share both).
@@ -158,22 +160,26 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn master_keys(&self) -> Result<Vec<MasterKeyRow>, StoreError> {
-        let rows: Vec<(i32, String, i64, String)> = sqlx::query_as(
+        let rows: Vec<(i32, String, i64, String, Option<f64>)> = sqlx::query_as(
             "SELECT version, state, seals_reserved,
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    extract(epoch FROM activated_at)::float8
              FROM master_keys ORDER BY version",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(version, state, seals_reserved, created_at)| {
-                Ok(MasterKeyRow {
-                    version: to_version(version)?,
-                    state,
-                    seals_reserved,
-                    created_at,
-                })
-            })
+            .map(
+                |(version, state, seals_reserved, created_at, activated_at)| {
+                    Ok(MasterKeyRow {
+                        version: to_version(version)?,
+                        state,
+                        seals_reserved,
+                        created_at,
+                        activated_at: activated_at.map(|t| t as i64),
+                    })
+                },
+            )
             .collect()
     }
 

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::common::{self, TestServer, error_code};
+use crate::common::{self, TestServer, count, error_code};
 
 const DAY: i64 = 86_400;
 /// Where the test clients connect from.
@@ -261,11 +261,6 @@ async fn sql(pool: &PgPool, statements: &str) {
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{statements}: {e}"));
-}
-
-async fn count(pool: &PgPool, query: &'static str) -> i64 {
-    let (n,): (i64,) = sqlx::query_as(query).fetch_one(pool).await.unwrap();
-    n
 }
 
 /// `keybroker audit verify` on `database_url` (token settings and PIN from our environment).

@@ -370,3 +370,9 @@ pub fn unb64(text: &str) -> Vec<u8> {
         .decode(text)
         .unwrap()
 }
+
+/// The single number a `SELECT count(*) …` answers.
+pub async fn count(pool: &sqlx::PgPool, query: &'static str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(query).fetch_one(pool).await.unwrap();
+    n
+}

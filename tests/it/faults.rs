@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::child::ChildServer;
-use crate::common::{b64, env, error_code, read, scratch_dir};
+use crate::common::{b64, count, env, error_code, read, scratch_dir};
 use crate::token::shared_env;
 
 /// A child broker whose token calls go through the fault-injecting module, and the control
@@ -262,16 +262,14 @@ async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear
     token.server.stop().await;
 }
 
-/// Rows in `table` of the child's database.
-async fn count(database_url: &str, table: &str) -> i64 {
-    let pool = sqlx::PgPool::connect(database_url).await.unwrap();
-    let query = format!("SELECT count(*) FROM {table}");
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
+/// Rows of keys, key versions, secrets and audit events in the child's database.
+async fn stored_rows(pool: &sqlx::PgPool) -> [i64; 4] {
+    [
+        count(pool, "SELECT count(*) FROM keys").await,
+        count(pool, "SELECT count(*) FROM key_versions").await,
+        count(pool, "SELECT count(*) FROM secrets").await,
+        count(pool, "SELECT count(*) FROM audit_events").await,
+    ]
 }
 
 #[tokio::test]
@@ -279,7 +277,6 @@ async fn nothing_is_acknowledged_or_stored_for_a_seal_the_token_did_not_do() {
     use reqwest::Method;
     let token = FaultyToken::start("faults-no-ack", &[]).await;
     let server = &token.server;
-    let db = server.database_url.clone();
     let (status, key) = server
         .send(
             Method::POST,
@@ -288,12 +285,8 @@ async fn nothing_is_acknowledged_or_stored_for_a_seal_the_token_did_not_do() {
         )
         .await;
     assert_eq!(status, 201, "{key}");
-    let before = (
-        count(&db, "keys").await,
-        count(&db, "key_versions").await,
-        count(&db, "secrets").await,
-        count(&db, "audit_events").await,
-    );
+    let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
+    let before = stored_rows(&pool).await;
 
     // Every seal fails (also on the retry); reads and the audit MAC still work.
     token.inject("functions = C_Encrypt\nrv = CKR_DEVICE_ERROR\n");
@@ -331,13 +324,8 @@ async fn nothing_is_acknowledged_or_stored_for_a_seal_the_token_did_not_do() {
     }
     assert!(token.injected() >= attempts.len() as u64);
     // Nothing was written: no key, no version, no secret, no audit event of a change.
-    let after = (
-        count(&db, "keys").await,
-        count(&db, "key_versions").await,
-        count(&db, "secrets").await,
-        count(&db, "audit_events").await,
-    );
-    assert_eq!(before, after);
+    assert_eq!(before, stored_rows(&pool).await);
+    pool.close().await;
 
     // The same requests succeed once the token does its job.
     token.heal();
