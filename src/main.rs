@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use keybroker::api::{AppState, RequestLog, error_chain};
 use keybroker::auth::{Authenticator, Client, ClientSecret, ClientSpec};
-use keybroker::broker::{Broker, Limits};
+use keybroker::broker::{Broker, Limits, RewrapStart};
 use keybroker::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs, read_secret};
 use keybroker::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
 use keybroker::hsm::{self, Hsm};
@@ -530,12 +530,15 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             db,
         } => {
             let broker = broker(&token, &db, limits).await?;
-            let (job, started) = broker.start_rewrap("officer").await?;
+            let (job, start) = broker.start_rewrap("officer").await?;
+            let verb = match start {
+                RewrapStart::Started => "started",
+                RewrapStart::Joined => "joined",
+                RewrapStart::NothingToDo => "nothing to move; latest",
+            };
             println!(
-                "{} rewrap job {}: {} blobs to move",
-                if started { "started" } else { "joined" },
-                job.id,
-                job.remaining
+                "{verb} rewrap job {}: {} blobs to move",
+                job.id, job.remaining
             );
             let total = job.rewrapped + job.remaining;
             broker

@@ -168,11 +168,15 @@ pub(super) async fn rotate_master_key(
 
 /// Start moving every stored blob to the active master key (or join the job already running).
 /// This broker works on it at once, every broker at each maintenance pass; progress is in
-/// `GET /v1/admin/master-keys/rewrap`. Reads and unwraps keep working throughout.
+/// `GET /v1/admin/master-keys/rewrap`. Reads and unwraps keep working throughout. When nothing
+/// is left outside the active version and no job runs, no job starts: the answer is 200 with
+/// the latest job, already done (on a store that never had one, a job recorded as done with
+/// nothing moved).
 #[utoipa::path(post, path = "/v1/admin/master-keys/rewrap", tag = "custody",
     security(("bearer" = [])),
     responses(
         (status = 202, description = "Started, or already running", body = RewrapJobBody),
+        (status = 200, description = "Nothing left to move: the latest job, done", body = RewrapJobBody),
         AdminErrorResponses,
     ))]
 pub(super) async fn start_rewrap(
@@ -180,10 +184,13 @@ pub(super) async fn start_rewrap(
     caller: Caller,
 ) -> Result<(StatusCode, Json<RewrapJobBody>), ApiError> {
     caller.require(Scope::Admin)?;
-    let (job, _started) = state
+    let (job, _) = state
         .broker
         .start_rewrap(&caller.client_id.to_string())
         .await?;
+    if job.state != "running" {
+        return Ok((StatusCode::OK, Json(job.into())));
+    }
     let broker = state.broker.clone();
     tokio::spawn(crate::audit::scope(
         crate::audit::Context::system("scheduler"),

@@ -16,7 +16,7 @@ use crate::crypto::envelope::{self, DataKey};
 use crate::crypto::{Aad, MasterKeyVersion};
 use crate::hsm::HsmError;
 use crate::store::{
-    MasterKeyChangeError, MasterKeyStatus, RewrapJob, RewrappedKey, RewrappedSecret,
+    MasterKeyChangeError, MasterKeyStatus, RewrapJob, RewrapStart, RewrappedKey, RewrappedSecret,
 };
 
 /// How many blobs one rewrap batch moves (one transaction, one token call).
@@ -193,13 +193,16 @@ impl Broker {
             .collect())
     }
 
-    /// Starts the rewrap job (or joins the one running). Returns it, and whether this call
-    /// started it. Any broker's maintenance pass works on it; [`Broker::run_rewrap`] drives it
-    /// to the end.
+    /// Starts the rewrap job, joins the one running, or (nothing left to move) returns the
+    /// latest, done. Any broker's maintenance pass works on a running job;
+    /// [`Broker::run_rewrap`] drives it to the end.
     ///
     /// # Errors
     /// [`BrokerError::NoActiveKey`] or a database failure.
-    pub async fn start_rewrap(&self, started_by: &str) -> Result<(RewrapJob, bool), BrokerError> {
+    pub async fn start_rewrap(
+        &self,
+        started_by: &str,
+    ) -> Result<(RewrapJob, RewrapStart), BrokerError> {
         Ok(self
             .store
             .start_rewrap_job(started_by, &crate::audit::meta())

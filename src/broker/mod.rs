@@ -9,6 +9,7 @@ mod master_keys;
 mod secrets;
 mod usage;
 
+pub use crate::store::RewrapStart;
 pub use keys::{KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
 pub use maintenance::MaintenanceReport;
 pub use master_keys::{

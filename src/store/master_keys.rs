@@ -13,6 +13,9 @@ use crate::crypto::MasterKeyVersion;
 const MASTER_KEY_LOCK: i64 = 0x6b62_6d6b;
 /// The advisory-lock key that serialises signing-key rotations ("kbsk").
 const SIGNING_KEY_LOCK: i64 = 0x6b62_736b;
+/// The transaction-scoped advisory-lock key that serialises starting a rewrap job with finishing
+/// one ("kbrw"), so a start never misses a job that another broker is just finishing.
+const REWRAP_JOB_LOCK: i64 = 0x6b62_7277;
 
 /// Holds a cluster-wide lock (master keys, or signing keys): a Postgres session lock on a
 /// connection of its own, which is closed (never returned to the pool) when this is dropped. A
@@ -84,6 +87,18 @@ pub struct RewrapJob {
     pub rewrapped: i64,
     /// Blobs still outside the active version now.
     pub remaining: i64,
+}
+
+/// What a request to start a rewrap did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewrapStart {
+    /// It recorded a new job.
+    Started,
+    /// A job was already running; the request joined it.
+    Joined,
+    /// Nothing was left outside the active version and no job was running: no job was started,
+    /// and the job returned is the latest one, already done.
+    NothingToDo,
 }
 
 /// A stored managed-key version to move: what its AAD needs, and the sealed material.
@@ -397,7 +412,9 @@ impl Store {
         Ok(())
     }
 
-    /// Starts a rewrap job, or returns the one already running (false: not started by us).
+    /// Starts a rewrap job, joins the one already running, or, when nothing is left outside the
+    /// active version, returns the latest job. The first start on a store with nothing to move
+    /// records a job that is done at once, so the answer is always a job.
     ///
     /// # Errors
     /// [`StoreError::NoActiveMasterKey`], or any database failure.
@@ -405,31 +422,61 @@ impl Store {
         &self,
         started_by: &str,
         meta: &AuditMeta,
-    ) -> Result<(RewrapJob, bool), StoreError> {
+    ) -> Result<(RewrapJob, RewrapStart), StoreError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
+        // Taken before anything is read: a batch that finishes the running job holds it too, so
+        // this transaction sees either that job running or everything it moved.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(REWRAP_JOB_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let active = active_in(&mut tx).await?;
         let total = remaining_outside(&mut tx, active).await?;
-        let inserted: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO rewrap_jobs (state, started_by, total) VALUES ('running', $1, $2)
-             ON CONFLICT ((true)) WHERE state = 'running' DO NOTHING RETURNING id",
+        let (running, any_job): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM rewrap_jobs WHERE state = 'running'),
+                    EXISTS (SELECT 1 FROM rewrap_jobs)",
         )
-        .bind(started_by)
-        .bind(total)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        if let Some((id,)) = inserted {
-            let event = NewAuditEvent::info("master_key.rewrap_started")
-                .subject(active.token_label())
-                .details(serde_json::json!({ "job": id, "blobs": total }));
-            audit::append(&mut tx, signer, meta, &[event]).await?;
-        }
-        tx.commit().await?;
-        let job = self
-            .rewrap_job()
+        let outcome = if running {
+            RewrapStart::Joined
+        } else if total == 0 && any_job {
+            RewrapStart::NothingToDo
+        } else {
+            let done = total == 0;
+            let (id,): (i64,) = sqlx::query_as(
+                "INSERT INTO rewrap_jobs (state, started_by, total, finished_at)
+                 VALUES (CASE WHEN $3 THEN 'done' ELSE 'running' END, $1, $2,
+                         CASE WHEN $3 THEN now() END)
+                 RETURNING id",
+            )
+            .bind(started_by)
+            .bind(total)
+            .bind(done)
+            .fetch_one(&mut *tx)
+            .await?;
+            let mut events = vec![
+                NewAuditEvent::info("master_key.rewrap_started")
+                    .subject(active.token_label())
+                    .details(serde_json::json!({ "job": id, "blobs": total })),
+            ];
+            if done {
+                events.push(
+                    NewAuditEvent::info("master_key.rewrap_finished")
+                        .subject(active.token_label())
+                        .details(serde_json::json!({ "job": id, "rewrapped": 0 })),
+                );
+            }
+            audit::append(&mut tx, signer, meta, &events).await?;
+            RewrapStart::Started
+        };
+        let row = latest_job(&mut tx)
             .await?
             .ok_or(StoreError::Corrupt("rewrap job vanished"))?;
-        Ok((job, inserted.is_some()))
+        let remaining = remaining_outside(&mut tx, active).await?;
+        tx.commit().await?;
+        Ok((row.with_remaining(remaining), outcome))
     }
 
     /// The running rewrap job, else the latest one.
@@ -437,34 +484,15 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn rewrap_job(&self) -> Result<Option<RewrapJob>, StoreError> {
-        type Row = (i64, String, String, String, Option<String>, i64, i64);
-        let row: Option<Row> = sqlx::query_as(
-            "SELECT id, state, started_by, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), total, rewrapped
-             FROM rewrap_jobs ORDER BY (state = 'running') DESC, id DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
+        let mut conn = self.pool.acquire().await?;
+        let Some(row) = latest_job(&mut conn).await? else {
             return Ok(None);
         };
         let remaining = match self.master_key_in_state("active").await? {
-            Some(active) => {
-                let mut conn = self.pool.acquire().await?;
-                remaining_outside(&mut conn, active).await?
-            }
+            Some(active) => remaining_outside(&mut conn, active).await?,
             None => 0,
         };
-        Ok(Some(RewrapJob {
-            id: row.0,
-            state: row.1,
-            started_by: row.2,
-            started_at: row.3,
-            finished_at: row.4,
-            total: row.5,
-            rewrapped: row.6,
-            remaining,
-        }))
+        Ok(Some(row.with_remaining(remaining)))
     }
 
     /// Adds `n` seals done under `version` to its counter.
@@ -578,6 +606,13 @@ impl RewrapBatch {
         meta: &AuditMeta,
     ) -> Result<(i64, i64), StoreError> {
         let target = from_version(self.target)?;
+        // Serialised with job starts and with other batches' commits (taken before the job row,
+        // as a start takes it); the count of what remains is a fresh statement after it, so it
+        // sees every batch committed before.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(REWRAP_JOB_LOCK)
+            .execute(&mut *self.tx)
+            .await?;
         for key in &keys {
             sqlx::query(
                 "UPDATE key_versions SET mk_version = $3, sealed = $4
@@ -658,6 +693,37 @@ async fn lock_unreferenced(
         return Err(MasterKeyChangeError::InUse(version, blobs));
     }
     Ok(())
+}
+
+/// A rewrap job's row, before its live `remaining` is counted.
+struct JobRow(i64, String, String, String, Option<String>, i64, i64);
+
+impl JobRow {
+    fn with_remaining(self, remaining: i64) -> RewrapJob {
+        RewrapJob {
+            id: self.0,
+            state: self.1,
+            started_by: self.2,
+            started_at: self.3,
+            finished_at: self.4,
+            total: self.5,
+            rewrapped: self.6,
+            remaining,
+        }
+    }
+}
+
+/// The running rewrap job, else the latest one.
+async fn latest_job(conn: &mut sqlx::PgConnection) -> Result<Option<JobRow>, StoreError> {
+    type Row = (i64, String, String, String, Option<String>, i64, i64);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT id, state, started_by, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), total, rewrapped
+         FROM rewrap_jobs ORDER BY (state = 'running') DESC, id DESC LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| JobRow(r.0, r.1, r.2, r.3, r.4, r.5, r.6)))
 }
 
 /// Stored blobs sealed under any version but `active`.

@@ -21,7 +21,7 @@ pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow, UsageRow};
 pub use master_keys::{
     ClusterLock, KeyBlob, MasterKeyChangeError, MasterKeyStatus, RewrapBatch, RewrapJob,
-    RewrappedKey, RewrappedSecret, SecretBlob,
+    RewrapStart, RewrappedKey, RewrappedSecret, SecretBlob,
 };
 pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
@@ -237,13 +237,22 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let active: Option<(i32,)> = sqlx::query_as(
-            "UPDATE master_keys SET seals_reserved = seals_reserved + $1
-             WHERE state = 'active' RETURNING version",
-        )
-        .bind(to_i64(want))
-        .fetch_optional(&mut *tx)
-        .await?;
+        // A rotation committing while this UPDATE waits on the old active row leaves it matching
+        // nothing: the row it found is decrypt-only now, and the new active row was pending in
+        // its snapshot. A fresh statement sees the rotation, so that case is tried again.
+        let mut active = None;
+        for _ in 0..RESERVE_ATTEMPTS {
+            active = sqlx::query_as::<_, (i32,)>(
+                "UPDATE master_keys SET seals_reserved = seals_reserved + $1
+                 WHERE state = 'active' RETURNING version",
+            )
+            .bind(to_i64(want))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if active.is_some() {
+                break;
+            }
+        }
         tx.commit().await?;
         let (version,) = active.ok_or(StoreError::NoActiveMasterKey)?;
         to_version(version)
@@ -387,6 +396,9 @@ impl From<sqlx::Error> for ClientWriteError {
 
 /// Token `iat`s are whole seconds: `tokens_not_before` is rounded up, so a token issued in the
 /// same second as a disable is refused too (its client asks again a second later).
+/// How often [`Store::reserve_seals`] looks for the active version when rotations race it.
+const RESERVE_ATTEMPTS: usize = 3;
+
 const CLIENT_COLUMNS: &str = "id, name, ip_mode, allowed_cidrs, scopes, public_key_pem, state,
     ceil(extract(epoch FROM tokens_not_before))::bigint AS tokens_not_before,
     floor(extract(epoch FROM created_at))::bigint AS created_at,
