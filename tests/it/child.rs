@@ -10,6 +10,48 @@ use serde_json::Value;
 
 use crate::common::{dev_certificate, fresh_database, https_client, read};
 
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls the child's `/healthz` until it answers 200. `Err` with its whole log when it exits
+/// first or does not answer within `limit`.
+async fn wait_until_serving(
+    child: &mut Child,
+    port: u16,
+    log: &std::path::Path,
+    limit: Duration,
+) -> Result<(), String> {
+    let client = https_client();
+    let start = Instant::now();
+    loop {
+        let url = format!("https://127.0.0.1:{port}/healthz");
+        if let Ok(response) = client.get(url).send().await
+            && response.status() == 200
+        {
+            return Ok(());
+        }
+        let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("{}\n(exited: {status})", log_text()));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{}\n(no answer within {limit:?})", log_text()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A `keybroker serve` child process, logged in as the bootstrap admin.
 pub struct ChildServer {
     child: Child,
@@ -62,11 +104,8 @@ impl ChildServer {
             None => fresh_database().await,
         };
         let cert = dev_certificate();
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let command = |args: &[&str]| {
+        let mut port = free_port();
+        let command = |args: &[&str], port: u16| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_keybroker"));
             cmd.args(args)
                 .env(token.0, &token.1)
@@ -86,7 +125,7 @@ impl ChildServer {
             }),
             None => {
                 let credentials = log.with_file_name("admin-credentials.json");
-                let init = command(&["hsm", "init", "--admin-credentials-out"])
+                let init = command(&["hsm", "init", "--admin-credentials-out"], port)
                     .arg(&credentials)
                     .output()
                     .unwrap();
@@ -98,12 +137,28 @@ impl ChildServer {
                 serde_json::from_slice(&std::fs::read(&credentials).unwrap()).unwrap()
             }
         };
-        let log_file = std::fs::File::create(&log).unwrap();
-        let child = command(&["serve"])
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
+        // The port was free when picked, but another process can take it before the child binds
+        // it: then the child exits with its bind error and gets another port.
+        let mut attempts = 0;
+        let child = loop {
+            attempts += 1;
+            let log_file = std::fs::File::create(&log).unwrap();
+            let mut child = command(&["serve"], port)
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .unwrap();
+            match wait_until_serving(&mut child, port, &log, Duration::from_secs(60)).await {
+                Ok(()) => break child,
+                Err(log_text) if attempts < 3 && log_text.contains("Address already in use") => {
+                    port = free_port();
+                }
+                Err(log_text) => panic!(
+                    "the server on port {port} did not start; the end of its log:\n{}",
+                    tail(&log_text, 40)
+                ),
+            }
+        };
         let mut server = Self {
             child,
             base: format!("https://127.0.0.1:{port}"),
@@ -114,9 +169,6 @@ impl ChildServer {
             token: String::new(),
             database_url: database_url.clone(),
         };
-        server
-            .wait_for("/healthz", 200, Duration::from_secs(30))
-            .await;
         let (status, body) = server.issue_admin_token().await;
         assert_eq!(status, 200, "{body}");
         server.token = body["access_token"].as_str().unwrap().to_owned();

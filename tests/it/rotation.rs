@@ -751,7 +751,7 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_calls(&calls, 20).await;
 
     // Both rotate at once: one new version.
     let empty = json!({});
@@ -778,15 +778,12 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
     assert_eq!(ja["id"], jb["id"], "two jobs: {ja} {jb}");
     let job = wait_for_rewrap(&b).await;
     assert_eq!(job["remaining"], 0, "{job}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let so_far = calls.load(Ordering::Relaxed);
+    wait_for_calls(&calls, so_far + 20).await;
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap();
     }
-    assert!(
-        calls.load(Ordering::Relaxed) > 20,
-        "too little load to mean anything"
-    );
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
@@ -880,6 +877,16 @@ async fn a_seal_reservation_waiting_on_a_rotation_finds_the_new_active_version()
     assert_eq!(reserving.await.unwrap().unwrap(), new);
     pool.close().await;
     server.stop().await;
+}
+
+/// Waits until the load has made `n` calls (however slow the machine), so that a race test runs
+/// its steps under load rather than after a guessed delay.
+async fn wait_for_calls(calls: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while calls.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "the load made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
