@@ -447,7 +447,8 @@ async fn a_source_that_keeps_going_over_is_blocked_for_the_whole_period_and_no_l
     assert_eq!(refused(&blocked, 429, "source_blocked"), Some(900));
     let still = usage(&server, &two, &far.token).await;
     let retry = refused(&still, 429, "source_blocked").expect("no Retry-After");
-    assert!((899..=900).contains(&retry), "Retry-After {retry}");
+    // (Some slack for a slow machine: a test must not fail because a request took seconds.)
+    assert!((890..=900).contains(&retry), "Retry-After {retry}");
     // Blocked for everything from there, probes aside; other addresses are served.
     refused(&usage(&server, &two, "").await, 429, "source_blocked");
     assert_eq!(
@@ -461,16 +462,18 @@ async fn a_source_that_keeps_going_over_is_blocked_for_the_whole_period_and_no_l
         200
     );
 
-    // 899 s after the block (counting the real time the requests above took) it is still
+    // 890 s after the block (counting the real time the requests above took; 10 s of slack for
+    // the request itself on a slow machine; the exact bound is a unit test) it is still
     // blocked, though the bucket alone would have let it through...
     let to_block_plus = |secs: u64| {
         let elapsed = u64::try_from(block_seen.elapsed().as_millis()).unwrap();
         let offset = u64::try_from(server.clock_offset_ms.load(Ordering::SeqCst)).unwrap();
         secs * 1000 - elapsed - offset
     };
-    advance(&server, to_block_plus(899));
+    advance(&server, to_block_plus(890));
     let reply = usage(&server, &two, &far.token).await;
-    assert_eq!(refused(&reply, 429, "source_blocked"), Some(1));
+    let retry = refused(&reply, 429, "source_blocked");
+    assert!(retry.is_some_and(|r| (1..=10).contains(&r)), "{retry:?}");
     // ... and 901 s after it, it is served again.
     advance(&server, to_block_plus(901));
     let reply = usage(&server, &two, &far.token).await;
