@@ -531,22 +531,29 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
         } => {
             let broker = broker(&token, &db, limits).await?;
             let (job, start) = broker.start_rewrap("officer").await?;
-            let verb = match start {
-                RewrapStart::Started => "started",
-                RewrapStart::Joined => "joined",
-                RewrapStart::NothingToDo => "nothing to move; latest",
-            };
-            println!(
-                "{verb} rewrap job {}: {} blobs to move",
-                job.id, job.remaining
-            );
-            let total = job.rewrapped + job.remaining;
-            broker
-                .run_rewrap(batch_size, |step| {
-                    print_progress(step.rewrapped, total.max(step.rewrapped));
-                })
-                .await?;
-            println!();
+            if job.state == "running" {
+                let verb = if start == RewrapStart::Joined {
+                    "joined"
+                } else {
+                    "started"
+                };
+                println!(
+                    "{verb} rewrap job {}: {} blobs to move",
+                    job.id, job.remaining
+                );
+                let total = job.rewrapped + job.remaining;
+                broker
+                    .run_rewrap(batch_size, |step| {
+                        print_progress(step.rewrapped, total.max(step.rewrapped));
+                    })
+                    .await?;
+                println!();
+            } else {
+                println!(
+                    "nothing to move: every stored blob is under the active version (rewrap job {} is done)",
+                    job.id
+                );
+            }
             print_master_keys(&broker).await?;
         }
         HsmCommand::RetireMaster { version, token, db } => {

@@ -394,11 +394,11 @@ impl From<sqlx::Error> for ClientWriteError {
     }
 }
 
-/// Token `iat`s are whole seconds: `tokens_not_before` is rounded up, so a token issued in the
-/// same second as a disable is refused too (its client asks again a second later).
 /// How often [`Store::reserve_seals`] looks for the active version when rotations race it.
 const RESERVE_ATTEMPTS: usize = 3;
 
+/// Token `iat`s are whole seconds: `tokens_not_before` is rounded up, so a token issued in the
+/// same second as a disable is refused too (its client asks again a second later).
 const CLIENT_COLUMNS: &str = "id, name, ip_mode, allowed_cidrs, scopes, public_key_pem, state,
     ceil(extract(epoch FROM tokens_not_before))::bigint AS tokens_not_before,
     floor(extract(epoch FROM created_at))::bigint AS created_at,

@@ -614,6 +614,16 @@ async fn a_rewrap_killed_mid_batch_resumes_and_destroy_waits_for_it() {
     );
     let job = wait_for_rewrap(&api).await;
     assert_eq!(job["remaining"], 0);
+    // Run again, nothing is left: it says so and starts no job.
+    let again = keybroker(&server, &token, &["hsm", "rewrap"], &[]);
+    assert!(again.status.success(), "{again:?}");
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        said.contains(&format!("nothing to move: every stored blob is under the active version (rewrap job {} is done)", job["id"])),
+        "{said}"
+    );
+    let (_, latest) = api.get("/v1/admin/master-keys/rewrap").await;
+    assert_eq!(latest["id"], job["id"]);
     let versions = master_keys(&api).await;
     assert_eq!(versions[&old]["stored_blobs"], 0, "{versions:?}");
     assert_eq!(
