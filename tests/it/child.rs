@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{dev_certificate, fresh_database, https_client, read};
+use crate::common::{
+    b64, dev_certificate, error_code, fresh_database, https_client, read, send_json,
+};
 
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
@@ -195,13 +197,13 @@ impl ChildServer {
         (self.client.clone(), self.base.clone())
     }
 
+    /// POSTs `body`, or GETs without one, as the admin.
     pub async fn request(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.base);
-        let request = match body {
-            Some(body) => self.client.post(url).json(body),
-            None => self.client.get(url),
+        let method = match body {
+            Some(_) => reqwest::Method::POST,
+            None => reqwest::Method::GET,
         };
-        read(request.bearer_auth(&self.token).send().await.unwrap()).await
+        self.send(method, path, body).await
     }
 
     /// Sends any method, with the admin's bearer token and an optional JSON body.
@@ -211,14 +213,40 @@ impl ChildServer {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(body);
+        let url = format!("{}{path}", self.base);
+        send_json(&self.client, method, url, &self.token, body).await
+    }
+
+    /// Asserts what a token outage looks like: `/readyz` fails on the token alone, and a data
+    /// key, an unwrap of `wrapped` and a wrap each answer 503 `hsm_unavailable` without naming
+    /// PKCS#11 internals.
+    pub async fn assert_token_outage(&self, wrapped: &Value, what: &str) {
+        let ready = self.wait_for("/readyz", 503, Duration::from_secs(20)).await;
+        assert_eq!(
+            ready["checks"]["token"], "hsm_unavailable",
+            "{what}: {ready}"
+        );
+        assert_eq!(ready["checks"]["database"], "ok", "{what}: {ready}");
+        for (path, body) in [
+            ("/v1/datakey", serde_json::json!({})),
+            ("/v1/unwrap", serde_json::json!({"wrapped": wrapped})),
+            (
+                "/v1/wrap",
+                serde_json::json!({"plaintext": b64(&[3u8; 32])}),
+            ),
+        ] {
+            let (status, body) = self.request(path, Some(&body)).await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (503, "hsm_unavailable"),
+                "{what} {path}: {body}"
+            );
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                !message.contains("CKR_") && !message.contains("PKCS"),
+                "{what}: {message}"
+            );
         }
-        read(request.send().await.unwrap()).await
     }
 
     /// Polls `path` until it answers `status` (a readiness probe's loop, not a timing test).

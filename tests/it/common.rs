@@ -263,11 +263,8 @@ impl TestServer {
 
     /// POSTs a JSON body with a bearer token (none when empty).
     pub async fn post_as(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
-        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
-        if !token.is_empty() {
-            request = request.bearer_auth(token);
-        }
-        read(request.send().await.unwrap()).await
+        let url = format!("{}{path}", self.base);
+        send_json(&self.client, reqwest::Method::POST, url, token, Some(body)).await
     }
 
     /// POSTs a body the server refuses before reading it all (over the size limit). The server
@@ -312,11 +309,8 @@ impl TestServer {
 
     /// GETs with a bearer token (none when empty).
     pub async fn get_as(&self, token: &str, path: &str) -> (u16, Value) {
-        let mut request = self.client.get(format!("{}{path}", self.base));
-        if !token.is_empty() {
-            request = request.bearer_auth(token);
-        }
-        read(request.send().await.unwrap()).await
+        let url = format!("{}{path}", self.base);
+        send_json(&self.client, reqwest::Method::GET, url, token, None).await
     }
 
     pub async fn stop(mut self) {
@@ -335,6 +329,25 @@ pub fn auth_config() -> AuthConfig {
         leeway: 5,
         trusted_proxies: Vec::new(),
     }
+}
+
+/// Sends `method` to `url` with a bearer token (none when empty) and an optional JSON body:
+/// the status and the parsed body.
+pub async fn send_json(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut request = http.request(method, url);
+    if !token.is_empty() {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    read(request.send().await.unwrap()).await
 }
 
 pub async fn read(response: reqwest::Response) -> (u16, Value) {

@@ -23,7 +23,7 @@ use keybroker::store::Store;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::common::{self, TestClient, TestServer, b64, error_code, read, unb64};
+use crate::common::{self, TestClient, TestServer, b64, error_code, send_json, unb64};
 
 const DAY: i64 = 86_400;
 /// A secret version's stored data key and value, `None` once destroyed.
@@ -74,20 +74,13 @@ fn spec(name: &str, format: KeyFormat, length: usize, rotation: Rotation) -> Key
 }
 
 async fn put_as(server: &TestServer, token: &str, path: &str, body: &Value) -> (u16, Value) {
-    let request = server
-        .client
-        .put(format!("{}{path}", server.base))
-        .bearer_auth(token)
-        .json(body);
-    read(request.send().await.unwrap()).await
+    let url = format!("{}{path}", server.base);
+    send_json(&server.client, reqwest::Method::PUT, url, token, Some(body)).await
 }
 
 async fn delete_as(server: &TestServer, token: &str, path: &str) -> (u16, Value) {
-    let request = server
-        .client
-        .delete(format!("{}{path}", server.base))
-        .bearer_auth(token);
-    read(request.send().await.unwrap()).await
+    let url = format!("{}{path}", server.base);
+    send_json(&server.client, reqwest::Method::DELETE, url, token, None).await
 }
 
 /// Asserts an answer's status and error code.

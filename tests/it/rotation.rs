@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::child::ChildServer;
-use crate::common::{TestServer, b64, error_code, read, scratch_dir};
+use crate::common::{TestServer, b64, error_code, scratch_dir, send_json};
 use crate::token::PrivateToken;
 
 /// An HTTPS caller with a bearer token, for either kind of server.
@@ -46,14 +46,8 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        read(request.send().await.unwrap()).await
+        let url = format!("{}{path}", self.base);
+        send_json(&self.client, method, url, &self.token, body).await
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
