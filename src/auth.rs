@@ -540,7 +540,19 @@ pub enum AuthError {
     Hsm(#[from] HsmError),
     /// The database failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for AuthError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            // A NUL in a name, a reason or an assertion's `jti`: the caller's mistake.
+            StoreError::UnstorableText(_) => {
+                Self::InvalidRequest("text fields cannot contain NUL characters")
+            }
+            e => Self::Store(e),
+        }
+    }
 }
 
 impl From<ClientWriteError> for AuthError {
@@ -548,7 +560,7 @@ impl From<ClientWriteError> for AuthError {
         match err {
             ClientWriteError::IpAlreadyRegistered => Self::IpAlreadyRegistered,
             ClientWriteError::NotFound => Self::ClientNotFound,
-            ClientWriteError::Store(e) => Self::Store(e),
+            ClientWriteError::Store(e) => e.into(),
         }
     }
 }
@@ -808,13 +820,13 @@ impl AssertionClaims {
         if !audience_ok {
             return Err("assertion aud is not the token endpoint");
         }
-        if self.exp + leeway <= now {
+        if self.exp.saturating_add(leeway) <= now {
             return Err("assertion expired");
         }
         if self.exp > now + MAX_ASSERTION_LIFETIME + leeway {
             return Err("assertion lives too long");
         }
-        if self.nbf.is_some_and(|nbf| nbf > now + leeway) {
+        if self.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
             return Err("assertion not yet valid");
         }
         if self.jti.is_empty() || self.jti.len() > 200 {

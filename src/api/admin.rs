@@ -3,13 +3,13 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, AppState, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody};
 use crate::auth::{AuthError, Caller, Client, ClientSpec, Scope, SecuritySettings};
 
 /// `POST /v1/admin/clients` request.
@@ -195,7 +195,7 @@ pub(super) async fn list_clients(
 pub(super) async fn get_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(state.auth.client(client_id(&id)?).await?.into()))
@@ -215,7 +215,7 @@ pub(super) async fn get_client(
 pub(super) async fn update_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateClientBody>,
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
@@ -247,7 +247,7 @@ pub(super) async fn update_client(
 pub(super) async fn disable_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
@@ -267,7 +267,7 @@ pub(super) async fn disable_client(
 pub(super) async fn enable_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
@@ -286,7 +286,7 @@ pub(super) async fn enable_client(
 pub(super) async fn delete_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Admin)?;
     state.auth.delete(client_id(&id)?).await?;
@@ -512,7 +512,7 @@ pub struct LockdownResultBody {
 pub(super) async fn lockdown_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<LockdownBody>,
 ) -> Result<Json<LockdownResultBody>, ApiError> {
     caller.require(Scope::Admin)?;
@@ -545,7 +545,7 @@ pub(super) async fn lockdown_client(
 pub(super) async fn unblock_client(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     let id = client_id(&id)?;

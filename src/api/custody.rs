@@ -3,13 +3,13 @@
 //! officer's command only (`keybroker hsm destroy-master`), never an API call.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::admin::AdminErrorResponses;
-use super::{ApiError, AppState, ErrorBody};
+use super::{ApiError, ApiPath, AppState, ErrorBody};
 use crate::auth::{Caller, Scope};
 use crate::broker::MasterKeyView;
 use crate::crypto::MasterKeyVersion;
@@ -239,7 +239,7 @@ pub(super) async fn get_rewrap(
 pub(super) async fn retire_master_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(version): Path<String>,
+    ApiPath(version): ApiPath<String>,
 ) -> Result<Json<MasterKeysBody>, ApiError> {
     caller.require(Scope::Admin)?;
     let version = version

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{ApiError, ApiJson, AppState, ContextMap, ErrorBody, parse_context};
+use super::{ApiError, ApiJson, ApiPath, AppState, ContextMap, ErrorBody, parse_context};
 use crate::auth::{Caller, Scope, unix_now};
 use crate::broker::{
     BrokerError, KeyDetails, KeySpec, KeyState, ManagedKey, Rotation, SecretName, StoredSecret,
@@ -561,7 +561,7 @@ pub(super) async fn list_keys(
 pub(super) async fn get_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyDetailsBody>, ApiError> {
     caller.require(Scope::KeysRead)?;
     let details = state
@@ -586,7 +586,7 @@ pub(super) async fn get_key(
 pub(super) async fn read_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ReadKeyBody>,
 ) -> Result<Json<KeyPlaintextBody>, ApiError> {
     caller.require(Scope::KeysRead)?;
@@ -622,7 +622,7 @@ pub(super) async fn read_key(
 pub(super) async fn rotate_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysRotate)?;
     let key = state
@@ -647,7 +647,7 @@ pub(super) async fn rotate_key(
 pub(super) async fn refresh_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<RefreshKeyBody>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
@@ -691,7 +691,7 @@ pub(super) async fn refresh_key(
 pub(super) async fn disable_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
     let key = state
@@ -714,7 +714,7 @@ pub(super) async fn disable_key(
 pub(super) async fn enable_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
     let key = state
@@ -738,7 +738,7 @@ pub(super) async fn enable_key(
 pub(super) async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Result<Query<DeletionQuery>, QueryRejection>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
@@ -768,7 +768,7 @@ pub(super) async fn delete_key(
 pub(super) async fn cancel_key_deletion(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
     let key = state
@@ -795,7 +795,7 @@ pub(super) async fn cancel_key_deletion(
 pub(super) async fn put_secret(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<PutSecretBody>,
 ) -> Result<Json<SecretBody>, ApiError> {
     caller.require(Scope::SecretsWrite)?;
@@ -833,7 +833,7 @@ pub(super) async fn put_secret(
 pub(super) async fn get_secret(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<SecretValueBody>, ApiError> {
     caller.require(Scope::SecretsRead)?;
@@ -880,7 +880,7 @@ pub(super) async fn get_secret(
 pub(super) async fn delete_secret(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<DeletionQuery>, QueryRejection>,
 ) -> Result<Json<SecretBody>, ApiError> {
     caller.require(Scope::SecretsWrite)?;
@@ -905,7 +905,7 @@ pub(super) async fn delete_secret(
 pub(super) async fn cancel_secret_deletion(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<SecretBody>, ApiError> {
     caller.require(Scope::SecretsWrite)?;
     let name = SecretName::new(&name)?;

@@ -323,20 +323,16 @@ impl ApiError {
                     "the HSM did not answer within the {} ms deadline; retry later",
                     limit.as_millis()
                 ),
-                Self::Broker(BrokerError::HsmUnavailable(_)) => {
-                    "the HSM is unavailable; retry later".to_owned()
+                // Said by the code the one mapping above chose, so a 500 never claims an outage.
+                _ => match code {
+                    "hsm_unavailable" => "the HSM is unavailable; retry later",
+                    "database_unavailable" => "the database is unavailable; retry later",
+                    "no_active_key" => {
+                        "no master key is active; an officer must run `keybroker hsm init`"
+                    }
+                    _ => "internal error; the request id identifies it in the server log",
                 }
-                Self::Broker(BrokerError::DatabaseUnavailable(_)) => {
-                    "the database is unavailable; retry later".to_owned()
-                }
-                Self::Auth(AuthError::Hsm(_)) => "the HSM is unavailable; retry later".to_owned(),
-                Self::Auth(AuthError::Store(_)) => {
-                    "the database is unavailable; retry later".to_owned()
-                }
-                Self::Broker(BrokerError::NoActiveKey) => {
-                    "no master key is active; an officer must run `keybroker hsm init`".to_owned()
-                }
-                _ => "internal error; the request id identifies it in the server log".to_owned(),
+                .to_owned(),
             }
         } else {
             self.to_string()
@@ -553,6 +549,25 @@ where
         serde_json::from_value(value).map(Self).map_err(|e| {
             ApiError::InvalidRequest(format!("the request body does not match the schema: {e}"))
         })
+    }
+}
+
+/// `Path<T>` whose rejections (a segment that is not UTF-8 once percent-decoded) are
+/// [`ApiError`]s, so they get our error shape too.
+pub(super) struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Self(value))
+            .map_err(|e| ApiError::InvalidRequest(e.body_text()))
     }
 }
 

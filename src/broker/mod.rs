@@ -141,6 +141,7 @@ impl From<StoreError> for BrokerError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NoActiveMasterKey => Self::NoActiveKey,
+            e @ StoreError::UnstorableText(_) => Self::InvalidSpec(e.to_string()),
             // The token could not MAC the audit event, so the change was not made either.
             StoreError::AuditSign(e) => e.into(),
             e if e.is_unavailable() => Self::DatabaseUnavailable(e),

@@ -672,9 +672,12 @@ async fn lock_unreferenced(
     version: MasterKeyVersion,
     states: &[&str],
 ) -> Result<(), MasterKeyChangeError> {
+    // A number past what the column holds (a caller's typo) names no recorded version.
+    let stored =
+        i32::try_from(version.get()).map_err(|_| MasterKeyChangeError::NotFound(version))?;
     let row: Option<(String,)> =
         sqlx::query_as("SELECT state FROM master_keys WHERE version = $1 FOR UPDATE")
-            .bind(from_version(version)?)
+            .bind(stored)
             .fetch_optional(&mut **tx)
             .await?;
     let (state,) = row.ok_or(MasterKeyChangeError::NotFound(version))?;
@@ -686,7 +689,7 @@ async fn lock_unreferenced(
               + (SELECT count(*) FROM secret_versions
                   WHERE mk_version = $1 AND wrapped_dek IS NOT NULL)",
     )
-    .bind(from_version(version)?)
+    .bind(stored)
     .fetch_one(&mut **tx)
     .await?;
     if blobs > 0 {

@@ -42,6 +42,10 @@ pub enum StoreError {
     /// No master-key version is active: `keybroker hsm init` has not run on this database.
     #[error("no master key version is active")]
     NoActiveMasterKey,
+    /// A value from the caller is text Postgres cannot store (a NUL character, in `text` or in
+    /// `jsonb`): the caller's mistake, not the database's.
+    #[error("text fields cannot contain NUL characters")]
+    UnstorableText(#[source] sqlx::Error),
     /// A row holds a value this build cannot represent.
     #[error("the database holds an invalid value: {0}")]
     Corrupt(&'static str),
@@ -84,8 +88,13 @@ impl From<sqlx::Error> for StoreError {
                 .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
             _ => false,
         };
+        // 22021: a NUL byte in a text parameter; 22P05: `\u0000` in jsonb.
+        let unstorable = matches!(&err, sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| c == "22021" || c == "22P05"));
         if unavailable {
             Self::Unavailable(err)
+        } else if unstorable {
+            Self::UnstorableText(err)
         } else {
             Self::Query(err)
         }

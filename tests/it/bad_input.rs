@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::common::{TestServer, b64, error_code};
+use crate::common::{TestServer, b64, error_code, send_json};
 use keybroker::broker::Limits;
 
 #[tokio::test]
@@ -339,5 +339,85 @@ async fn expiry_times_beyond_any_calendar_are_refused_not_failed() {
         )
         .await;
     assert_eq!((status, error_code(&body)), (422, "invalid_request"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn text_postgres_cannot_store_and_odd_path_segments_get_a_4xx_not_a_500() {
+    let server = TestServer::start().await;
+    // A NUL character in a context that is stored (jsonb refuses `\u0000`): refused, nothing kept.
+    let (status, body) = server
+        .post(
+            "/v1/keys",
+            &json!({"name": "nul", "format": "hex", "context": {"a": "x\u{0}y"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "invalid_request"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        "{body}"
+    );
+    let (status, listed) = server.get("/v1/keys?name=nul").await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["items"], json!([]), "{listed}");
+    let (status, body) = send_json(
+        &server.client,
+        reqwest::Method::PUT,
+        format!("{}/v1/secrets/nul", server.base),
+        &server.main.token,
+        Some(&json!({"value": b64(b"v"), "context": {"\u{0}": "x"}})),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "invalid_request"),
+        "{body}"
+    );
+    // In a query filter (text refuses a NUL byte).
+    for path in ["/v1/keys?name=%00", "/v1/admin/audit?event=%00"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (422, "invalid_request"),
+            "{path}: {body}"
+        );
+    }
+    // In a client's name (the admin API answers in its usual shape).
+    let (status, body) = server
+        .post(
+            "/v1/admin/clients",
+            &json!({"name": "a\u{0}b", "ip_mode": "none", "scopes": ["datakey"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "invalid_request"),
+        "{body}"
+    );
+    // A master-key version past what Postgres stores names no version.
+    let (status, body) = server
+        .post("/v1/admin/master-keys/2147483648/retire", &json!({}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (404, "mk_version_not_found"),
+        "{body}"
+    );
+    // A path segment that is not UTF-8 once decoded gets the JSON shape, not axum's text.
+    for path in ["/v1/keys/%FF", "/v1/admin/clients/%C0"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (422, "invalid_request"),
+            "{path}: {body}"
+        );
+    }
+    // And the server goes on working.
+    let (status, body) = server.post("/v1/datakey", &json!({})).await;
+    assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
