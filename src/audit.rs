@@ -107,25 +107,6 @@ pub fn meta() -> AuditMeta {
         })
 }
 
-/// A hash of an encryption context for audit details: shows whether two events used the same
-/// context without revealing it.
-pub fn context_hash(context: &crate::crypto::EncryptionContext) -> String {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    for (k, v) in context.entries() {
-        hasher.update((k.len() as u64).to_be_bytes());
-        hasher.update(k.as_bytes());
-        hasher.update((v.len() as u64).to_be_bytes());
-        hasher.update(v.as_bytes());
-    }
-    hasher
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The outcome of walking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {

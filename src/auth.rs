@@ -219,10 +219,7 @@ impl IpPolicy {
 
     /// Whether `ip` may call. IPv4-mapped IPv6 addresses count as their IPv4 address.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = ip.to_canonical();
         match self {
             Self::Any => true,
             Self::Strict(nets) => nets.iter().any(|n| n.contains(&ip)),
@@ -633,10 +630,6 @@ pub struct Caller {
     pub client_id: Uuid,
     /// What the token grants, narrowed to what the client still holds.
     pub scopes: Scopes,
-    /// The token's id and expiry.
-    pub jti: Uuid,
-    /// Unix seconds.
-    pub expires_at: i64,
 }
 
 impl Caller {
@@ -1307,8 +1300,6 @@ impl Authenticator {
         Ok(Caller {
             client_id,
             scopes: granted.intersection(&client.scopes),
-            jti,
-            expires_at: claims.exp,
         })
     }
 

@@ -490,15 +490,6 @@ impl Hsm {
         .await
     }
 
-    /// Creates master key `version` on the token.
-    ///
-    /// # Errors
-    /// [`HsmError::AlreadyExists`] when an object with its label exists; any token failure.
-    pub async fn create_master_key(&self, version: MasterKeyVersion) -> Result<(), HsmError> {
-        self.admin(move |session| create_master_key(session, version))
-            .await
-    }
-
     /// Master key `version` on the token: created from the template unless it is there
     /// already (from a rotation that stopped half-way), in which case it is checked. Returns
     /// whether this call created it.

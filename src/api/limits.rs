@@ -142,10 +142,7 @@ impl Limiter {
 
     /// Whether `ip` is blocked outright (lockdown).
     pub fn is_blocked_source(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = ip.to_canonical();
         self.blocked_cidrs
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
@@ -279,7 +279,7 @@ pub(super) async fn record(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let at_us = unix_micros();
+    let at_us = crate::audit::now_us();
     let (mut parts, body) = request.into_parts();
     let facts = RequestFacts::default();
     parts.extensions.insert(facts.clone());
@@ -319,12 +319,6 @@ pub(super) async fn record(
         latency_us,
     });
     response
-}
-
-fn unix_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// A header's text (bytes that are not UTF-8 replaced), at most `max` characters.

@@ -206,13 +206,11 @@ pub(super) fn key_ref(id: Uuid, version: u32) -> String {
     format!("key:{id}:v{version}")
 }
 
-fn mk_version(n: i32) -> Result<MasterKeyVersion, BrokerError> {
-    u32::try_from(n)
-        .ok()
-        .and_then(MasterKeyVersion::new)
-        .ok_or(BrokerError::Store(crate::store::StoreError::Corrupt(
-            "master key version",
-        )))
+/// A master-key version read from Postgres.
+pub(super) fn mk_version(n: i32) -> Result<MasterKeyVersion, BrokerError> {
+    MasterKeyVersion::from_stored(n).ok_or(BrokerError::Store(crate::store::StoreError::Corrupt(
+        "master key version",
+    )))
 }
 
 fn to_i32(n: u32) -> i32 {

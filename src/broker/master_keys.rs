@@ -229,9 +229,10 @@ impl Broker {
             return Ok(None);
         };
         let target = batch.target;
+        let empty = batch.is_empty();
         let keys = Arc::new(std::mem::take(&mut batch.keys));
         let secrets = Arc::new(std::mem::take(&mut batch.secrets));
-        let (moved_keys, moved_secrets, failed) = if keys.is_empty() && secrets.is_empty() {
+        let (moved_keys, moved_secrets, failed) = if empty {
             (Vec::new(), Vec::new(), 0)
         } else {
             // Counted before sealing, so that a crash can only overcount.
@@ -456,10 +457,7 @@ fn rewrap_secret(
 }
 
 fn stored_version(version: i32) -> Result<MasterKeyVersion, HsmError> {
-    u32::try_from(version)
-        .ok()
-        .and_then(MasterKeyVersion::new)
-        .ok_or(HsmError::Unexpected(
-            "a stored master key version is out of range",
-        ))
+    MasterKeyVersion::from_stored(version).ok_or(HsmError::Unexpected(
+        "a stored master key version is out of range",
+    ))
 }

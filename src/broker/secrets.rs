@@ -209,12 +209,7 @@ impl Broker {
         let (Some(wrapped), Some(sealed)) = (stored.wrapped_dek, stored.sealed) else {
             return Err(BrokerError::SecretState("destroyed".to_owned()));
         };
-        let mk = u32::try_from(stored.mk_version)
-            .ok()
-            .and_then(MasterKeyVersion::new)
-            .ok_or(BrokerError::Store(crate::store::StoreError::Corrupt(
-                "mk version",
-            )))?;
+        let mk = super::keys::mk_version(stored.mk_version)?;
         let (dek_aad, value_aad) = aads(mk, &owner.to_string(), id, version, &context);
         let value = self
             .hsm

@@ -151,6 +151,11 @@ impl MasterKeyVersion {
         (n > 0).then_some(Self(n))
     }
 
+    /// A version as Postgres stores it (an `integer` column); `None` for zero or a negative.
+    pub fn from_stored(n: i32) -> Option<Self> {
+        u32::try_from(n).ok().and_then(Self::new)
+    }
+
     /// Parses canonical decimal digits (no sign, no leading zero).
     fn parse(text: &str) -> Option<Self> {
         if text.is_empty() || text.len() > 10 || text.starts_with('0') {

@@ -366,7 +366,6 @@ impl Store {
         .bind(id)
         .bind(to_version)
         .bind(ts(now))
-        .bind(reason)
         .fetch_one(&mut *tx)
         .await?;
         let event = NewAuditEvent::info("key.rotated")

@@ -474,9 +474,9 @@ impl Store {
         let row = latest_job(&mut tx)
             .await?
             .ok_or(StoreError::Corrupt("rewrap job vanished"))?;
-        let remaining = remaining_outside(&mut tx, active).await?;
         tx.commit().await?;
-        Ok((row.with_remaining(remaining), outcome))
+        // Under the lock no batch committed since `total` was counted.
+        Ok((row.with_remaining(total), outcome))
     }
 
     /// The running rewrap job, else the latest one.

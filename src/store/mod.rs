@@ -320,10 +320,7 @@ fn client_event(
 }
 
 fn to_version(n: i32) -> Result<MasterKeyVersion, StoreError> {
-    u32::try_from(n)
-        .ok()
-        .and_then(MasterKeyVersion::new)
-        .ok_or(StoreError::Corrupt("master key version out of range"))
+    MasterKeyVersion::from_stored(n).ok_or(StoreError::Corrupt("master key version out of range"))
 }
 
 fn from_version(v: MasterKeyVersion) -> Result<i32, StoreError> {
