@@ -57,14 +57,18 @@ for _ in $(seq 100); do curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev
 
 # One token for the whole run: the default lifetime (5 min) outlasts the measurements.
 TOKEN=$(kb_access_token "$WORK/admin.json" "$URL" "$WORK/tls/ca.pem")
+# The token goes to curl and wrk through private files ($WORK is world-readable for Postgres'
+# sake), never on a command line.
+umask 077
+printf 'authorization: Bearer %s\n' "$TOKEN" >"$WORK/auth.header"
 # The benchmark measures the broker, not its rate limits: lift them for this throwaway
 # instance (the defaults would turn most requests into 429s after the first seconds).
 curl -sf --cacert "$WORK/tls/ca.pem" -X PUT -H 'content-type: application/json' \
-  -H "authorization: Bearer $TOKEN" "$URL/v1/admin/security-settings" \
+  -H @"$WORK/auth.header" "$URL/v1/admin/security-settings" \
   -d '{"per_ip_per_second": 1000000, "per_ip_burst": 1000000, "per_client_per_second": 1000000,
        "per_client_burst": 1000000, "block_after_violations": 1000000, "anomaly_refusals": 0}' >/dev/null
 CONTEXT='{"tenant":"bench","purpose":"datakey"}'
-BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' -H "authorization: Bearer $TOKEN" \
+BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' -H @"$WORK/auth.header" \
   -d "{\"context\":$CONTEXT,\"plaintext\":false}" "$URL/v1/datakey" | sed 's/.*"wrapped":"\([^"]*\)".*/\1/')
 cat >"$WORK/datakey.lua" <<LUA
 wrk.method = "POST"

@@ -183,6 +183,8 @@ kb_access_token() {
   local file=$1 url=$2 ca=$3 id secret
   id=$(sed -n 's/.*"client_id": *"\([^"]*\)".*/\1/p' "$file")
   secret=$(sed -n 's/.*"client_secret": *"\([^"]*\)".*/\1/p' "$file")
-  curl -sf --cacert "$ca" -u "$id:$secret" -d grant_type=client_credentials "$url/v1/oauth/token" \
+  # The credentials go to curl on stdin (-K -), not on its command line, where `ps` shows them.
+  printf 'user = "%s:%s"\n' "$id" "$secret" \
+    | curl -sf --cacert "$ca" -K - -d grant_type=client_credentials "$url/v1/oauth/token" \
     | sed 's/.*"access_token":"\([^"]*\)".*/\1/'
 }

@@ -46,7 +46,8 @@ run_suite() {
   export KEYBROKER_PIN_FILE="$WORK/secrets/$token-user.pin"
   kb_setup_postgres "$WORK/pg" "keybroker_$token"
   # Its output shows the bootstrap admin's secret once: keep it out of the CI log.
-  kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log"
+  # ($WORK is world-readable for Postgres' sake, so the file is made private.)
+  (umask 077; kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log")
 
   # What the tests read: which token and where its storage is (fault tests copy it), the PIN,
   # the database.
