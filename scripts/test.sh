@@ -46,8 +46,10 @@ run_suite() {
   export KEYBROKER_PIN_FILE="$WORK/secrets/$token-user.pin"
   kb_setup_postgres "$WORK/pg" "keybroker_$token"
   # Its output shows the bootstrap admin's secret once: keep it out of the CI log.
-  # ($WORK is world-readable for Postgres' sake, so the file is made private.)
-  (umask 077; kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log")
+  # ($WORK is world-readable for Postgres' sake, so the file is made private first; not in a
+  # subshell, whose exports would be lost.)
+  install -m 600 /dev/null "$WORK/$token-hsm-init.log"
+  kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log"
 
   # What the tests read: which token and where its storage is (fault tests copy it), the PIN,
   # the database.

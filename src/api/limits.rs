@@ -124,20 +124,34 @@ impl Limiter {
             .settings
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(settings);
-        let now = (self.clock)();
-        let mut books = self.lock();
         if changed {
             // New rates: start every bucket afresh.
-            books.buckets.clear();
+            self.lock().buckets.clear();
         }
-        books.blocked.retain(|_, until| *until > now);
-        let full = |s: &Source, b: &Bucket, st: &SecuritySettings| {
-            let (rate, burst) = rate_of(s, st);
-            b.tokens + (now - b.last_ms) as f64 / 1000.0 * rate >= f64::from(burst)
-        };
-        let settings = self.settings();
-        books.buckets.retain(|s, b| !full(s, b, &settings));
+        self.forget_idle();
         Ok(())
+    }
+
+    /// Forgets what no longer decides anything: full buckets, ended blocks, violation windows
+    /// that have passed and audit notes older than the coalescing minute. Each is what a new
+    /// entry would be, so this changes no verdict; it keeps memory bounded by the sources seen
+    /// recently, not by every source ever refused.
+    fn forget_idle(&self) {
+        let now = (self.clock)();
+        let settings = self.settings();
+        let window_ms = i64::try_from(settings.violation_window_secs)
+            .unwrap_or(i64::MAX / 2)
+            .saturating_mul(1000);
+        let mut books = self.lock();
+        books.blocked.retain(|_, until| *until > now);
+        books.buckets.retain(|s, b| {
+            let (rate, burst) = rate_of(s, &settings);
+            b.tokens + (now - b.last_ms) as f64 / 1000.0 * rate < f64::from(burst)
+        });
+        books
+            .violations
+            .retain(|_, (_, start)| now - *start < window_ms);
+        books.last_audit.retain(|_, last| now - *last < 60_000);
     }
 
     /// Whether `ip` is blocked outright (lockdown).
@@ -357,5 +371,45 @@ mod tests {
         );
         now.fetch_add(1_000, Ordering::SeqCst);
         assert_eq!(l.check(ip), Verdict::Allowed);
+    }
+
+    #[test]
+    fn idle_sources_are_forgotten_and_busy_ones_kept() {
+        let (l, now) = limiter(SecuritySettings {
+            per_ip_per_second: 1.0,
+            per_ip_burst: 1,
+            block_after_violations: 3,
+            violation_window_secs: 60,
+            block_secs: 900,
+            ..SecuritySettings::default()
+        });
+        // A thousand sources, each refused once: a bucket, a violation and an audit note each.
+        for n in 0..1000u32 {
+            let ip = Source::Ip(std::net::Ipv4Addr::from(0xc000_0200 + n).into());
+            assert_eq!(l.check(ip), Verdict::Allowed);
+            assert!(matches!(l.check(ip), Verdict::Limited { .. }));
+        }
+        l.forget_idle();
+        assert_eq!(l.lock().violations.len(), 1000, "inside the window: kept");
+        // Past the window, the minute and the refill, and one source busy again.
+        now.fetch_add(61_000, Ordering::SeqCst);
+        let busy = Source::Ip("198.51.100.7".parse().unwrap());
+        assert_eq!(l.check(busy), Verdict::Allowed);
+        assert!(matches!(
+            l.check(busy),
+            Verdict::Limited { audit: true, .. }
+        ));
+        l.forget_idle();
+        let books = l.lock();
+        assert_eq!(
+            (
+                books.buckets.len(),
+                books.violations.len(),
+                books.last_audit.len(),
+                books.blocked.len()
+            ),
+            (1, 1, 1, 0)
+        );
+        assert!(books.violations.contains_key(&busy));
     }
 }
