@@ -25,7 +25,10 @@ use uuid::Uuid;
 
 use crate::audit;
 use crate::hsm::{Hsm, HsmError};
-use crate::store::{ClientFields, ClientRow, ClientWriteError, NewAuditEvent, Store, StoreError};
+use crate::store::{
+    AdminGuard, ClientFields, ClientRow, ClientWriteError, NewAuditEvent, SourceBlock, Store,
+    StoreError,
+};
 
 /// Prefix of every client secret, so secret scanners can recognise a leaked one.
 const SECRET_PREFIX: &str = "kbs_";
@@ -192,7 +195,22 @@ pub enum IpPolicyError {
     /// Not `strict` or `none`.
     #[error("ip_mode must be strict or none")]
     BadMode,
+    /// A strict network so wide it means "anywhere" (e.g. `0.0.0.0/0`).
+    #[error(
+        "{0} is too wide for ip_mode strict (at most /{STRICT_MIN_PREFIX_V4} for IPv4, /{STRICT_MIN_PREFIX_V6} for IPv6); use ip_mode none to allow any address"
+    )]
+    TooWide(String),
+    /// More networks than a client may list.
+    #[error("at most {MAX_CLIENT_NETWORKS} distinct addresses or networks per client")]
+    TooMany,
 }
+
+/// The widest IPv4 network a strict client may list: anything wider is "anywhere" in practice.
+pub const STRICT_MIN_PREFIX_V4: u8 = 8;
+/// The widest IPv6 network a strict client may list (a whole ISP allocation).
+pub const STRICT_MIN_PREFIX_V6: u8 = 32;
+/// How many distinct networks a client may list.
+pub const MAX_CLIENT_NETWORKS: usize = 64;
 
 impl IpPolicy {
     /// Builds a policy from a mode and addresses/CIDRs.
@@ -202,16 +220,20 @@ impl IpPolicy {
     pub fn parse(mode: &str, addresses: &[String]) -> Result<Self, IpPolicyError> {
         let nets = addresses
             .iter()
-            .map(|a| {
-                IpNet::from_str(a)
-                    .or_else(|_| IpAddr::from_str(a).map(IpNet::from))
-                    .map(|n| unmap(n).trunc())
-                    .map_err(|_| IpPolicyError::BadAddress(a.clone()))
-            })
+            .map(|a| parse_net(a).ok_or_else(|| IpPolicyError::BadAddress(a.clone())))
             .collect::<Result<Vec<_>, _>>()?;
         match mode {
             "strict" if nets.is_empty() => Err(IpPolicyError::StrictWithoutAddresses),
-            "strict" => Ok(Self::Strict(nets)),
+            "strict" => {
+                if let Some(wide) = nets.iter().find(|n| n.prefix_len() < strict_min_prefix(n)) {
+                    return Err(IpPolicyError::TooWide(wide.to_string()));
+                }
+                let nets = without_repeats(nets);
+                if nets.len() > MAX_CLIENT_NETWORKS {
+                    return Err(IpPolicyError::TooMany);
+                }
+                Ok(Self::Strict(nets))
+            }
             "none" => Ok(Self::Any),
             _ => Err(IpPolicyError::BadMode),
         }
@@ -241,6 +263,129 @@ impl IpPolicy {
             Self::Any => Vec::new(),
         }
     }
+}
+
+/// An address or CIDR as the canonical network it names (host bits cleared, IPv4-mapped IPv6
+/// as IPv4).
+fn parse_net(text: &str) -> Option<IpNet> {
+    IpNet::from_str(text)
+        .or_else(|_| IpAddr::from_str(text).map(IpNet::from))
+        .ok()
+        .map(|n| unmap(n).trunc())
+}
+
+fn strict_min_prefix(net: &IpNet) -> u8 {
+    match net {
+        IpNet::V4(_) => STRICT_MIN_PREFIX_V4,
+        IpNet::V6(_) => STRICT_MIN_PREFIX_V6,
+    }
+}
+
+/// The networks in their first order, without repeats and without any that another one listed
+/// already contains (adjacent networks are kept apart: the officer's list stays recognisable).
+fn without_repeats(nets: Vec<IpNet>) -> Vec<IpNet> {
+    let mut kept: Vec<IpNet> = Vec::with_capacity(nets.len());
+    for (i, net) in nets.iter().enumerate() {
+        let covered = nets
+            .iter()
+            .enumerate()
+            .any(|(j, other)| other != net && other.contains(net) || (other == net && j < i));
+        if !covered {
+            kept.push(*net);
+        }
+    }
+    kept
+}
+
+/// What a lockdown asks to block.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRequest<'a> {
+    /// Networks to block, each within one of the client's own; `None`: all of the client's.
+    pub cidrs: Option<&'a [String]>,
+    /// For how long, in seconds (1 to [`MAX_BLOCK_SECS`]).
+    pub secs: u64,
+    /// The widest IPv4 network that may be blocked (a prefix length).
+    pub min_prefix_v4: u8,
+    /// The widest IPv6 network that may be blocked.
+    pub min_prefix_v6: u8,
+}
+
+/// How long a lockdown blocks addresses unless told otherwise.
+pub const DEFAULT_BLOCK_SECS: u64 = 3600;
+/// The longest block a lockdown may set (an officer renews it if still needed).
+pub const MAX_BLOCK_SECS: u64 = 7 * 86_400;
+
+/// Why a lockdown's block was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    /// The client may call from anywhere: there are no addresses of its own to block.
+    #[error("the client has ip_mode none: it has no registered addresses to block")]
+    NoRegisteredAddresses,
+    /// Not an address or CIDR.
+    #[error("{0:?} is not an IP address or CIDR")]
+    BadAddress(String),
+    /// Outside every network the client registered.
+    #[error("{0} is not within the client's registered addresses")]
+    NotTheClients(String),
+    /// Wider than the configured limit.
+    #[error("{net} is wider than the widest network a block may cover (/{limit})")]
+    TooWide {
+        /// The network.
+        net: String,
+        /// The configured prefix length.
+        limit: u8,
+    },
+    /// A duration out of range.
+    #[error("a block lasts 1 to {MAX_BLOCK_SECS} seconds")]
+    BadDuration,
+}
+
+/// Which networks a lockdown blocks, and until when: never wider than the client's own
+/// registered networks nor than the configured prefixes, and always for a limited time.
+///
+/// # Errors
+/// [`BlockError`] saying what is not allowed.
+pub fn block_for(
+    policy: &IpPolicy,
+    request: BlockRequest<'_>,
+    now: i64,
+) -> Result<SourceBlock, AuthError> {
+    let invalid = AuthError::InvalidBlock;
+    if request.secs == 0 || request.secs > MAX_BLOCK_SECS {
+        return Err(invalid(BlockError::BadDuration));
+    }
+    let IpPolicy::Strict(own) = policy else {
+        return Err(invalid(BlockError::NoRegisteredAddresses));
+    };
+    let nets = match request.cidrs {
+        None => own.clone(),
+        Some(list) => {
+            let nets = list
+                .iter()
+                .map(|a| parse_net(a).ok_or_else(|| invalid(BlockError::BadAddress(a.clone()))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(foreign) = nets.iter().find(|n| !own.iter().any(|o| o.contains(*n))) {
+                return Err(invalid(BlockError::NotTheClients(foreign.to_string())));
+            }
+            without_repeats(nets)
+        }
+    };
+    for net in &nets {
+        let limit = match net {
+            IpNet::V4(_) => request.min_prefix_v4,
+            IpNet::V6(_) => request.min_prefix_v6,
+        };
+        if net.prefix_len() < limit {
+            return Err(invalid(BlockError::TooWide {
+                net: net.to_string(),
+                limit,
+            }));
+        }
+    }
+    Ok(SourceBlock {
+        cidrs: nets.iter().map(ToString::to_string).collect(),
+        until: now.saturating_add(i64::try_from(request.secs).unwrap_or(i64::MAX)),
+    })
 }
 
 /// An IPv4-mapped IPv6 network (`::ffff:a.b.c.d/n`, n ≥ 96) as the IPv4 network it is, since
@@ -284,8 +429,10 @@ pub fn source_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
 /// node serves several thousand authenticated requests a second, so a single client may use a
 /// good share (2000/s sustained, bursts of 4000) without starving the others, and a single
 /// address (possibly a NAT of many clients) up to 5000/s. A source refused 1000 times within a
-/// minute is blocked for 15 minutes. 20 refusals (denied unwraps, address mismatches,
-/// authentication failures) of one client within 5 minutes disable it.
+/// minute is blocked for 15 minutes. 20 refusals made to one authenticated client (denied
+/// unwraps, address mismatches) within 5 minutes disable it. Failed authentications are
+/// throttled per source and client id (5 free, then a doubling delay up to 5 minutes) and per
+/// source (50 free), never counted against the client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
@@ -307,6 +454,18 @@ pub struct SecuritySettings {
     pub anomaly_refusals: u32,
     /// The window counting refusals.
     pub anomaly_window_secs: u64,
+    /// Failed authentications at the token endpoint from one source for one client id before
+    /// further attempts from there for that id are delayed (429 with `Retry-After`; the delay
+    /// doubles with each further failure, from 1 s up to `auth_delay_max_secs`).
+    pub auth_failures_per_client: u32,
+    /// The same, counted over every client id tried from one source.
+    pub auth_failures_per_source: u32,
+    /// The longest such delay.
+    pub auth_delay_max_secs: u64,
+    /// The widest IPv4 network a lockdown may block (a prefix length).
+    pub block_min_prefix_v4: u8,
+    /// The widest IPv6 network a lockdown may block.
+    pub block_min_prefix_v6: u8,
 }
 
 impl Default for SecuritySettings {
@@ -321,6 +480,11 @@ impl Default for SecuritySettings {
             block_secs: 900,
             anomaly_refusals: 20,
             anomaly_window_secs: 300,
+            auth_failures_per_client: 5,
+            auth_failures_per_source: 50,
+            auth_delay_max_secs: 300,
+            block_min_prefix_v4: 16,
+            block_min_prefix_v6: 48,
         }
     }
 }
@@ -349,6 +513,19 @@ impl SecuritySettings {
         if self.anomaly_window_secs == 0 {
             return Err("anomaly_window_secs must be at least 1".into());
         }
+        if self.auth_failures_per_client == 0 || self.auth_failures_per_source == 0 {
+            return Err(
+                "auth_failures_per_client and auth_failures_per_source must be at least 1".into(),
+            );
+        }
+        if self.auth_delay_max_secs == 0 || self.auth_delay_max_secs > 86_400 {
+            return Err("auth_delay_max_secs must be 1 to 86400".into());
+        }
+        if self.block_min_prefix_v4 > 32 || self.block_min_prefix_v6 > 128 {
+            return Err(
+                "block_min_prefix_v4 is at most 32 and block_min_prefix_v6 at most 128".into(),
+            );
+        }
         Ok(())
     }
 
@@ -364,8 +541,10 @@ impl SecuritySettings {
     }
 }
 
-/// After a refusal was recorded for `client`: if its refusals within the window reach the
-/// threshold, disable it (a critical audit event says why). An officer re-enables it.
+/// After a refusal made to an authenticated `client` was recorded (a denied unwrap, an address
+/// mismatch with valid credentials): if its refusals within the window reach the threshold,
+/// disable it (a critical audit event says why), unless it is the last active admin. An officer
+/// re-enables it. Failed authentications never lead here: they are throttled instead.
 ///
 /// # Errors
 /// An outage.
@@ -380,17 +559,28 @@ pub async fn respond_to_refusal(store: &Store, client: Uuid) -> Result<(), Store
     let refusals = store
         .security_refusals(client, audit::now_us() - window_us)
         .await?;
-    if refusals >= i64::from(settings.anomaly_refusals)
-        && store
-            .auto_disable_client(
-                client,
-                refusals,
-                settings.anomaly_window_secs,
-                &audit::meta(),
-            )
-            .await?
+    if refusals < i64::from(settings.anomaly_refusals) {
+        return Ok(());
+    }
+    match store
+        .auto_disable_client(
+            client,
+            refusals,
+            settings.anomaly_window_secs,
+            &audit::meta(),
+        )
+        .await
     {
-        tracing::warn!(target: "keybroker::security", %client, refusals, "client disabled automatically");
+        Ok(true) => {
+            tracing::warn!(target: "keybroker::security", %client, refusals, "client disabled automatically");
+        }
+        Ok(false) => {}
+        Err(ClientWriteError::LastAdmin) => {
+            tracing::warn!(target: "keybroker::security", %client, refusals,
+                "not disabled automatically: it is the last active admin client");
+        }
+        Err(ClientWriteError::Store(e)) => return Err(e),
+        Err(ClientWriteError::NotFound | ClientWriteError::IpAlreadyRegistered) => {}
     }
     Ok(())
 }
@@ -487,6 +677,32 @@ pub enum ClientCredentials {
     },
 }
 
+impl ClientCredentials {
+    /// The client id the caller claims to be, unverified: the one given, or for an assertion
+    /// without one, its `sub`. For the record and for throttling failures, never for trust.
+    pub fn claimed_id(&self) -> Option<Uuid> {
+        match self {
+            Self::Secret { client_id, .. } => Uuid::parse_str(client_id).ok(),
+            Self::Assertion {
+                client_id: Some(id),
+                ..
+            } => Uuid::parse_str(id).ok(),
+            Self::Assertion {
+                client_id: None,
+                assertion,
+            } => {
+                #[derive(Deserialize)]
+                struct Sub {
+                    sub: String,
+                }
+                let jws = CompactJws::parse(assertion)?;
+                let claims: Sub = serde_json::from_slice(&jws.payload).ok()?;
+                Uuid::parse_str(&claims.sub).ok()
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors
 
@@ -532,6 +748,20 @@ pub enum AuthError {
     /// No such client.
     #[error("no such client")]
     ClientNotFound,
+    /// The change would leave no active client with the `admin` scope.
+    #[error(
+        "this is the last active client with the admin scope; register or enable another admin first"
+    )]
+    LastAdmin,
+    /// A lockdown's address block is not allowed.
+    #[error("{0}")]
+    InvalidBlock(BlockError),
+    /// Too many failed authentications from this source for this client: wait.
+    #[error("too many failed authentications; retry after {retry_after} s")]
+    Throttled {
+        /// Seconds.
+        retry_after: u64,
+    },
     /// The token failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),
@@ -557,6 +787,7 @@ impl From<ClientWriteError> for AuthError {
         match err {
             ClientWriteError::IpAlreadyRegistered => Self::IpAlreadyRegistered,
             ClientWriteError::NotFound => Self::ClientNotFound,
+            ClientWriteError::LastAdmin => Self::LastAdmin,
             ClientWriteError::Store(e) => e.into(),
         }
     }
@@ -1003,12 +1234,7 @@ impl Authenticator {
         source: IpAddr,
         now: i64,
     ) -> Result<IssuedToken, AuthError> {
-        let claimed = match &credentials {
-            ClientCredentials::Secret { client_id, .. } => Uuid::parse_str(client_id).ok(),
-            ClientCredentials::Assertion { client_id, .. } => {
-                client_id.as_deref().and_then(|c| Uuid::parse_str(c).ok())
-            }
-        };
+        let claimed = credentials.claimed_id();
         let result = self
             .issue_unaudited(credentials, requested, source, now)
             .await;
@@ -1036,8 +1262,12 @@ impl Authenticator {
             }
             Err(_) => return result,
         };
-        // A token is handed out only once its issuance is on the record.
-        let refused_client = result.is_err().then_some(claimed).flatten();
+        // A token is handed out only once its issuance is on the record. Only an address refusal
+        // follows valid credentials; any other failure may come from anyone who knows the id.
+        let refused_client =
+            matches!(&result, Err(AuthError::InvalidClient(r)) if *r == IP_REFUSED)
+                .then_some(claimed)
+                .flatten();
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             return Err(match result {
                 Ok(_) => e.into(),
@@ -1253,7 +1483,9 @@ impl Authenticator {
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             tracing::warn!(target: "keybroker::audit", error = %e, "refusal not audited");
         }
+        // Only an address refusal follows a valid token; the rest prove nothing about its holder.
         if let Some((client, _)) = client
+            && matches!(result, Err(AuthError::IpNotAllowed))
             && let Err(e) = respond_to_refusal(&self.store, client).await
         {
             tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
@@ -1454,11 +1686,17 @@ impl Authenticator {
     /// Replaces a client's name, addresses, scopes and key.
     ///
     /// # Errors
-    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`], or an outage.
-    pub async fn update(&self, id: Uuid, spec: ClientSpec) -> Result<Client, AuthError> {
+    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`],
+    /// [`AuthError::LastAdmin`] when `admin` would leave the last active admin, or an outage.
+    pub async fn update(
+        &self,
+        id: Uuid,
+        spec: ClientSpec,
+        guard: AdminGuard,
+    ) -> Result<Client, AuthError> {
         Client::try_from(
             self.store
-                .update_client(id, &fields(&spec), &audit::meta())
+                .update_client(id, &fields(&spec), guard, &audit::meta())
                 .await?,
         )
     }
@@ -1466,12 +1704,17 @@ impl Authenticator {
     /// Disables (every live token stops working at once) or enables a client.
     ///
     /// # Errors
-    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`] on enable, or an
-    /// outage.
-    pub async fn set_active(&self, id: Uuid, active: bool) -> Result<Client, AuthError> {
+    /// [`AuthError::ClientNotFound`], [`AuthError::IpAlreadyRegistered`] on enable,
+    /// [`AuthError::LastAdmin`] on disable, or an outage.
+    pub async fn set_active(
+        &self,
+        id: Uuid,
+        active: bool,
+        guard: AdminGuard,
+    ) -> Result<Client, AuthError> {
         Client::try_from(
             self.store
-                .set_client_active(id, active, &audit::meta())
+                .set_client_active(id, active, guard, &audit::meta())
                 .await?,
         )
     }
@@ -1479,9 +1722,33 @@ impl Authenticator {
     /// Deletes a client; its tokens stop working at once.
     ///
     /// # Errors
-    /// [`AuthError::ClientNotFound`], or an outage.
-    pub async fn delete(&self, id: Uuid) -> Result<(), AuthError> {
-        Ok(self.store.delete_client(id, &audit::meta()).await?)
+    /// [`AuthError::ClientNotFound`], [`AuthError::LastAdmin`], or an outage.
+    pub async fn delete(&self, id: Uuid, guard: AdminGuard) -> Result<(), AuthError> {
+        Ok(self.store.delete_client(id, guard, &audit::meta()).await?)
+    }
+
+    /// Lockdown: disables the client (every live token refused from its next request) and,
+    /// when `block` is given, blocks some of its own networks for a while (see
+    /// [`block_for`]). Returns the client and what was blocked.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientNotFound`], [`AuthError::LastAdmin`], [`AuthError::InvalidBlock`],
+    /// or an outage.
+    pub async fn lock_down(
+        &self,
+        id: Uuid,
+        reason: &str,
+        block: Option<BlockRequest<'_>>,
+        guard: AdminGuard,
+    ) -> Result<(Client, Option<SourceBlock>), AuthError> {
+        let client = self.client(id).await?;
+        let block = block
+            .map(|b| block_for(&client.ip_policy, b, unix_now()))
+            .transpose()?;
+        self.store
+            .lock_down_client(id, reason, block.as_ref(), guard, &audit::meta())
+            .await?;
+        Ok((self.client(id).await?, block))
     }
 
     /// One client.

@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 use keybroker::api::{AppState, RequestLog, error_chain};
-use keybroker::auth::{Authenticator, Client, ClientSecret, ClientSpec};
+use keybroker::auth::{
+    Authenticator, BlockRequest, Client, ClientSecret, ClientSpec, SecuritySettings,
+};
 use keybroker::broker::{Broker, Limits, RewrapStart};
 use keybroker::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs, read_secret};
 use keybroker::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
 use keybroker::hsm::{self, Hsm};
 use keybroker::server::RunningServer;
+use keybroker::store::AdminGuard;
 use keybroker::store::Store;
 use keybroker::tls;
 
@@ -209,6 +212,10 @@ enum ClientCommand {
     Disable {
         /// Client id.
         id: uuid::Uuid,
+        /// Allow disabling the last active client with the admin scope (the API then has no
+        /// administrator until an officer registers or enables one here).
+        #[arg(long)]
+        allow_no_admin: bool,
     },
     /// Enable a client again.
     Enable {
@@ -219,28 +226,65 @@ enum ClientCommand {
     Delete {
         /// Client id.
         id: uuid::Uuid,
+        /// Allow deleting the last active client with the admin scope.
+        #[arg(long)]
+        allow_no_admin: bool,
     },
-    /// Lock a client down at once: disabled, its live tokens refused, its addresses blocked
-    /// (lift with the admin API's unblock), a critical audit event.
+    /// Lock a client down at once: disabled, its live tokens refused, a critical audit event.
+    /// With --block, also block its registered addresses (or the --cidr parts of them) for a
+    /// while; `client unblock` lifts that sooner.
     Lockdown {
         /// Client id.
         id: uuid::Uuid,
         /// Why, for the audit trail.
         #[arg(long, default_value = "lockdown by the officer")]
         reason: String,
+        /// Also block the client's registered addresses.
+        #[arg(long)]
+        block: bool,
+        /// Block only this network, within the client's own (repeatable; implies --block).
+        #[arg(long = "cidr")]
+        cidrs: Vec<String>,
+        /// How long the block lasts, in seconds.
+        #[arg(long, default_value_t = keybroker::auth::DEFAULT_BLOCK_SECS)]
+        block_secs: u64,
+        /// Allow locking down the last active client with the admin scope.
+        #[arg(long)]
+        allow_no_admin: bool,
     },
+    /// Lift the address blocks of a client's lockdowns (the client stays disabled until
+    /// enabled).
+    Unblock {
+        /// Client id.
+        id: uuid::Uuid,
+    },
+}
+
+/// `--allow-no-admin` as the store's guard.
+fn admin_guard(allow_no_admin: bool) -> AdminGuard {
+    if allow_no_admin {
+        AdminGuard::AllowNone
+    } else {
+        AdminGuard::KeepOne
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+            )
+            // After the level filter: only warnings that would be written use up its minute.
+            .with(tls::PeerWarningThrottle::default())
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
     tls::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -693,19 +737,53 @@ async fn run_client(
             }
         }
         ClientCommand::Show { id } => print_client(&auth.client(id).await?),
-        ClientCommand::Disable { id } => print_client(&auth.set_active(id, false).await?),
-        ClientCommand::Enable { id } => print_client(&auth.set_active(id, true).await?),
-        ClientCommand::Delete { id } => {
-            auth.delete(id).await?;
+        ClientCommand::Disable { id, allow_no_admin } => print_client(
+            &auth
+                .set_active(id, false, admin_guard(allow_no_admin))
+                .await?,
+        ),
+        ClientCommand::Enable { id } => {
+            print_client(&auth.set_active(id, true, AdminGuard::KeepOne).await?);
+        }
+        ClientCommand::Delete { id, allow_no_admin } => {
+            auth.delete(id, admin_guard(allow_no_admin)).await?;
             println!("deleted {id}");
         }
-        ClientCommand::Lockdown { id, reason } => {
-            let blocked = broker
-                .store()
-                .lock_down_client(id, &reason, &keybroker::audit::meta())
+        ClientCommand::Lockdown {
+            id,
+            reason,
+            block,
+            cidrs,
+            block_secs,
+            allow_no_admin,
+        } => {
+            let settings = SecuritySettings::load(broker.store()).await?;
+            let request = (block || !cidrs.is_empty()).then(|| BlockRequest {
+                cidrs: (!cidrs.is_empty()).then_some(cidrs.as_slice()),
+                secs: block_secs,
+                min_prefix_v4: settings.block_min_prefix_v4,
+                min_prefix_v6: settings.block_min_prefix_v6,
+            });
+            let (client, block) = auth
+                .lock_down(id, &reason, request, admin_guard(allow_no_admin))
                 .await?;
-            print_client(&auth.client(id).await?);
-            println!("blocked:    {}", blocked.join(" "));
+            print_client(&client);
+            match block {
+                Some(block) => println!(
+                    "blocked:    {} (until unix time {}; every broker within seconds)",
+                    block.cidrs.join(" "),
+                    block.until
+                ),
+                None => println!("blocked:    nothing (use --block to block its addresses)"),
+            }
+        }
+        ClientCommand::Unblock { id } => {
+            auth.client(id).await?;
+            let lifted = broker
+                .store()
+                .unblock_client_sources(id, &keybroker::audit::meta())
+                .await?;
+            println!("lifted {lifted} block(s) of {id}; every broker within seconds");
         }
     }
     Ok(())

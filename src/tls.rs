@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::ServerConfig;
@@ -36,6 +37,63 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// rustls warns about what a peer sent in its handshake (an IP address as SNI, a repeated name)
+/// before any rate limit applies, so anyone could fill the log for free. This layer lets through
+/// at most one rustls warning a minute; every other event passes untouched. Add it to the
+/// subscriber after the level filter, so only warnings that would be written use up the minute.
+pub struct PeerWarningThrottle {
+    /// Unix ms of the last rustls warning let through (`i64::MIN`: none yet).
+    last_ms: AtomicI64,
+    clock: fn() -> i64,
+}
+
+/// How often a rustls warning may reach the log.
+const PEER_WARNING_EVERY_MS: i64 = 60_000;
+
+impl Default for PeerWarningThrottle {
+    fn default() -> Self {
+        Self::with_clock(|| crate::audit::now_us() / 1000)
+    }
+}
+
+impl PeerWarningThrottle {
+    /// A throttle on the given clock (unix ms), for tests.
+    pub fn with_clock(clock: fn() -> i64) -> Self {
+        Self {
+            last_ms: AtomicI64::new(i64::MIN),
+            clock,
+        }
+    }
+
+    /// Whether an event of `target` at `level` may be written now.
+    pub fn allows(&self, target: &str, level: tracing::Level) -> bool {
+        if level != tracing::Level::WARN || !(target == "rustls" || target.starts_with("rustls::"))
+        {
+            return true;
+        }
+        let now = (self.clock)();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != i64::MIN && now.saturating_sub(last) < PEER_WARNING_EVERY_MS {
+            return false;
+        }
+        // Of racing threads, one writes.
+        self.last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PeerWarningThrottle {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        self.allows(meta.target(), *meta.level())
+    }
 }
 
 /// Makes ring the process-wide rustls provider, so no crate can pick another one later.
@@ -128,4 +186,33 @@ pub fn ensure_dev_certificate(dir: &Path) -> Result<DevCertificate, TlsError> {
     write(&out.key, &server_key.serialize_pem(), true)?;
     write(&out.cert, &server_cert.pem(), false)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::PeerWarningThrottle;
+    use tracing::Level;
+
+    static NOW: AtomicI64 = AtomicI64::new(1_000_000);
+
+    #[test]
+    fn rustls_warnings_pass_once_a_minute_and_nothing_else_is_held_back() {
+        let throttle = PeerWarningThrottle::with_clock(|| NOW.load(Ordering::Relaxed));
+        let sni = "rustls::msgs::handshake";
+        assert!(throttle.allows(sni, Level::WARN));
+        assert!(!throttle.allows(sni, Level::WARN));
+        assert!(!throttle.allows("rustls", Level::WARN));
+        // Other levels, other targets and look-alike names pass regardless.
+        assert!(throttle.allows(sni, Level::ERROR));
+        assert!(throttle.allows(sni, Level::DEBUG));
+        assert!(throttle.allows("keybroker::api", Level::WARN));
+        assert!(throttle.allows("rustlsish", Level::WARN));
+        NOW.fetch_add(59_999, Ordering::Relaxed);
+        assert!(!throttle.allows(sni, Level::WARN));
+        NOW.fetch_add(1, Ordering::Relaxed);
+        assert!(throttle.allows(sni, Level::WARN));
+        assert!(!throttle.allows(sni, Level::WARN));
+    }
 }

@@ -10,7 +10,11 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody};
-use crate::auth::{AuthError, Caller, Client, ClientSpec, Scope, SecuritySettings};
+use crate::auth::{
+    AuthError, BlockRequest, Caller, Client, ClientSpec, DEFAULT_BLOCK_SECS, Scope,
+    SecuritySettings,
+};
+use crate::store::AdminGuard;
 
 /// `POST /v1/admin/clients` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -168,7 +172,8 @@ pub(super) async fn list_clients(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ClientListBody>, ApiError> {
     caller.require(Scope::Admin)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let Query(query) =
+        query.map_err(|e| ApiError::InvalidQuery(super::mismatch_message(&e, "query string")))?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::InvalidQuery("limit must be 1 to 500".to_owned()));
@@ -208,7 +213,7 @@ pub(super) async fn get_client(
     responses(
         (status = 200, description = "The changed client", body = ClientBody),
         (status = 404, description = "`client_not_found`", body = ErrorBody),
-        (status = 409, description = "`ip_already_registered`", body = ErrorBody),
+        (status = 409, description = "`ip_already_registered`, or `last_admin`: the change would take `admin` from the last active admin client", body = ErrorBody),
         (status = 422, description = "`invalid_client_metadata` or `invalid_request`", body = ErrorBody),
         AdminErrorResponses,
     ))]
@@ -233,7 +238,13 @@ pub(super) async fn update_client(
         &body.scopes.unwrap_or(current.scopes).join(" "),
         public_key,
     )?;
-    Ok(Json(state.auth.update(id, spec).await?.into()))
+    Ok(Json(
+        state
+            .auth
+            .update(id, spec, AdminGuard::KeepOne)
+            .await?
+            .into(),
+    ))
 }
 
 /// Disable a client: every live token of it stops working at once, for good.
@@ -242,6 +253,7 @@ pub(super) async fn update_client(
     responses(
         (status = 200, description = "The disabled client", body = ClientBody),
         (status = 404, description = "`client_not_found`", body = ErrorBody),
+        (status = 409, description = "`last_admin`: the last active client with the admin scope", body = ErrorBody),
         AdminErrorResponses,
     ))]
 pub(super) async fn disable_client(
@@ -251,7 +263,11 @@ pub(super) async fn disable_client(
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
-        state.auth.set_active(client_id(&id)?, false).await?.into(),
+        state
+            .auth
+            .set_active(client_id(&id)?, false, AdminGuard::KeepOne)
+            .await?
+            .into(),
     ))
 }
 
@@ -271,7 +287,11 @@ pub(super) async fn enable_client(
 ) -> Result<Json<ClientBody>, ApiError> {
     caller.require(Scope::Admin)?;
     Ok(Json(
-        state.auth.set_active(client_id(&id)?, true).await?.into(),
+        state
+            .auth
+            .set_active(client_id(&id)?, true, AdminGuard::KeepOne)
+            .await?
+            .into(),
     ))
 }
 
@@ -281,6 +301,7 @@ pub(super) async fn enable_client(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "`client_not_found`", body = ErrorBody),
+        (status = 409, description = "`last_admin`: the last active client with the admin scope", body = ErrorBody),
         AdminErrorResponses,
     ))]
 pub(super) async fn delete_client(
@@ -289,7 +310,10 @@ pub(super) async fn delete_client(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Scope::Admin)?;
-    state.auth.delete(client_id(&id)?).await?;
+    state
+        .auth
+        .delete(client_id(&id)?, AdminGuard::KeepOne)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -404,7 +428,8 @@ pub(super) async fn audit_events(
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<AuditPageBody>, ApiError> {
     caller.require(Scope::Admin)?;
-    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let Query(q) =
+        query.map_err(|e| ApiError::InvalidQuery(super::mismatch_message(&e, "query string")))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::InvalidQuery("limit must be 1 to 1000".to_owned()));
@@ -488,6 +513,20 @@ pub(super) async fn audit_verify(
 pub struct LockdownBody {
     /// Why, for the audit trail.
     pub reason: Option<String>,
+    /// Also block addresses (a separate choice: by default a lockdown blocks none). Only the
+    /// client's own registered networks, or parts of them, for a limited time.
+    pub block: Option<BlockBody>,
+}
+
+/// Which addresses a lockdown blocks, and for how long.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlockBody {
+    /// Networks to block, each within one of the client's registered networks and no wider
+    /// than the `block_min_prefix_v4`/`_v6` security settings; default: all of the client's.
+    pub cidrs: Option<Vec<String>>,
+    /// For how long, 1 to 604800 seconds; default 3600.
+    pub secs: Option<u64>,
 }
 
 /// `POST /v1/admin/clients/{id}/lockdown` response.
@@ -495,18 +534,24 @@ pub struct LockdownBody {
 pub struct LockdownResultBody {
     /// The client, now disabled.
     pub client: ClientBody,
-    /// The addresses now blocked.
+    /// The addresses now blocked (empty unless a block was asked for).
     pub blocked: Vec<String>,
+    /// When the block ends by itself (unix seconds), if addresses were blocked.
+    pub blocked_until: Option<i64>,
 }
 
-/// Lock a client down at once: disabled (every live token refused from its next request),
-/// its registered addresses blocked, a critical audit event.
+/// Lock a client down at once: disabled (every live token refused from its next request) and a
+/// critical audit event. Blocking its addresses is a separate choice (`block`), limited to its
+/// own registered networks and in time. `/healthz` and `/readyz` are never blocked. The last
+/// active admin cannot be locked down (409 `last_admin`).
 #[utoipa::path(post, path = "/v1/admin/clients/{id}/lockdown", tag = "admin",
     params(("id" = Uuid, Path, description = "Client id")), request_body = LockdownBody,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Locked down", body = LockdownResultBody),
         (status = 404, description = "`client_not_found`", body = ErrorBody),
+        (status = 409, description = "`last_admin`: the last active client with the admin scope", body = ErrorBody),
+        (status = 422, description = "`block_not_allowed`: a block wider than the client's own networks or the configured prefix, for a client without registered addresses, or of a bad duration", body = ErrorBody),
         AdminErrorResponses,
     ))]
 pub(super) async fn lockdown_client(
@@ -518,19 +563,27 @@ pub(super) async fn lockdown_client(
     caller.require(Scope::Admin)?;
     let id = client_id(&id)?;
     let reason = body.reason.unwrap_or_else(|| "lockdown".to_owned());
-    let blocked = state
-        .broker
-        .store()
-        .lock_down_client(id, &reason, &crate::audit::meta())
-        .await
-        .map_err(AuthError::from)?;
-    // This broker blocks at once; the others within their next refresh.
-    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
-        tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after lockdown");
+    let settings = state.limiter.settings();
+    let block = body.block.as_ref().map(|b| BlockRequest {
+        cidrs: b.cidrs.as_deref(),
+        secs: b.secs.unwrap_or(DEFAULT_BLOCK_SECS),
+        min_prefix_v4: settings.block_min_prefix_v4,
+        min_prefix_v6: settings.block_min_prefix_v6,
+    });
+    let (client, block) = state
+        .auth
+        .lock_down(id, &reason, block, AdminGuard::KeepOne)
+        .await?;
+    if block.is_some() {
+        // This broker blocks at once; the others within their next refresh.
+        if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+            tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after lockdown");
+        }
     }
     Ok(Json(LockdownResultBody {
-        client: state.auth.client(id).await?.into(),
-        blocked,
+        client: client.into(),
+        blocked_until: block.as_ref().map(|b| b.until),
+        blocked: block.map(|b| b.cidrs).unwrap_or_default(),
     }))
 }
 

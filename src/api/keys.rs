@@ -395,7 +395,7 @@ fn key_id(text: &str) -> Result<Uuid, ApiError> {
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
-        .map_err(|e| ApiError::InvalidQuery(e.body_text()))
+        .map_err(|e| ApiError::InvalidQuery(super::mismatch_message(&e, "query string")))
 }
 
 /// Expiry from `expires_at` or `ttl_days` (not both).

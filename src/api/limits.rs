@@ -49,7 +49,28 @@ struct Books {
     blocked: HashMap<Source, i64>,
     /// When a `rate_limit_exceeded` event was last recorded for the source (coalescing).
     last_audit: HashMap<Source, i64>,
+    /// Failed authentications at the token endpoint.
+    auth_failures: HashMap<AuthKey, Failures>,
 }
+
+/// Whose failed authentications are counted: a source address, and a source address trying one
+/// client id (`None` for ids that are not UUIDs). Never the client id alone: anyone may claim
+/// an id, and the client's own addresses must stay unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum AuthKey {
+    Source(IpAddr),
+    SourceClient(IpAddr, Option<Uuid>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last_ms: i64,
+    delayed_until_ms: i64,
+}
+
+/// Failures are forgotten this long after the last one (when no delay is running).
+const AUTH_FAILURE_MEMORY_MS: i64 = 15 * 60 * 1000;
 
 /// What a check decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +173,74 @@ impl Limiter {
             .violations
             .retain(|_, (_, start)| now - *start < window_ms);
         books.last_audit.retain(|_, last| now - *last < 60_000);
+        books
+            .auth_failures
+            .retain(|_, f| f.delayed_until_ms > now || now - f.last_ms < AUTH_FAILURE_MEMORY_MS);
+    }
+
+    fn auth_keys(ip: IpAddr, client: Option<Uuid>) -> [AuthKey; 2] {
+        let ip = ip.to_canonical();
+        [AuthKey::Source(ip), AuthKey::SourceClient(ip, client)]
+    }
+
+    /// Whether the token endpoint must refuse `ip` trying `client` for now, and for how many
+    /// seconds: after too many failed authentications from that source for that id, or from
+    /// that source at all. Checked before the credentials, so a delayed guess costs nothing
+    /// and learns nothing.
+    pub fn auth_delay(&self, ip: IpAddr, client: Option<Uuid>) -> Option<u64> {
+        let now = (self.clock)();
+        let books = self.lock();
+        Self::auth_keys(ip, client)
+            .iter()
+            .filter_map(|k| books.auth_failures.get(k))
+            .filter(|f| f.delayed_until_ms > now)
+            .map(|f| seconds_until(now, f.delayed_until_ms))
+            .max()
+    }
+
+    /// Counts a failed authentication of `client` from `ip`. Past the free failures, each one
+    /// doubles the delay (1 s, 2 s, 4 s, … up to `auth_delay_max_secs`). Returns the delay it
+    /// started, if any.
+    pub fn auth_failed(&self, ip: IpAddr, client: Option<Uuid>) -> Option<u64> {
+        let settings = self.settings();
+        let now = (self.clock)();
+        let mut books = self.lock();
+        let mut started = None;
+        for key in Self::auth_keys(ip, client) {
+            let free = match key {
+                AuthKey::Source(_) => settings.auth_failures_per_source,
+                AuthKey::SourceClient(..) => settings.auth_failures_per_client,
+            };
+            let entry = books.auth_failures.entry(key).or_insert(Failures {
+                count: 0,
+                last_ms: now,
+                delayed_until_ms: 0,
+            });
+            if entry.delayed_until_ms <= now && now - entry.last_ms >= AUTH_FAILURE_MEMORY_MS {
+                entry.count = 0;
+            }
+            entry.count = entry.count.saturating_add(1);
+            entry.last_ms = now;
+            if entry.count > free {
+                let secs = 1u64
+                    .checked_shl(entry.count - free - 1)
+                    .unwrap_or(u64::MAX)
+                    .min(settings.auth_delay_max_secs);
+                let ms = i64::try_from(secs)
+                    .unwrap_or(i64::MAX / 2)
+                    .saturating_mul(1000);
+                entry.delayed_until_ms = entry.delayed_until_ms.max(now.saturating_add(ms));
+                started = started.max(Some(secs));
+            }
+        }
+        started
+    }
+
+    /// A successful authentication of `client` from `ip` clears that pair's failures (not the
+    /// source's: one good client behind an address does not vouch for the other guesses).
+    pub fn auth_succeeded(&self, ip: IpAddr, client: Option<Uuid>) {
+        let [_, pair] = Self::auth_keys(ip, client);
+        self.lock().auth_failures.remove(&pair);
     }
 
     /// Whether `ip` is blocked outright (lockdown).
@@ -281,13 +370,16 @@ pub(super) async fn limit_by_source(
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
+    // Health checks are neither blocked nor limited: a load balancer probing must not be refused
+    // (it would take the node out of service for everyone behind the same address).
+    if matches!(parts.uri.path(), "/healthz" | "/readyz") {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     let ip = request_source(&parts, &state);
     if state.limiter.is_blocked_source(ip) {
         return ApiError::SourceBlocked { retry_after: None }.into_response();
     }
-    // Health checks are not limited: a load balancer probing must not be refused.
-    let probe = matches!(parts.uri.path(), "/healthz" | "/readyz");
-    if !probe && let Err(e) = enforce(&state, Source::Ip(ip), state.limiter.check(Source::Ip(ip))) {
+    if let Err(e) = enforce(&state, Source::Ip(ip), state.limiter.check(Source::Ip(ip))) {
         return e.into_response();
     }
     next.run(Request::from_parts(parts, body)).await

@@ -18,6 +18,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 use zeroize::Zeroizing;
@@ -161,6 +162,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(TraceLayer::new_for_http())
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(sanitise_request_id))
+        // On every response, refusals included. Nothing we answer may sit in a cache: data keys,
+        // plaintexts, secrets and tokens are in bodies, and a shared cache keyed by URL is never
+        // right for an API whose answers depend on the bearer. Browsers must use HTTPS only.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ))
         .with_state(state)
 }
 
@@ -200,7 +212,8 @@ pub enum ApiError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// 401 `invalid_token`; 403 `insufficient_scope`, `ip_not_allowed`, `client_disabled`;
-    /// 404 `client_not_found`; 409 `ip_already_registered`; 422 `invalid_client_metadata`.
+    /// 404 `client_not_found`; 409 `ip_already_registered`, `last_admin`; 422
+    /// `invalid_client_metadata`, `block_not_allowed`; 429 `rate_limited`.
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// 422 `invalid_request`: a query string of the wrong shape.
@@ -350,7 +363,7 @@ impl ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::JsonDataError(e) => Self::InvalidRequest(e.body_text()),
+            JsonRejection::JsonDataError(e) => Self::InvalidRequest(mismatch_message(&e, "body")),
             JsonRejection::JsonSyntaxError(_) => Self::InvalidJson,
             JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
@@ -423,6 +436,9 @@ fn auth_status_and_code(err: &AuthError) -> (StatusCode, &'static str) {
         AuthError::ClientDisabled => (StatusCode::FORBIDDEN, "client_disabled"),
         AuthError::ClientNotFound => (StatusCode::NOT_FOUND, "client_not_found"),
         AuthError::IpAlreadyRegistered => (StatusCode::CONFLICT, "ip_already_registered"),
+        AuthError::LastAdmin => (StatusCode::CONFLICT, "last_admin"),
+        AuthError::InvalidBlock(_) => (StatusCode::UNPROCESSABLE_ENTITY, "block_not_allowed"),
+        AuthError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         AuthError::InvalidClientSpec(_) => {
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_client_metadata")
         }
@@ -567,8 +583,69 @@ where
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(value)| Self(value))
-            .map_err(|e| ApiError::InvalidRequest(e.body_text()))
+            .map_err(|e| ApiError::InvalidRequest(path_message(&e)))
     }
+}
+
+/// Our words for a path segment that does not parse, never the parser's.
+fn path_message(rejection: &axum::extract::rejection::PathRejection) -> String {
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    match rejection {
+        PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+            ErrorKind::ParseErrorAtKey { key, .. } => {
+                format!("the path segment `{key}` is not valid")
+            }
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                format!("the path segment `{key}` is not UTF-8 text")
+            }
+            _ => "a path segment is not valid".to_owned(),
+        },
+        _ => "a path segment is not valid".to_owned(),
+    }
+}
+
+/// Our words for a JSON body or query string that is well-formed but does not fit the
+/// request's schema: which field, and whether it is missing, unknown, or of the wrong type or
+/// value. Never the parser's own sentence ("invalid digit found in string", "expected u32").
+pub(super) fn mismatch_message(rejection: &dyn std::error::Error, what: &str) -> String {
+    let mut source = rejection.source();
+    while let Some(err) = source {
+        if let Some(e) = err.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>() {
+            return describe_mismatch(&e.path().to_string(), &e.inner().to_string(), what);
+        }
+        if let Some(e) = err.downcast_ref::<serde_path_to_error::Error<serde::de::value::Error>>() {
+            return describe_mismatch(&e.path().to_string(), &e.inner().to_string(), what);
+        }
+        source = err.source();
+    }
+    format!("the {what} does not fit this request's schema")
+}
+
+fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
+    // serde words these two cases with fixed prefixes (serde::de::Error's provided methods);
+    // we take only the field name from them.
+    let named = |rest: &str| rest.split('`').nth(1).map(str::to_owned);
+    let at = if path == "." || path.is_empty() {
+        String::new()
+    } else {
+        format!(" in `{path}`")
+    };
+    if let Some(name) = inner.strip_prefix("missing field ").and_then(named) {
+        return format!("the {what} lacks the required field `{name}`{at}");
+    }
+    if let Some(name) = inner.strip_prefix("unknown field ").and_then(named) {
+        return format!("the {what} has a field this request does not accept: `{name}`{at}");
+    }
+    if at.is_empty() {
+        return format!("the {what} does not have the shape this request documents");
+    }
+    let kind = if inner.starts_with("invalid type") {
+        "has the wrong type"
+    } else {
+        "has a value out of range or of the wrong form"
+    };
+    format!("the field `{path}` of the {what} {kind}")
 }
 
 /// The authenticated caller, from `Authorization: Bearer …`, checked on every protected request

@@ -158,6 +158,11 @@ impl IntoResponse for TokenError {
                 "invalid_request",
                 self.error.to_string(),
             ),
+            AuthError::Throttled { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                self.error.to_string(),
+            ),
             other => {
                 let unavailable = matches!(other, AuthError::Hsm(e) if e.is_unavailable())
                     || matches!(other, AuthError::Store(e) if e.is_unavailable());
@@ -188,6 +193,11 @@ impl IntoResponse for TokenError {
         response
             .extensions_mut()
             .insert(super::request_log::ErrorCode(code));
+        if let AuthError::Throttled { retry_after } = &self.error
+            && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         if status == StatusCode::UNAUTHORIZED && self.used_basic {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -219,6 +229,8 @@ fn no_store(mut response: Response) -> Response {
         (status = 200, description = "The access token", body = TokenResponse),
         (status = 400, description = "`invalid_request`, `invalid_scope`, `unsupported_grant_type`", body = OAuthError),
         (status = 401, description = "`invalid_client`: unknown client, wrong secret, bad or replayed assertion, disabled client or refused address, all alike", body = OAuthError),
+        (status = 429, description = "`rate_limited`: too many failed authentications from this source for this client id (or from this source); `Retry-After` says when to try again. The client itself is never disabled by failed authentications", body = OAuthError,
+            headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "`server_error`", body = OAuthError),
         (status = 503, description = "`temporarily_unavailable`: token or database down", body = OAuthError),
     ))]
@@ -239,10 +251,27 @@ pub(super) async fn oauth_token(
             Some(_) => return Err(AuthError::UnsupportedGrantType),
         }
         let credentials = credentials(basic, &form)?;
-        state
+        let claimed = credentials.claimed_id();
+        // Too many failures from here for this id (or from here at all): refused before the
+        // credentials are looked at, known id or not alike.
+        if let Some(retry_after) = state.limiter.auth_delay(source, claimed) {
+            return Err(AuthError::Throttled { retry_after });
+        }
+        let result = state
             .auth
             .issue(credentials, form.scope.as_deref(), source, unix_now())
-            .await
+            .await;
+        match &result {
+            Ok(_) => state.limiter.auth_succeeded(source, claimed),
+            Err(AuthError::InvalidClient(_)) => {
+                if let Some(secs) = state.limiter.auth_failed(source, claimed) {
+                    tracing::warn!(target: "keybroker::security", %source, delay_secs = secs,
+                        "failed client authentications: further attempts delayed");
+                }
+            }
+            Err(_) => {}
+        }
+        result
     }
     .await;
     match result {

@@ -25,6 +25,7 @@ pub use master_keys::{
 };
 pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
+pub use security::SourceBlock;
 pub use signing_keys::SigningKeyRow;
 
 /// What went wrong in Postgres.
@@ -389,9 +390,23 @@ pub enum ClientWriteError {
     /// No such client.
     #[error("no such client")]
     NotFound,
+    /// The change would leave no active client with the `admin` scope.
+    #[error("this is the last active client with the admin scope")]
+    LastAdmin,
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Whether a client write may leave the broker with no active client holding `admin`. Through
+/// the API never: the last administrator could lock everyone out of the API for good. An officer
+/// at the CLI may, explicitly (`--allow-no-admin`), since the CLI needs no client to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminGuard {
+    /// Refuse a change that removes the last active admin ([`ClientWriteError::LastAdmin`]).
+    KeepOne,
+    /// Allow it.
+    AllowNone,
 }
 
 impl From<sqlx::Error> for ClientWriteError {
@@ -476,11 +491,13 @@ impl Store {
         &self,
         id: uuid::Uuid,
         fields: &ClientFields,
+        guard: AdminGuard,
         meta: &AuditMeta,
     ) -> Result<ClientRow, ClientWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
+        let had_admin = any_active_admin(&mut tx).await?;
         let state: Option<(String,)> = sqlx::query_as("SELECT state FROM clients WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -502,6 +519,7 @@ impl Store {
         .bind(&fields.public_key_pem)
         .fetch_one(&mut *tx)
         .await?;
+        keep_an_admin(&mut tx, had_admin, guard).await?;
         let event = client_event("client.updated", "info", id, fields);
         audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
@@ -518,11 +536,13 @@ impl Store {
         &self,
         id: uuid::Uuid,
         active: bool,
+        guard: AdminGuard,
         meta: &AuditMeta,
     ) -> Result<ClientRow, ClientWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
+        let had_admin = any_active_admin(&mut tx).await?;
         let current = client_in(&mut tx, id)
             .await?
             .ok_or(ClientWriteError::NotFound)?;
@@ -543,6 +563,7 @@ impl Store {
              WHERE id = $1"
         };
         sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        keep_an_admin(&mut tx, had_admin, guard).await?;
         let row = client_in(&mut tx, id)
             .await?
             .ok_or(ClientWriteError::NotFound)?;
@@ -564,10 +585,13 @@ impl Store {
     pub async fn delete_client(
         &self,
         id: uuid::Uuid,
+        guard: AdminGuard,
         meta: &AuditMeta,
     ) -> Result<(), ClientWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
+        lock_clients(&mut tx).await?;
+        let had_admin = any_active_admin(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM clients WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -576,6 +600,7 @@ impl Store {
         if deleted == 0 {
             return Err(ClientWriteError::NotFound);
         }
+        keep_an_admin(&mut tx, had_admin, guard).await?;
         sqlx::query("DELETE FROM used_assertions WHERE client_id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -721,7 +746,34 @@ impl Store {
     }
 }
 
-async fn lock_clients(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+/// Whether any active client holds the `admin` scope.
+async fn any_active_admin(tx: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    let (any,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM clients WHERE state = 'active' AND 'admin' = ANY (scopes))",
+    )
+    .fetch_one(tx)
+    .await?;
+    Ok(any)
+}
+
+/// After a change inside the clients lock: refuses it (the caller drops the transaction, which
+/// rolls it back) when there was an active admin before and there is none now. Only a change
+/// that removes the last one is refused: with none to begin with, other clients stay
+/// manageable.
+pub(super) async fn keep_an_admin(
+    tx: &mut sqlx::PgConnection,
+    had_admin: bool,
+    guard: AdminGuard,
+) -> Result<(), ClientWriteError> {
+    if guard == AdminGuard::KeepOne && had_admin && !any_active_admin(tx).await? {
+        return Err(ClientWriteError::LastAdmin);
+    }
+    Ok(())
+}
+
+/// Serialises client writes: the address check and the last-admin check each read other rows,
+/// so two writers racing must not both pass on what the other is about to change.
+pub(super) async fn lock_clients(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("LOCK TABLE clients IN SHARE ROW EXCLUSIVE MODE")
         .execute(tx)
         .await

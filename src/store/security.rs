@@ -5,7 +5,19 @@ use uuid::Uuid;
 
 use super::audit::append;
 use super::keys::ts;
-use super::{AuditMeta, ClientWriteError, NewAuditEvent, Store, StoreError};
+use super::{
+    AdminGuard, AuditMeta, ClientWriteError, NewAuditEvent, Store, StoreError, keep_an_admin,
+    lock_clients,
+};
+
+/// Addresses an officer chose to block with a lockdown, until when (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceBlock {
+    /// CIDRs, canonical text, already checked against the client's own networks.
+    pub cidrs: Vec<String>,
+    /// Unix seconds at which the block ends by itself.
+    pub until: i64,
+}
 
 impl Store {
     /// The stored settings JSON, if an officer set any.
@@ -50,8 +62,7 @@ impl Store {
     /// Any database failure.
     pub async fn blocked_sources(&self, now: i64) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT cidr FROM blocked_sources
-             WHERE until IS NULL OR until > to_timestamp($1)",
+            "SELECT DISTINCT cidr FROM blocked_sources WHERE until > to_timestamp($1)",
         )
         .bind(ts(now))
         .fetch_all(&self.pool)
@@ -60,34 +71,46 @@ impl Store {
     }
 
     /// Lockdown, in one transaction: the client is disabled (every live token refused from the
-    /// next request on), its registered addresses are blocked until an officer lifts the block,
-    /// and a critical audit event records it.
+    /// next request on), and a critical audit event records it. Blocking addresses is a separate
+    /// choice: `block`, when given, blocks those networks (the caller checked they lie within
+    /// the client's own) until its end. Returns what was blocked.
     ///
     /// # Errors
-    /// [`ClientWriteError::NotFound`], or any database failure.
+    /// [`ClientWriteError::NotFound`], [`ClientWriteError::LastAdmin`], or any database failure.
     pub async fn lock_down_client(
         &self,
         id: Uuid,
         reason: &str,
+        block: Option<&SourceBlock>,
+        guard: AdminGuard,
         meta: &AuditMeta,
     ) -> Result<Vec<String>, ClientWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let cidrs: Option<(Vec<String>,)> = sqlx::query_as(
+        lock_clients(&mut tx).await?;
+        let had_admin = super::any_active_admin(&mut tx).await?;
+        let changed = sqlx::query(
             "UPDATE clients SET state = 'disabled', tokens_not_before = now(), updated_at = now()
-             WHERE id = $1 RETURNING allowed_cidrs",
+             WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (cidrs,) = cidrs.ok_or(ClientWriteError::NotFound)?;
-        for cidr in &cidrs {
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Err(ClientWriteError::NotFound);
+        }
+        keep_an_admin(&mut tx, had_admin, guard).await?;
+        let blocked = block.map(|b| b.cidrs.clone()).unwrap_or_default();
+        if let Some(block) = block {
             sqlx::query(
-                "INSERT INTO blocked_sources (cidr, reason, client_id) VALUES ($1, $2, $3)",
+                "INSERT INTO blocked_sources (cidr, reason, client_id, until)
+                 SELECT c, $2, $3, to_timestamp($4) FROM unnest($1::text[]) AS c",
             )
-            .bind(cidr)
+            .bind(&block.cidrs)
             .bind(reason)
             .bind(id)
+            .bind(ts(block.until))
             .execute(&mut *tx)
             .await?;
         }
@@ -95,10 +118,14 @@ impl Store {
             .severity("critical")
             .client(id)
             .subject(id.to_string())
-            .details(serde_json::json!({ "reason": reason, "blocked": cidrs }));
+            .details(serde_json::json!({
+                "reason": reason,
+                "blocked": blocked,
+                "blocked_until": block.map(|b| b.until),
+            }));
         append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
-        Ok(cidrs)
+        Ok(blocked)
     }
 
     /// Lifts the blocks of a client's lockdown (its addresses); the client stays disabled
@@ -128,8 +155,10 @@ impl Store {
         Ok(lifted)
     }
 
-    /// How many refusals (denied unwraps, address mismatches, authentication failures) the
-    /// audit trail holds for `client` since `since_us`.
+    /// How many refusals made to an authenticated caller (denied unwraps, address mismatches
+    /// with valid credentials) the audit trail holds for `client` since `since_us`. Failed
+    /// authentications do not count: anyone who knows a client id can fail to authenticate as
+    /// it, and must not be able to switch it off that way (they are throttled instead).
     ///
     /// # Errors
     /// Any database failure.
@@ -143,7 +172,7 @@ impl Store {
                AND at_us >= greatest($2, coalesce((SELECT max(at_us) FROM audit_events
                                                   WHERE client_id = $1
                                                     AND event = 'client.enabled'), 0) + 1)
-               AND event IN ('unauthorized_key_access', 'ip_mismatch', 'auth.failed')",
+               AND event IN ('unauthorized_key_access', 'ip_mismatch')",
         )
         .bind(client)
         .bind(since_us)
@@ -156,16 +185,19 @@ impl Store {
     /// when it was not active (nothing done).
     ///
     /// # Errors
-    /// Any database failure.
+    /// [`ClientWriteError::LastAdmin`] (nothing done: the last admin is never switched off
+    /// automatically), or any database failure.
     pub async fn auto_disable_client(
         &self,
         id: Uuid,
         refusals: i64,
         window_secs: u64,
         meta: &AuditMeta,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, ClientWriteError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
+        lock_clients(&mut tx).await?;
+        let had_admin = super::any_active_admin(&mut tx).await?;
         let changed = sqlx::query(
             "UPDATE clients SET state = 'disabled', tokens_not_before = now(), updated_at = now()
              WHERE id = $1 AND state = 'active'",
@@ -174,6 +206,7 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        keep_an_admin(&mut tx, had_admin, AdminGuard::KeepOne).await?;
         if changed == 1 {
             let event = NewAuditEvent::info("client.auto_disabled")
                 .severity("critical")

@@ -501,6 +501,11 @@ fn changed_settings() -> SecuritySettings {
         block_secs: 120,
         anomaly_refusals: 4,
         anomaly_window_secs: 90,
+        auth_failures_per_client: 3,
+        auth_failures_per_source: 30,
+        auth_delay_max_secs: 60,
+        block_min_prefix_v4: 24,
+        block_min_prefix_v6: 64,
     }
 }
 
