@@ -5,6 +5,7 @@
 # token through the fault-injecting module in tests/pkcs11-faults. .ci/run calls exactly this.
 #
 #   KB_TEST_TOKENS   the tokens to run on (default "softhsm kryoptic")
+#   KB_TEST_FILTER   run only the tests whose names contain this (default: all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
@@ -61,9 +62,9 @@ run_suite() {
 
   kb_log "running the test suite on $token (log: $log)"
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --no-fail-fast --success-output final --failure-output final 2>&1 | tee "$log" || status=$?
+    cargo nextest run --no-fail-fast --success-output final --failure-output final ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   else
-    cargo test --no-fail-fast -- --nocapture 2>&1 | tee "$log" || status=$?
+    cargo test --no-fail-fast -- --nocapture ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   fi
   [ "$status" -eq 0 ] || kb_die "the suite failed on $token"
 

@@ -313,6 +313,27 @@ impl TestServer {
         send_json(&self.client, reqwest::Method::GET, url, token, None).await
     }
 
+    /// Lets failed authentications go unthrottled, for tests that fail on purpose many times
+    /// in a row at the token endpoint (the throttle has tests of its own).
+    pub async fn lift_auth_throttle(&self) {
+        let settings = keybroker::auth::SecuritySettings {
+            auth_failures_per_client: 1_000_000,
+            auth_failures_per_source: 1_000_000,
+            ..keybroker::auth::SecuritySettings::default()
+        };
+        let url = format!("{}/v1/admin/security-settings", self.base);
+        let body = serde_json::to_value(settings).unwrap();
+        let (status, body) = send_json(
+            &self.client,
+            reqwest::Method::PUT,
+            url,
+            &self.main.token,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     pub async fn stop(mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await.unwrap();

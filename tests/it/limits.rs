@@ -222,11 +222,15 @@ async fn token_request(http: &reqwest::Client, base: &str, id: &str, secret: &st
         .send()
         .await
         .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
     let (status, body) = common::read(response).await;
     Reply {
         status,
         body,
-        retry_after: None,
+        retry_after,
     }
 }
 
@@ -658,7 +662,7 @@ async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
         &server,
         Method::POST,
         &format!("/v1/admin/clients/{id}/lockdown"),
-        Some(&json!({})),
+        Some(&json!({"block": {}})),
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -718,7 +722,7 @@ async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
 // 5. Lockdown
 
 #[tokio::test]
-async fn lockdown_kills_the_live_token_and_blocks_the_address_until_lifted() {
+async fn lockdown_with_a_block_kills_the_live_token_and_blocks_the_address_until_lifted() {
     let server = TestServer::start().await;
     let two = from("127.0.0.2");
     let (id, secret, token, ips) =
@@ -731,19 +735,23 @@ async fn lockdown_kills_the_live_token_and_blocks_the_address_until_lifted() {
         &server,
         Method::POST,
         &format!("/v1/admin/clients/{id}/lockdown"),
-        Some(&json!({"reason": "suspected compromise"})),
+        Some(&json!({"reason": "suspected compromise", "block": {}})),
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.body["client"]["state"], "disabled");
     assert_eq!(reply.body["blocked"], json!(ips), "{}", reply.body);
+    // An hour by default.
+    let until = reply.body["blocked_until"].as_i64().unwrap();
+    let now = keybroker::auth::unix_now();
+    assert!((now + 3590..=now + 3610).contains(&until), "{}", reply.body);
     assert!(
         ips.iter()
             .any(|n| n.as_str().unwrap().starts_with("127.0.0.2"))
     );
 
     // The live token fails at its next request: from its address the address is refused
-    // outright (403, no Retry-After: it ends when an officer says so); elsewhere the token.
+    // outright (403, no Retry-After: an officer may lift it sooner); elsewhere the token.
     let reply = usage(&server, &two, &token).await;
     assert_eq!(refused(&reply, 403, "source_blocked"), None);
     refused(
@@ -764,6 +772,11 @@ async fn lockdown_kills_the_live_token_and_blocks_the_address_until_lifted() {
     );
     let reply = token_request(&two, &server.base, &id, &secret).await;
     refused(&reply, 403, "source_blocked");
+    // Health checks from there still answer: a load balancer there must not take us out.
+    for probe in ["/healthz", "/readyz"] {
+        let reply = call(&server, &two, Method::GET, "", probe, None).await;
+        assert_eq!(reply.status, 200, "{probe}: {}", reply.body);
+    }
     // Other addresses are.
     assert_eq!(
         usage(&server, &server.client, &bystander.token)
@@ -816,7 +829,7 @@ async fn lockdown_kills_the_live_token_and_blocks_the_address_until_lifted() {
 }
 
 #[tokio::test]
-async fn the_cli_lockdown_disables_the_client_and_blocks_its_addresses() {
+async fn the_cli_lockdown_with_block_disables_the_client_and_blocks_its_addresses_until_unblock() {
     let server = TestServer::start().await;
     let three = from("127.0.0.3");
     let (id, _, token, ips) = register_pinned(&server, "suspect", "127.0.0.3", &["datakey"]).await;
@@ -824,17 +837,18 @@ async fn the_cli_lockdown_disables_the_client_and_blocks_its_addresses() {
     assert_eq!(usage(&server, &three, &token).await.status, 200);
 
     let url = server.database_url.clone();
-    let args = ["client", "lockdown", &id, "--reason", "cli drill"].map(str::to_owned);
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
-            .args(args)
-            .env("DATABASE_URL", url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let output = cli(
+        &url,
+        &[
+            "client",
+            "lockdown",
+            &id,
+            "--reason",
+            "cli drill",
+            "--block",
+        ],
+    )
+    .await;
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("disabled"), "{stdout}");
@@ -868,16 +882,37 @@ async fn the_cli_lockdown_disables_the_client_and_blocks_its_addresses() {
             .status,
         200
     );
-    let reply = admin(
-        &server,
-        Method::POST,
-        &format!("/v1/admin/clients/{id}/unblock"),
-        None,
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    // `client unblock` lifts it (from the broker's next refresh on).
+    let output = cli(&url, &["client", "unblock", &id]).await;
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("lifted 1 block"),
+        "{output:?}"
+    );
+    server.limiter.refresh(server.broker.store()).await.unwrap();
     assert_eq!(usage(&server, &three, &bystander.token).await.status, 200);
+    assert_eq!(client_state(&server, &id).await, "disabled");
+    let items = audit_api(&server, &format!("event=client.unblocked&client_id={id}")).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["actor"], "officer");
     server.stop().await;
+}
+
+/// Runs the officer CLI against `database_url` (the token settings come from the
+/// environment `scripts/test.sh` exports).
+async fn cli(database_url: &str, args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(args)
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1043,7 +1078,7 @@ async fn a_client_an_officer_enabled_again_is_not_disabled_again_by_the_refusals
 }
 
 #[tokio::test]
-async fn repeated_address_mismatches_or_failed_authentications_disable_the_client() {
+async fn repeated_address_mismatches_disable_the_client_and_failed_authentications_do_not() {
     let server = TestServer::start().await;
     put_settings(&server, &anomaly(3)).await;
     let two = from("127.0.0.2");
@@ -1080,28 +1115,24 @@ async fn repeated_address_mismatches_or_failed_authentications_disable_the_clien
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].severity, "critical");
 
-    // A client whose secret is guessed at.
+    // Failed authentications are not refusals of an authenticated caller: a client whose
+    // secret is guessed at stays enabled (finding: anyone knowing an id could switch it off).
     let guessed = server.register("guessed", IpPolicy::Any, "datakey").await;
     for _ in 0..3 {
-        let reply = token_request(&server.client, &server.base, &guessed.id, "wrong").await;
+        let reply = token_request(&two, &server.base, &guessed.id, "wrong").await;
         assert_eq!(reply.status, 401, "{}", reply.body);
         assert_eq!(reply.body["error"], "invalid_client");
     }
-    refused(
-        &usage(&server, &server.client, &guessed.token).await,
-        403,
-        "client_disabled",
-    );
-    let reply = token_request(&server.client, &server.base, &guessed.id, &guessed.secret).await;
     assert_eq!(
-        reply.status, 401,
-        "a disabled client got a token: {}",
-        reply.body
+        usage(&server, &server.client, &guessed.token).await.status,
+        200
     );
-    let rows = events(&server, "client.auto_disabled", Some(&guessed.id)).await;
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].severity, "critical");
-    assert_eq!(client_state(&server, &guessed.id).await, "disabled");
+    assert_eq!(client_state(&server, &guessed.id).await, "active");
+    assert!(
+        events(&server, "client.auto_disabled", Some(&guessed.id))
+            .await
+            .is_empty()
+    );
     server.stop().await;
 }
 
@@ -1163,5 +1194,515 @@ async fn with_anomaly_refusals_zero_no_client_is_disabled() {
             .await
             .is_empty()
     );
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Nobody switches a client off but an officer
+
+/// `client_credentials` with HTTP Basic, as most OAuth libraries send it.
+async fn token_request_basic(http: &reqwest::Client, base: &str, id: &str, secret: &str) -> Reply {
+    let response = http
+        .post(format!("{base}/v1/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    let (status, body) = common::read(response).await;
+    Reply {
+        status,
+        body,
+        retry_after,
+    }
+}
+
+#[tokio::test]
+async fn twenty_wrong_secrets_leave_the_client_enabled_and_throttle_only_the_guessing_source() {
+    let server = TestServer::start().await;
+    // The victim is pinned to 127.0.0.1; the guesses come from 127.0.0.7, both ways of sending
+    // a secret.
+    let victim = server
+        .register(
+            "victim",
+            IpPolicy::Strict(vec!["127.0.0.1/32".parse().unwrap()]),
+            "datakey",
+        )
+        .await;
+    let attacker = from("127.0.0.7");
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let reply = if i % 2 == 0 {
+            token_request(&attacker, &server.base, &victim.id, "kbs_wrong").await
+        } else {
+            token_request_basic(&attacker, &server.base, &victim.id, "kbs_wrong").await
+        };
+        answers.push((reply.status, reply.retry_after));
+        match reply.status {
+            401 => assert_eq!(reply.body["error"], "invalid_client", "{}", reply.body),
+            429 => {
+                assert_eq!(reply.body["error"], "rate_limited", "{}", reply.body);
+                assert!(reply.retry_after.is_some_and(|s| s >= 1), "{answers:?}");
+            }
+            other => panic!("attempt {i}: {other} {}", reply.body),
+        }
+    }
+    // Five free failures, then a delay.
+    assert!(answers[..5].iter().all(|(s, _)| *s == 401), "{answers:?}");
+    assert!(answers.iter().any(|(s, _)| *s == 429), "{answers:?}");
+
+    // The client is untouched: enabled, its live token works, its own address gets a token
+    // with the right secret at once, and no automatic response was recorded.
+    assert_eq!(client_state(&server, &victim.id).await, "active");
+    assert_eq!(
+        usage(&server, &server.client, &victim.token).await.status,
+        200
+    );
+    let reply = token_request(&server.client, &server.base, &victim.id, &victim.secret).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        events(&server, "client.auto_disabled", Some(&victim.id))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        events(&server, "auth.failed", Some(&victim.id)).await.len(),
+        answers.iter().filter(|(s, _)| *s == 401).count(),
+        "every failure that was checked is on the record, no throttled one"
+    );
+
+    // From the guessing source even the right secret waits (it learns nothing there)...
+    let reply = token_request(&attacker, &server.base, &victim.id, &victim.secret).await;
+    let retry = refused_oauth(&reply, 429, "rate_limited");
+    // ... until the delay has passed; a further failure doubles it.
+    advance(&server, retry * 1000);
+    let reply = token_request(&attacker, &server.base, &victim.id, "kbs_wrong").await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    let reply = token_request(&attacker, &server.base, &victim.id, "kbs_wrong").await;
+    let longer = refused_oauth(&reply, 429, "rate_limited");
+    assert!(
+        longer > retry,
+        "the delay did not grow: {retry} then {longer}"
+    );
+    assert_eq!(client_state(&server, &victim.id).await, "active");
+    server.stop().await;
+}
+
+/// An OAuth-shaped refusal: status, `error`, and the `Retry-After` it carries.
+fn refused_oauth(reply: &Reply, status: u16, error: &str) -> u64 {
+    assert_eq!(reply.status, status, "{}", reply.body);
+    assert_eq!(reply.body["error"], error, "{}", reply.body);
+    reply.retry_after.expect("no Retry-After")
+}
+
+#[tokio::test]
+async fn known_and_unknown_client_ids_get_the_same_answers_and_take_the_same_time() {
+    let server = TestServer::start().await;
+    let known = server.register("known", IpPolicy::Any, "datakey").await;
+    let unknown = Uuid::new_v4().to_string();
+
+    // The same sequence of answers, throttle included, from two fresh sources.
+    let (a, b) = (from("127.0.0.8"), from("127.0.0.9"));
+    for i in 0..6 {
+        let k = token_request(&a, &server.base, &known.id, "kbs_wrong").await;
+        let u = token_request(&b, &server.base, &unknown, "kbs_wrong").await;
+        assert_eq!((k.status, &k.body), (u.status, &u.body), "attempt {i}");
+        assert_eq!(k.status, 401);
+    }
+    let mut throttled = (false, false);
+    for _ in 0..5 {
+        throttled.0 |= token_request(&a, &server.base, &known.id, "x").await.status == 429;
+        throttled.1 |= token_request(&b, &server.base, &unknown, "x").await.status == 429;
+    }
+    assert_eq!(throttled, (true, true));
+
+    // Timing: with the throttle out of the way, interleaved tries, medians compared. Before
+    // step 7 a known id cost about twice an unknown one (its failure bookkeeping); a generous
+    // bound still catches that.
+    put_settings(
+        &server,
+        &SecuritySettings {
+            auth_failures_per_client: 1_000_000,
+            auth_failures_per_source: 1_000_000,
+            ..SecuritySettings::default()
+        },
+    )
+    .await;
+    let http = from("127.0.0.10");
+    let (mut unknown_ms, mut differences) = (Vec::new(), Vec::new());
+    for i in 0..220 {
+        let mut pair = [0.0; 2];
+        for (slot, id) in [&known.id, &unknown].into_iter().enumerate() {
+            let start = Instant::now();
+            let reply = token_request(&http, &server.base, id, "kbs_wrong").await;
+            assert_eq!(reply.status, 401, "{}", reply.body);
+            pair[slot] = start.elapsed().as_secs_f64() * 1000.0;
+        }
+        // The first few warm connections and caches up.
+        if i >= 20 {
+            unknown_ms.push(pair[1]);
+            differences.push(pair[0] - pair[1]);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (u, d) = (median(&mut unknown_ms), median(&mut differences));
+    println!(
+        "token endpoint, wrong secret: unknown id median {u:.2} ms, known minus unknown (median of 200 pairs) {d:+.2} ms"
+    );
+    // Pairs side by side cancel the machine's drift; the bound is generous (15 % of a request,
+    // at least 1 ms) and still well under the bookkeeping a known id used to cost.
+    assert!(
+        d.abs() <= (u * 0.15).max(1.0),
+        "a known id takes {d:+.2} ms more than an unknown one ({u:.2} ms): the difference tells whether an id exists"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_last_admin_cannot_remove_itself_through_the_api_or_the_automatic_response() {
+    let server = TestServer::start().await;
+    let me = server.main.id.clone();
+    let last_admin = |reply: &Reply| refused(reply, 409, "last_admin");
+
+    // The four self-removals of the only admin.
+    last_admin(
+        &admin(
+            &server,
+            Method::POST,
+            &format!("/v1/admin/clients/{me}/disable"),
+            None,
+        )
+        .await,
+    );
+    last_admin(
+        &admin(
+            &server,
+            Method::POST,
+            &format!("/v1/admin/clients/{me}/lockdown"),
+            Some(&json!({"reason": "oops"})),
+        )
+        .await,
+    );
+    last_admin(
+        &admin(
+            &server,
+            Method::DELETE,
+            &format!("/v1/admin/clients/{me}"),
+            None,
+        )
+        .await,
+    );
+    let demote = json!({"name": "main", "ip_mode": "none", "scopes": ["datakey"]});
+    last_admin(
+        &admin(
+            &server,
+            Method::PATCH,
+            &format!("/v1/admin/clients/{me}"),
+            Some(&demote),
+        )
+        .await,
+    );
+    // Nothing changed: still active, still admin, its token still works.
+    assert_eq!(client_state(&server, &me).await, "active");
+    let reply = admin(
+        &server,
+        Method::GET,
+        &format!("/v1/admin/clients/{me}"),
+        None,
+    )
+    .await;
+    assert!(
+        reply.body["scopes"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("admin")),
+        "{}",
+        reply.body
+    );
+    assert!(
+        events(&server, "client.disabled", Some(&me))
+            .await
+            .is_empty()
+    );
+    assert!(
+        events(&server, "client.lockdown", Some(&me))
+            .await
+            .is_empty()
+    );
+
+    // With a second admin (pinned to 127.0.0.1), the first may step down; the second is then
+    // the last one.
+    put_settings(&server, &anomaly(3)).await;
+    let (other, _, other_token, _) =
+        register_pinned(&server, "second-admin", "127.0.0.1", &["admin", "datakey"]).await;
+    let reply = admin(
+        &server,
+        Method::PATCH,
+        &format!("/v1/admin/clients/{me}"),
+        Some(&demote),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = call(
+        &server,
+        &server.client,
+        Method::POST,
+        &other_token,
+        &format!("/v1/admin/clients/{other}/disable"),
+        None,
+    )
+    .await;
+    last_admin(&reply);
+    assert_eq!(client_state_in_store(&server, &me).await, "active");
+
+    // The automatic response does not switch the last admin off either: three address
+    // mismatches (the threshold here) with its valid token.
+    let two = from("127.0.0.2");
+    for _ in 0..4 {
+        refused(
+            &usage(&server, &two, &other_token).await,
+            403,
+            "ip_not_allowed",
+        );
+    }
+    assert_eq!(client_state(&server, &other).await, "active");
+    assert_eq!(
+        usage(&server, &server.client, &other_token).await.status,
+        200
+    );
+    assert!(
+        events(&server, "client.auto_disabled", Some(&other))
+            .await
+            .is_empty()
+    );
+
+    // The officer's CLI can, when told so explicitly.
+    let url = server.database_url.clone();
+    let output = cli(&url, &["client", "disable", &other]).await;
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("last active client with the admin scope"),
+        "{output:?}"
+    );
+    assert_eq!(client_state_in_store(&server, &other).await, "active");
+    let output = cli(&url, &["client", "disable", &other, "--allow-no-admin"]).await;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(client_state_in_store(&server, &other).await, "disabled");
+    server.stop().await;
+}
+
+/// A client's state read from the store (the API may have no admin left to ask).
+async fn client_state_in_store(server: &TestServer, id: &str) -> String {
+    server
+        .broker
+        .store()
+        .client(Uuid::parse_str(id).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+}
+
+#[tokio::test]
+async fn a_lockdown_blocks_no_address_unless_asked_and_then_only_the_clients_own_for_a_while() {
+    let server = TestServer::start().await;
+    let two = from("127.0.0.2");
+    // The suspect: one address and one wide private network.
+    let reply = admin(
+        &server,
+        Method::POST,
+        "/v1/admin/clients",
+        Some(&json!({"name": "suspect", "ip_mode": "strict",
+                     "ips": ["127.0.0.2", "10.16.0.0/12"], "scopes": ["datakey"]})),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let id = reply.body["client"]["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bystander = server.register("bystander", IpPolicy::Any, "datakey").await;
+    let lockdown = |body: Value| {
+        let path = format!("/v1/admin/clients/{id}/lockdown");
+        let server = &server;
+        async move { admin(server, Method::POST, &path, Some(&body)).await }
+    };
+
+    // A plain lockdown disables the client and blocks nothing: other clients and the health
+    // checks on its address go on working.
+    let reply = lockdown(json!({"reason": "drill"})).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["client"]["state"], "disabled");
+    assert_eq!(reply.body["blocked"], json!([]));
+    assert_eq!(reply.body["blocked_until"], Value::Null);
+    server.limiter.refresh(server.broker.store()).await.unwrap();
+    assert_eq!(usage(&server, &two, &bystander.token).await.status, 200);
+    assert_eq!(usage(&server, &two, &server.main.token).await.status, 200);
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            call(&server, &two, Method::GET, "", probe, None)
+                .await
+                .status,
+            200
+        );
+    }
+
+    // Blocks are never wider than the client's own networks, nor than the configured prefix
+    // (/16 for IPv4 by default), and always end.
+    for (body, why) in [
+        (
+            json!({"block": {"cidrs": ["127.0.0.3"]}}),
+            "not the client's",
+        ),
+        (
+            json!({"block": {"cidrs": ["127.0.0.0/8"]}}),
+            "wider than the client's",
+        ),
+        (json!({"block": {}}), "10.16.0.0/12 is wider than /16"),
+        (
+            json!({"block": {"cidrs": ["127.0.0.2"], "secs": 0}}),
+            "no duration",
+        ),
+        (
+            json!({"block": {"cidrs": ["127.0.0.2"], "secs": 604_801}}),
+            "too long",
+        ),
+        (
+            json!({"block": {"cidrs": ["not an address"]}}),
+            "not an address",
+        ),
+    ] {
+        let reply = lockdown(body).await;
+        assert_eq!(reply.status, 422, "{why}: {}", reply.body);
+        assert_eq!(
+            error_code(&reply.body),
+            "block_not_allowed",
+            "{why}: {}",
+            reply.body
+        );
+    }
+    assert!(
+        count_blocks(&server).await == 0,
+        "a refused block left rows behind"
+    );
+
+    // A block of a part of its own, deduplicated, for two seconds.
+    let reply = lockdown(json!({"block": {
+        "cidrs": ["127.0.0.2", "127.0.0.2/32", "10.17.0.0/16"], "secs": 2}}))
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.body["blocked"],
+        json!(["127.0.0.2/32", "10.17.0.0/16"])
+    );
+    let until = reply.body["blocked_until"].as_i64().unwrap();
+    assert!(until <= keybroker::auth::unix_now() + 2, "{}", reply.body);
+    refused(
+        &usage(&server, &two, &bystander.token).await,
+        403,
+        "source_blocked",
+    );
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            call(&server, &two, Method::GET, "", probe, None)
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        usage(&server, &server.client, &bystander.token)
+            .await
+            .status,
+        200
+    );
+    // It ends by itself (each broker re-reads the blocks every few seconds; here by hand).
+    let start = Instant::now();
+    loop {
+        server.limiter.refresh(server.broker.store()).await.unwrap();
+        let reply = usage(&server, &two, &bystander.token).await;
+        if reply.status == 200 {
+            break;
+        }
+        refused(&reply, 403, "source_blocked");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the block never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // A client that may call from anywhere has nothing of its own to block.
+    let reply = admin(
+        &server,
+        Method::POST,
+        &format!("/v1/admin/clients/{}/lockdown", bystander.id),
+        Some(&json!({"block": {}})),
+    )
+    .await;
+    refused(&reply, 422, "block_not_allowed");
+    server.stop().await;
+}
+
+async fn count_blocks(server: &TestServer) -> i64 {
+    let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
+    let n = common::count(&pool, "SELECT count(*) FROM blocked_sources").await;
+    pool.close().await;
+    n
+}
+
+#[tokio::test]
+async fn registration_refuses_networks_that_mean_anywhere_and_keeps_one_copy_of_each() {
+    let server = TestServer::start().await;
+    let register = |ips: Value| {
+        let server = &server;
+        async move {
+            admin(
+                server,
+                Method::POST,
+                "/v1/admin/clients",
+                Some(&json!({"name": "n", "ip_mode": "strict", "ips": ips, "scopes": ["datakey"]})),
+            )
+            .await
+        }
+    };
+    for wide in [
+        "0.0.0.0/0",
+        "::/0",
+        "128.0.0.0/1",
+        "10.0.0.0/7",
+        "2001::/31",
+    ] {
+        let reply = register(json!([wide])).await;
+        refused(&reply, 422, "invalid_client_metadata");
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("ip_mode none"),
+            "{}",
+            reply.body
+        );
+    }
+    // 5,000 copies of one address, and networks inside another listed: one of each kept.
+    let mut ips: Vec<Value> = vec![json!("192.0.2.7"); 5000];
+    ips.push(json!("198.51.100.0/24"));
+    ips.push(json!("198.51.100.9"));
+    let reply = register(Value::Array(ips)).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(
+        reply.body["client"]["ips"],
+        json!(["192.0.2.7/32", "198.51.100.0/24"])
+    );
+    // The widest allowed are fine.
+    let reply = register(json!(["11.0.0.0/8", "2001:db8::/32"])).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
     server.stop().await;
 }

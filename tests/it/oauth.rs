@@ -766,6 +766,7 @@ async fn a_token_from_the_token_endpoint_right_after_re_enable_works() {
 #[tokio::test]
 async fn private_key_jwt_issues_tokens_once_per_assertion_and_refuses_bad_ones() {
     let server = TestServer::start().await;
+    server.lift_auth_throttle().await;
     let key = random_key();
     let (status, body) = server
         .post(
