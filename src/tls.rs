@@ -91,7 +91,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PeerWarningThrottl
         event: &tracing::Event<'_>,
         _: tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        let meta = event.metadata();
+        // rustls logs through the `log` crate: such events carry the real target in a field,
+        // and their own metadata says only "log".
+        use tracing_log::NormalizeEvent;
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         self.allows(meta.target(), *meta.level())
     }
 }

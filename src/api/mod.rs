@@ -562,9 +562,15 @@ where
                 "the request body must be a JSON object".to_owned(),
             ));
         }
-        serde_json::from_value(value).map(Self).map_err(|e| {
-            ApiError::InvalidRequest(format!("the request body does not match the schema: {e}"))
-        })
+        serde_path_to_error::deserialize(value)
+            .map(Self)
+            .map_err(|e| {
+                ApiError::InvalidRequest(describe_mismatch(
+                    &e.path().to_string(),
+                    &e.inner().to_string(),
+                    "body",
+                ))
+            })
     }
 }
 

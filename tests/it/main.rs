@@ -15,6 +15,7 @@ mod custody;
 mod database_outage;
 mod examples;
 mod faults;
+mod hardening;
 mod limits;
 mod managed;
 mod oauth;
