@@ -2040,4 +2040,132 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
     }
+
+    #[test]
+    fn strict_networks_are_deduplicated_and_never_mean_anywhere() {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let policy = IpPolicy::parse(
+            "strict",
+            &strings(&[
+                "10.1.2.3",
+                "10.1.2.3/32",
+                "10.1.0.0/16",
+                "10.1.9.9",
+                "192.0.2.0/24",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(policy.cidrs(), ["10.1.0.0/16", "192.0.2.0/24"]);
+        let many = vec!["192.0.2.7".to_owned(); 5000];
+        assert_eq!(
+            IpPolicy::parse("strict", &many).unwrap().cidrs(),
+            ["192.0.2.7/32"]
+        );
+        for wide in [
+            "0.0.0.0/0",
+            "::/0",
+            "0.0.0.0/7",
+            "2001::/31",
+            "::ffff:0.0.0.0/96",
+        ] {
+            assert!(
+                matches!(
+                    IpPolicy::parse("strict", &strings(&[wide])),
+                    Err(IpPolicyError::TooWide(_))
+                ),
+                "{wide}"
+            );
+        }
+        assert!(IpPolicy::parse("strict", &strings(&["10.0.0.0/8", "2001:db8::/32"])).is_ok());
+        let distinct: Vec<String> = (0..65).map(|i| format!("192.0.2.{i}")).collect();
+        assert_eq!(
+            IpPolicy::parse("strict", &distinct),
+            Err(IpPolicyError::TooMany)
+        );
+        // Mode none ignores addresses as before.
+        assert_eq!(
+            IpPolicy::parse("none", &strings(&["0.0.0.0/0"])),
+            Ok(IpPolicy::Any)
+        );
+    }
+
+    #[test]
+    fn blocks_stay_within_the_clients_networks_and_the_prefix_limits() {
+        let own = IpPolicy::parse(
+            "strict",
+            &[
+                "10.16.0.0/12".to_owned(),
+                "192.0.2.5".to_owned(),
+                "2001:db8::/32".to_owned(),
+            ],
+        )
+        .unwrap();
+        fn request(cidrs: Option<&[String]>, secs: u64) -> BlockRequest<'_> {
+            BlockRequest {
+                cidrs,
+                secs,
+                min_prefix_v4: 16,
+                min_prefix_v6: 48,
+            }
+        }
+        let reason = |r: Result<SourceBlock, AuthError>| match r {
+            Err(AuthError::InvalidBlock(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        // All of its own: the /12 and the /32 are wider than allowed for the first.
+        assert!(matches!(
+            reason(block_for(&own, request(None, 60), 1000)),
+            BlockError::TooWide { limit: 16, .. }
+        ));
+        let list = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let ok = block_for(
+            &own,
+            request(
+                Some(&list(&[
+                    "10.17.0.0/16",
+                    "192.0.2.5",
+                    "192.0.2.5/32",
+                    "2001:db8:1::/48",
+                ])),
+                60,
+            ),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.cidrs,
+            ["10.17.0.0/16", "192.0.2.5/32", "2001:db8:1::/48"]
+        );
+        assert_eq!(ok.until, 1060);
+        assert!(matches!(
+            reason(block_for(&own, request(Some(&list(&["192.0.2.6"])), 60), 0)),
+            BlockError::NotTheClients(_)
+        ));
+        assert!(matches!(
+            reason(block_for(
+                &own,
+                request(Some(&list(&["2001:db8::/40"])), 60),
+                0
+            )),
+            BlockError::TooWide { limit: 48, .. }
+        ));
+        assert!(matches!(
+            reason(block_for(&own, request(Some(&list(&["x"])), 60), 0)),
+            BlockError::BadAddress(_)
+        ));
+        for secs in [0, MAX_BLOCK_SECS + 1] {
+            assert_eq!(
+                reason(block_for(
+                    &own,
+                    request(Some(&list(&["192.0.2.5"])), secs),
+                    0
+                )),
+                BlockError::BadDuration
+            );
+        }
+        assert_eq!(
+            reason(block_for(&IpPolicy::Any, request(None, 60), 0)),
+            BlockError::NoRegisteredAddresses
+        );
+    }
 }

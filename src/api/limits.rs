@@ -504,4 +504,51 @@ mod tests {
         );
         assert!(books.violations.contains_key(&busy));
     }
+
+    #[test]
+    fn failed_authentications_delay_the_pair_then_the_source_with_a_doubling_capped_delay() {
+        let (l, now) = limiter(SecuritySettings {
+            auth_failures_per_client: 3,
+            auth_failures_per_source: 10,
+            auth_delay_max_secs: 8,
+            ..SecuritySettings::default()
+        });
+        let (ip, other_ip): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let victim = Some(Uuid::from_u128(1));
+        // Three free failures, then 1 s, 2 s, 4 s, 8 s, 8 s.
+        for _ in 0..3 {
+            assert_eq!(l.auth_delay(ip, victim), None);
+            assert_eq!(l.auth_failed(ip, victim), None);
+        }
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            delays.push(l.auth_failed(ip, victim).unwrap());
+            assert_eq!(l.auth_delay(ip, victim), delays.last().copied());
+            now.fetch_add(
+                i64::try_from(*delays.last().unwrap()).unwrap() * 1000,
+                Ordering::SeqCst,
+            );
+            assert_eq!(l.auth_delay(ip, victim), None);
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 8]);
+        // The same id from another address, and another id from this one, are not delayed.
+        assert_eq!(l.auth_delay(other_ip, victim), None);
+        assert_eq!(l.auth_delay(ip, Some(Uuid::from_u128(2))), None);
+        // A success clears the pair; the source keeps its count.
+        l.auth_succeeded(ip, victim);
+        assert_eq!(l.auth_failed(ip, victim), None);
+        // Nine so far from this source; its tenth is free, the eleventh delays every id.
+        assert_eq!(l.auth_failed(ip, None), None);
+        assert_eq!(l.auth_failed(ip, None), Some(1));
+        assert!(l.auth_delay(ip, Some(Uuid::from_u128(3))).is_some());
+        // A mapped IPv6 form of the address is the same source.
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(l.auth_delay(mapped, Some(Uuid::from_u128(3))).is_some());
+        // Quiet for the memory period: forgotten.
+        now.fetch_add(AUTH_FAILURE_MEMORY_MS + 10_000, Ordering::SeqCst);
+        l.forget_idle();
+        assert!(l.lock().auth_failures.is_empty());
+        assert_eq!(l.auth_failed(ip, victim), None);
+    }
 }
