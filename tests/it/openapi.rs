@@ -194,12 +194,53 @@ async fn the_document_describes_every_endpoint_and_error() {
         "SecretValueBody",
         "UsageBody",
         "DueKeysBody",
+        "LockdownBody",
+        "BlockBody",
+        "LockdownResultBody",
+        "SecuritySettings",
     ] {
         assert!(
             schemas.contains_key(name),
             "schema {name} missing: {:?}",
             schemas.keys().collect::<Vec<_>>()
         );
+    }
+    // Step 7's answers are documented where they happen.
+    let paths = &doc["paths"];
+    let description = |path: &str, method: &str, code: &str| {
+        paths[path][method]["responses"][code]["description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path} does not document {code}"))
+            .to_owned()
+    };
+    for (path, method) in [
+        ("/v1/admin/clients/{id}/disable", "post"),
+        ("/v1/admin/clients/{id}/lockdown", "post"),
+        ("/v1/admin/clients/{id}", "delete"),
+        ("/v1/admin/clients/{id}", "patch"),
+    ] {
+        assert!(
+            description(path, method, "409").contains("last_admin"),
+            "{method} {path}"
+        );
+    }
+    assert!(
+        description("/v1/admin/clients/{id}/lockdown", "post", "422").contains("block_not_allowed")
+    );
+    let throttled = description("/v1/oauth/token", "post", "429");
+    assert!(throttled.contains("rate_limited"), "{throttled}");
+    assert!(
+        paths["/v1/oauth/token"]["post"]["responses"]["429"]["headers"]["Retry-After"].is_object()
+    );
+    let settings = &schemas["SecuritySettings"]["properties"];
+    for field in [
+        "auth_failures_per_client",
+        "auth_failures_per_source",
+        "auth_delay_max_secs",
+        "block_min_prefix_v4",
+        "block_min_prefix_v6",
+    ] {
+        assert!(settings[field].is_object(), "SecuritySettings.{field}");
     }
     server.stop().await;
 }
