@@ -224,19 +224,29 @@ impl IpPolicy {
             .collect::<Result<Vec<_>, _>>()?;
         match mode {
             "strict" if nets.is_empty() => Err(IpPolicyError::StrictWithoutAddresses),
-            "strict" => {
-                if let Some(wide) = nets.iter().find(|n| n.prefix_len() < strict_min_prefix(n)) {
-                    return Err(IpPolicyError::TooWide(wide.to_string()));
-                }
-                let nets = without_repeats(nets);
-                if nets.len() > MAX_CLIENT_NETWORKS {
-                    return Err(IpPolicyError::TooMany);
-                }
-                Ok(Self::Strict(nets))
-            }
+            "strict" => Ok(Self::Strict(without_repeats(nets))),
             "none" => Ok(Self::Any),
             _ => Err(IpPolicyError::BadMode),
         }
+    }
+
+    /// Checks a policy an officer is registering or changing: no strict network so wide it
+    /// means "anywhere", and not too many. (Stored policies are not re-checked: a client
+    /// registered before these limits keeps working.)
+    ///
+    /// # Errors
+    /// [`IpPolicyError::TooWide`] or [`IpPolicyError::TooMany`].
+    pub fn check_registrable(&self) -> Result<(), IpPolicyError> {
+        let Self::Strict(nets) = self else {
+            return Ok(());
+        };
+        if let Some(wide) = nets.iter().find(|n| n.prefix_len() < strict_min_prefix(n)) {
+            return Err(IpPolicyError::TooWide(wide.to_string()));
+        }
+        if nets.len() > MAX_CLIENT_NETWORKS {
+            return Err(IpPolicyError::TooMany);
+        }
+        Ok(())
     }
 
     /// Whether `ip` may call. IPv4-mapped IPv6 addresses count as their IPv4 address.
@@ -1811,7 +1821,9 @@ impl ClientSpec {
         if name.is_empty() || name.chars().count() > 200 {
             return Err(invalid("name must be 1 to 200 characters".to_owned()));
         }
-        let ip_policy = IpPolicy::parse(ip_mode, addresses).map_err(|e| invalid(e.to_string()))?;
+        let ip_policy = IpPolicy::parse(ip_mode, addresses)
+            .and_then(|p| p.check_registrable().map(|()| p))
+            .map_err(|e| invalid(e.to_string()))?;
         let scopes = Scopes::parse(scopes).map_err(|e| invalid(e.to_string()))?;
         if scopes.is_empty() {
             return Err(invalid("at least one scope is required".to_owned()));

@@ -104,17 +104,18 @@ async fn a_whole_session_log_holds_no_key_material_and_no_pin() {
         let (status, _) = server.request("/v1/wrap", Some(&body)).await;
         assert!((400..500).contains(&status));
     }
-    // A wrong type makes serde quote the value back to the caller; it must not reach the log.
+    // A wrong type: the answer names the field in our words and does not quote the value
+    // back (serde's own message would); nor may the value reach the log.
     let (status, body) = server
         .request("/v1/datakey", Some(&json!({"plaintext": b64(&odd)})))
         .await;
     assert_eq!(status, 422);
+    let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expected a boolean")
+        message.contains("`plaintext`") && message.contains("wrong type"),
+        "{message}"
     );
+    assert!(!message.contains(&b64(&odd)), "{message}");
     let (status, _) = server
         .request(
             "/v1/unwrap",
