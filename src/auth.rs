@@ -2080,18 +2080,18 @@ mod tests {
             "2001::/31",
             "::ffff:0.0.0.0/96",
         ] {
+            let policy = IpPolicy::parse("strict", &strings(&[wide])).unwrap();
             assert!(
-                matches!(
-                    IpPolicy::parse("strict", &strings(&[wide])),
-                    Err(IpPolicyError::TooWide(_))
-                ),
+                matches!(policy.check_registrable(), Err(IpPolicyError::TooWide(_))),
                 "{wide}"
             );
         }
         assert!(IpPolicy::parse("strict", &strings(&["10.0.0.0/8", "2001:db8::/32"])).is_ok());
         let distinct: Vec<String> = (0..65).map(|i| format!("192.0.2.{i}")).collect();
         assert_eq!(
-            IpPolicy::parse("strict", &distinct),
+            IpPolicy::parse("strict", &distinct)
+                .unwrap()
+                .check_registrable(),
             Err(IpPolicyError::TooMany)
         );
         // Mode none ignores addresses as before.
