@@ -294,17 +294,21 @@ fn strict_min_prefix(net: &IpNet) -> u8 {
 /// The networks in their first order, without repeats and without any that another one listed
 /// already contains (adjacent networks are kept apart: the officer's list stays recognisable).
 fn without_repeats(nets: Vec<IpNet>) -> Vec<IpNet> {
-    let mut kept: Vec<IpNet> = Vec::with_capacity(nets.len());
-    for (i, net) in nets.iter().enumerate() {
-        let covered = nets
-            .iter()
-            .enumerate()
-            .any(|(j, other)| other != net && other.contains(net) || (other == net && j < i));
-        if !covered {
-            kept.push(*net);
-        }
+    let mut seen = std::collections::HashSet::with_capacity(nets.len());
+    let distinct: Vec<IpNet> = nets.into_iter().filter(|n| seen.insert(*n)).collect();
+    // The containment pass is quadratic; a list this long is refused for registration anyway.
+    if distinct.len() > 4 * MAX_CLIENT_NETWORKS {
+        return distinct;
     }
-    kept
+    distinct
+        .iter()
+        .filter(|net| {
+            !distinct
+                .iter()
+                .any(|other| other != *net && other.contains(*net))
+        })
+        .copied()
+        .collect()
 }
 
 /// What a lockdown asks to block.

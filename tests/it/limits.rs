@@ -1472,7 +1472,7 @@ async fn the_last_admin_cannot_remove_itself_through_the_api_or_the_automatic_re
             "ip_not_allowed",
         );
     }
-    assert_eq!(client_state(&server, &other).await, "active");
+    assert_eq!(client_state_in_store(&server, &other).await, "active");
     assert_eq!(
         usage(&server, &server.client, &other_token).await.status,
         200
