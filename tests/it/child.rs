@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    b64, dev_certificate, error_code, fresh_database, https_client, read, send_json,
+    PATIENCE, b64, dev_certificate, error_code, fresh_database, https_client, read, send_json,
 };
 
 /// A port that was free a moment ago.
@@ -261,6 +261,24 @@ impl ChildServer {
                 }
             }
             assert!(start.elapsed() < limit, "{path} never answered {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the log holds `line` (a message the server logs at debug or trace level;
+    /// children log at trace), however slow the machine: for a test that must not race with a
+    /// background task's first run, e.g. the maintenance pass at start-up.
+    pub async fn wait_for_log(&self, line: &str) {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .contains(line)
+        {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "`{line}` never logged; the end of the log:\n{}",
+                tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 40)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
