@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    b64, dev_certificate, error_code, fresh_database, https_client, read, send_json,
+    PATIENCE, b64, dev_certificate, error_code, fresh_database, https_client, read, send_json,
 };
 
 /// A port that was free a moment ago.
@@ -150,7 +150,7 @@ impl ChildServer {
                 .stderr(log_file)
                 .spawn()
                 .unwrap();
-            match wait_until_serving(&mut child, port, &log, Duration::from_secs(60)).await {
+            match wait_until_serving(&mut child, port, &log, PATIENCE).await {
                 Ok(()) => break child,
                 Err(log_text) if attempts < 3 && log_text.contains("Address already in use") => {
                     port = free_port();
@@ -221,7 +221,7 @@ impl ChildServer {
     /// key, an unwrap of `wrapped` and a wrap each answer 503 `hsm_unavailable` without naming
     /// PKCS#11 internals.
     pub async fn assert_token_outage(&self, wrapped: &Value, what: &str) {
-        let ready = self.wait_for("/readyz", 503, Duration::from_secs(20)).await;
+        let ready = self.wait_for("/readyz", 503).await;
         assert_eq!(
             ready["checks"]["token"], "hsm_unavailable",
             "{what}: {ready}"
@@ -249,8 +249,9 @@ impl ChildServer {
         }
     }
 
-    /// Polls `path` until it answers `status` (a readiness probe's loop, not a timing test).
-    pub async fn wait_for(&self, path: &str, status: u16, limit: Duration) -> Value {
+    /// Polls `path` until it answers `status` (a readiness probe's loop, not a timing test),
+    /// for up to [`PATIENCE`].
+    pub async fn wait_for(&self, path: &str, status: u16) -> Value {
         let start = Instant::now();
         loop {
             let url = format!("{}{path}", self.base);
@@ -260,19 +261,39 @@ impl ChildServer {
                     return body;
                 }
             }
-            assert!(start.elapsed() < limit, "{path} never answered {status}");
+            assert!(start.elapsed() < PATIENCE, "{path} never answered {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the log holds `line` (a message the server logs at debug or trace level;
+    /// children log at trace), however slow the machine: for a test that must not race with a
+    /// background task's first run, e.g. the maintenance pass at start-up.
+    pub async fn wait_for_log(&self, line: &str) {
+        let start = Instant::now();
+        while !std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .contains(line)
+        {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "`{line}` never logged; the end of the log:\n{}",
+                tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 40)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// SIGTERM, then the whole log. It waits asynchronously: our HTTP/2 connections must keep
-    /// answering the server's shutdown handshake, or it waits out its whole grace period.
+    /// answering the server's shutdown handshake, or it waits out its whole grace period. (That
+    /// grace is 10 s, and the request log is written after it: on a loaded machine, stopping
+    /// can take longer than that, so we wait up to [`PATIENCE`].)
     pub async fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let start = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
-            if start.elapsed() > Duration::from_secs(15) {
+            if start.elapsed() > PATIENCE {
                 let _ = self.child.kill();
                 panic!("the server did not stop on SIGTERM");
             }

@@ -1,8 +1,6 @@
 //! The real `keybroker` binary as a child process: a token that goes away and comes back, and a
 //! captured log that must hold no key material and no PIN.
 
-use std::time::Duration;
-
 use serde_json::json;
 
 use crate::child::ChildServer;
@@ -24,9 +22,7 @@ async fn a_softhsm_token_whose_storage_vanishes_gives_503_and_service_returns_wi
     }
     let token = PrivateToken::copy();
     let server = ChildServer::start(token.env(), scratch_dir("outage").join("server.log")).await;
-    server
-        .wait_for("/readyz", 200, Duration::from_secs(10))
-        .await;
+    server.wait_for("/readyz", 200).await;
     let (status, key) = server.request("/v1/datakey", Some(&json!({}))).await;
     assert_eq!(status, 200, "{key}");
 
@@ -39,9 +35,7 @@ async fn a_softhsm_token_whose_storage_vanishes_gives_503_and_service_returns_wi
 
     // It comes back; so does the service, by itself.
     std::fs::rename(&away, token.storage()).unwrap();
-    server
-        .wait_for("/readyz", 200, Duration::from_secs(20))
-        .await;
+    server.wait_for("/readyz", 200).await;
     let (status, body) = server
         .request("/v1/unwrap", Some(&json!({"wrapped": key["wrapped"]})))
         .await;

@@ -120,6 +120,13 @@ pub fn https_client_from(local: Option<std::net::IpAddr>) -> reqwest::Client {
         .unwrap()
 }
 
+/// How long a test waits for something another task or process does in its own time (a
+/// maintenance pass, a refresh, a log writer, a server starting or stopping), polling for it:
+/// long enough for CI's loaded two-core machine, where seconds can pass between two steps. No
+/// test sleeps a guessed time and then asserts; it polls until the condition holds or this has
+/// passed.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// How often test servers write partial request-log batches: never, in practice.
 pub const REQUEST_LOG_FLUSH: Duration = Duration::from_secs(3600);
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::common::{TestServer, error_code, fresh_database};
+use crate::common::{PATIENCE, TestServer, error_code, fresh_database};
 use keybroker::broker::Limits;
 
 /// Relays connections to Postgres while enabled; disabling drops every live connection and
@@ -77,7 +77,7 @@ async fn poll_until(
             return answer;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < PATIENCE,
             "{path} never answered {status}: {answer}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::child::ChildServer;
-use crate::common::{b64, count, env, error_code, read, scratch_dir};
+use crate::common::{PATIENCE, b64, count, env, error_code, read, scratch_dir};
 use crate::token::shared_env;
 
 /// A child broker whose token calls go through the fault-injecting module, and the control
@@ -141,17 +141,13 @@ async fn a_token_that_stays_gone_gives_503_and_recovers_without_a_restart() {
         token.inject(&format!("rv = {rv}\n"));
         server.assert_token_outage(&key["wrapped"], rv).await;
         // The process itself is alive and answering.
-        let health = server
-            .wait_for("/healthz", 200, Duration::from_secs(5))
-            .await;
+        let health = server.wait_for("/healthz", 200).await;
         assert_eq!(health["status"], "ok");
         assert!(token.injected() > 0);
 
         // The token comes back: so does the service, by itself.
         token.heal();
-        server
-            .wait_for("/readyz", 200, Duration::from_secs(20))
-            .await;
+        server.wait_for("/readyz", 200).await;
         let (status, body) = server
             .request("/v1/unwrap", Some(&json!({"wrapped": key["wrapped"]})))
             .await;
@@ -165,12 +161,12 @@ async fn a_token_that_stays_gone_gives_503_and_recovers_without_a_restart() {
 
 #[tokio::test]
 async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear_503() {
-    // Two sessions, a 1 s deadline, and a token that takes 150 ms for every call on a key (a
-    // data key makes four: random, init, and encrypt twice).
+    // Two sessions, a 10 s deadline, and a token that takes 250 ms for every call on a key (a
+    // data key makes four: random, init, and encrypt twice, so 1 s of token time each).
     let token = FaultyToken::start(
         "faults-slow",
         &[
-            ("KEYBROKER_HSM_TIMEOUT_MS", "1000"),
+            ("KEYBROKER_HSM_TIMEOUT_MS", "10000"),
             ("KEYBROKER_HSM_POOL_SIZE", "2"),
         ],
     )
@@ -178,12 +174,15 @@ async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear
     let server = &token.server;
     token.inject(
         "functions = C_EncryptInit, C_Encrypt, C_DecryptInit, C_Decrypt, C_GenerateRandom\n\
-         latency_ms = 150\n",
+         latency_ms = 250\n",
     );
 
-    // 24 data keys at once: 600 ms of token time each, two at a time, so most of them wait
-    // past the deadline.
-    const CALLS: usize = 24;
+    // 48 data keys at once: 24 s of token time, two at a time, so more than half of them wait
+    // past the deadline. The first answers come after about a second; the last no sooner than
+    // 10 s after the calls arrived: that is the time the /healthz calls below have to show
+    // the executor free while the token is busy (it was 1 s, after a fixed 200 ms sleep,
+    // which a loaded machine could use up).
+    const CALLS: usize = 48;
     let done = Arc::new(AtomicUsize::new(0));
     let (client, base) = server.endpoint();
     let mut calls = Vec::new();
@@ -195,7 +194,7 @@ async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear
                 .post(format!("{base}/v1/datakey"))
                 .bearer_auth(bearer)
                 .json(&json!({}))
-                .timeout(Duration::from_secs(60))
+                .timeout(PATIENCE)
                 .send()
                 .await
                 .expect("a call hung instead of answering");
@@ -204,7 +203,12 @@ async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear
             reply
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first answer says the calls have reached the token (rather than a guessed delay).
+    let start = std::time::Instant::now();
+    while done.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < PATIENCE, "no crypto call answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // While the crypto calls queue for the token, liveness answers: the executor is free.
     for _ in 0..5 {
@@ -228,7 +232,7 @@ async fn a_slow_token_does_not_starve_the_server_and_calls_time_out_with_a_clear
             503 => {
                 assert_eq!(error_code(&body), "hsm_timeout", "{body}");
                 let message = body["error"]["message"].as_str().unwrap();
-                assert!(message.contains("1000 ms"), "{message}");
+                assert!(message.contains("10000 ms"), "{message}");
                 timed_out += 1;
             }
             other => panic!("unexpected {other}: {body}"),

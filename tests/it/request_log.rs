@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::child::ChildServer;
-use crate::common::{TestServer, scratch_dir};
+use crate::common::{PATIENCE, TestServer, scratch_dir};
 use crate::token::PrivateToken;
 
 const AGENT: &str = "request-log-test/1.0";
@@ -356,7 +356,7 @@ async fn no_row_is_lost_when_the_real_binary_stops_on_sigterm() {
         }));
     }
     // SIGTERM while most requests are still queued or in flight.
-    tokio::time::timeout(Duration::from_secs(60), some_answered.notified())
+    tokio::time::timeout(PATIENCE, some_answered.notified())
         .await
         .expect("no answers from the server");
     let log = server.stop().await;
@@ -497,10 +497,7 @@ async fn rows_are_written_while_serving_not_only_at_shutdown() {
         {
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no row while serving"
-        );
+        assert!(start.elapsed() < PATIENCE, "no row while serving");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.shutdown().await.unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::child::ChildServer;
-use crate::common::{TestServer, b64, error_code, scratch_dir, send_json};
+use crate::common::{PATIENCE, TestServer, b64, error_code, scratch_dir, send_json};
 use crate::token::PrivateToken;
 
 /// An HTTPS caller with a bearer token, for either kind of server.
@@ -191,7 +191,7 @@ async fn wait_for_rewrap(api: &Api) -> Value {
             return job;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(60),
+            start.elapsed() < PATIENCE,
             "the rewrap never finished: {job}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -467,16 +467,40 @@ fn assert_every_blob_version_on_token(table: &BTreeMap<u64, (String, String, Str
     }
 }
 
+/// Who made `version` active, by the audit trail: one actor per `master_key.rotated` event.
+async fn activations_of(api: &Api, version: u64) -> Vec<String> {
+    let (status, events) = api
+        .get("/v1/admin/audit?event=master_key.rotated&limit=1000")
+        .await;
+    assert_eq!(status, 200, "{events}");
+    let label = format!("keybroker-mk-v{version}");
+    events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == label.as_str())
+        .map(|e| e["actor"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What the broker logs (at debug) at the end of each maintenance pass.
+const PASS_FINISHED: &str = "maintenance pass finished";
+
 #[tokio::test]
 async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_pass() {
+    // Phase 1 is about the officer's next `rotate-master`: no maintenance pass may finish the
+    // pending version first (a pass that did would make that command rotate once more), so
+    // this broker runs only its start-up pass, which we let finish before the first crash.
     let token = PrivateToken::copy();
-    let server = ChildServer::start_with_env(
+    let officer_phase = ChildServer::start_with_env(
         token.env(),
         scratch_dir("crash-rotate").join("server.log"),
-        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1")],
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "3600")],
     )
     .await;
-    let api = Api::of_child(&server);
+    officer_phase.wait_for_log(PASS_FINISHED).await;
+    let server = &officer_phase;
+    let api = Api::of_child(server);
     let stored = store_workload(&api, 3, 2).await;
     // (The token may hold versions from earlier runs: `hsm init` recorded them all.)
     let known = master_keys(&api).await.len();
@@ -484,13 +508,13 @@ async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_
 
     // Killed after recording the pending version: the next `rotate-master` finishes that one.
     let crashed = keybroker(
-        &server,
+        server,
         &token,
         &["hsm", "rotate-master"],
         &[("KEYBROKER_CRASH_AT", "rotate:recorded")],
     );
     assert!(was_killed(&crashed), "{crashed:?}");
-    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    let table = status_table(&keybroker(server, &token, &["hsm", "status"], &[]));
     let pending: Vec<u64> = table
         .iter()
         .filter(|(_, (state, ..))| state == "pending")
@@ -500,7 +524,7 @@ async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_
     let second = pending[0];
     assert_every_blob_version_on_token(&table);
     assert_all_readable(&api, &stored).await;
-    let done = keybroker(&server, &token, &["hsm", "rotate-master"], &[]);
+    let done = keybroker(server, &token, &["hsm", "rotate-master"], &[]);
     assert!(done.status.success(), "{done:?}");
     let versions = master_keys(&api).await;
     assert_eq!(active_version(&versions), second, "{versions:?}");
@@ -510,18 +534,36 @@ async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_
         "another version was made: {versions:?}"
     );
     assert_eq!(versions[&first]["state"], "decrypt_only");
+    // The officer's command finished it: one activation, the officer's (the scheduler's passes
+    // would be on the record as `scheduler`).
+    let activations = activations_of(&api, second).await;
+    assert_eq!(activations, ["officer"], "{activations:?}");
+
+    // Phase 2 is about the pass: a broker on the same database and token that runs one every
+    // second takes over.
+    let pass_phase = ChildServer::start_beside(
+        &officer_phase,
+        token.env(),
+        scratch_dir("crash-rotate-pass").join("server.log"),
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "1")],
+    )
+    .await;
+    officer_phase.stop().await;
+    let server = &pass_phase;
+    let api = Api::of_child(server);
 
     // Killed after creating the key on the token: the running broker's maintenance pass
     // adopts it and makes it active, without an officer.
     let crashed = keybroker(
-        &server,
+        server,
         &token,
         &["hsm", "rotate-master"],
         &[("KEYBROKER_CRASH_AT", "rotate:on-token")],
     );
     assert!(was_killed(&crashed), "{crashed:?}");
-    let table = status_table(&keybroker(&server, &token, &["hsm", "status"], &[]));
+    let table = status_table(&keybroker(server, &token, &["hsm", "status"], &[]));
     let third = *table.keys().max().unwrap();
+    assert!(third > second, "{table:?}");
     assert_every_blob_version_on_token(&table);
     let start = Instant::now();
     loop {
@@ -531,12 +573,11 @@ async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_
             assert_eq!(versions.len(), known + 2, "{versions:?}");
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never finished: {versions:?}"
-        );
+        assert!(start.elapsed() < PATIENCE, "never finished: {versions:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let activations = activations_of(&api, third).await;
+    assert_eq!(activations, ["scheduler"], "{activations:?}");
     assert_all_readable(&api, &stored).await;
     let (status, key) = api.post("/v1/datakey", &json!({})).await;
     assert_eq!(status, 200, "{key}");
@@ -546,7 +587,7 @@ async fn a_rotation_killed_at_each_step_is_finished_by_the_next_run_or_the_next_
             .unwrap()
             .starts_with(&format!("kb:v1:{third}:"))
     );
-    server.stop().await;
+    pass_phase.stop().await;
 }
 
 #[tokio::test]
@@ -555,10 +596,12 @@ async fn a_rewrap_killed_mid_batch_resumes_and_destroy_waits_for_it() {
     let server = ChildServer::start_with_env(
         token.env(),
         scratch_dir("crash-rewrap").join("server.log"),
-        // No pass of the server's own during the test: the CLI does the work.
+        // No pass of the server's own during the test: the CLI does the work. (Only the one at
+        // start-up, which must be over before there is work for it.)
         &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "3600")],
     )
     .await;
+    server.wait_for_log(PASS_FINISHED).await;
     let api = Api::of_child(&server);
     let stored = store_workload(&api, 6, 3).await;
     let old = active_version(&master_keys(&api).await);
@@ -680,7 +723,8 @@ async fn a_rewrap_killed_mid_batch_resumes_and_destroy_waits_for_it() {
     assert_every_blob_version_on_token(&table);
     assert_all_readable(&api, &stored).await;
     // A client's own blob under the destroyed version can no longer be opened, also not by
-    // the running broker that still had a copy of the key (it re-reads within a second).
+    // the running broker that still had a copy of the key (it re-reads within a second; we
+    // poll for it, as slow as the machine may be).
     let (wrapped, context, _) = &stored.datakey;
     let start = Instant::now();
     loop {
@@ -695,10 +739,7 @@ async fn a_rewrap_killed_mid_batch_resumes_and_destroy_waits_for_it() {
             break;
         }
         assert_eq!(status, 200, "{body}");
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "still opens: {body}"
-        );
+        assert!(start.elapsed() < PATIENCE, "still opens: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     server.stop().await;
@@ -757,12 +798,37 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
     }
     wait_for_calls(&calls, 20).await;
 
-    // Both rotate at once: one new version.
-    let empty = json!({});
-    let ((sa, ra), (sb, rb)) = tokio::join!(
-        a.post("/v1/admin/master-keys/rotate", &empty),
-        b.post("/v1/admin/master-keys/rotate", &empty)
-    );
+    // Both rotate at once: one new version. At once for certain, however the two requests are
+    // scheduled: we hold the master-key lock until both wait for it, so both saw the same
+    // active version first (one that came after the other had finished would rightly rotate
+    // again).
+    let store = keybroker::store::Store::connect_lazy(&first.database_url, 1).unwrap();
+    let pool = sqlx::PgPool::connect(&first.database_url).await.unwrap();
+    let held = store.lock_master_keys().await.unwrap();
+    let rotations = tokio::spawn({
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let empty = json!({});
+            tokio::join!(
+                a.post("/v1/admin/master-keys/rotate", &empty),
+                b.post("/v1/admin/master-keys/rotate", &empty)
+            )
+        }
+    });
+    let start = Instant::now();
+    while lock_waits(&pool, Some("advisory")).await < 2 {
+        assert!(
+            !rotations.is_finished(),
+            "a rotation did not wait for the lock"
+        );
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the rotations never both waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    let ((sa, ra), (sb, rb)) = rotations.await.unwrap();
     assert_eq!((sa, sb), (200, 200), "{ra} {rb}");
     let versions = master_keys(&a).await;
     assert_eq!(versions.len(), before.len() + 1, "{versions:?}");
@@ -771,6 +837,7 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
 
     // Both start the rewrap at once: one job. A few dozen blobs can be moved before the later
     // request is served; then it starts nothing and answers 200 with that job, done.
+    let empty = json!({});
     let ((sa, ja), (sb, jb)) = tokio::join!(
         a.post("/v1/admin/master-keys/rewrap", &empty),
         b.post("/v1/admin/master-keys/rewrap", &empty)
@@ -799,7 +866,6 @@ async fn two_brokers_rotating_and_rewrapping_at_once_make_one_version_and_one_jo
     assert_all_readable(&a, &stored).await;
     assert_all_readable(&b, &stored).await;
     // One job in Postgres.
-    let pool = sqlx::PgPool::connect(&first.database_url).await.unwrap();
     let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM rewrap_jobs")
         .fetch_one(&pool)
         .await
@@ -871,11 +937,18 @@ async fn a_seal_reservation_waiting_on_a_rotation_finds_the_new_active_version()
         let store = store.clone();
         async move { store.reserve_seals(None, 1).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !reserving.is_finished(),
-        "the reservation must wait for the rotation's row lock"
-    );
+    // Until Postgres shows it waiting for a lock (however long the machine takes to get
+    // there), it must not have finished.
+    let start = Instant::now();
+    while lock_waits(&pool, None).await == 0 {
+        assert!(
+            !reserving.is_finished(),
+            "the reservation must wait for the rotation's row lock"
+        );
+        assert!(start.elapsed() < PATIENCE, "the reservation never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!reserving.is_finished());
     rotation.commit().await.unwrap();
     // Before the fix this was NoActiveMasterKey: the statement had found the old row only.
     assert_eq!(reserving.await.unwrap().unwrap(), new);
@@ -883,10 +956,26 @@ async fn a_seal_reservation_waiting_on_a_rotation_finds_the_new_active_version()
     server.stop().await;
 }
 
+/// How many sessions on `pool`'s database wait for a lock (`event`: of that kind only, e.g.
+/// `advisory`), by `pg_stat_activity`: how a test knows a call is blocked where it means it to
+/// be, rather than guessing how long getting there takes.
+async fn lock_waits(pool: &sqlx::PgPool, event: Option<&str>) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND ($1::text IS NULL OR wait_event = $1)",
+    )
+    .bind(event)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    n
+}
+
 /// Waits until the load has made `n` calls (however slow the machine), so that a race test runs
 /// its steps under load rather than after a guessed delay.
 async fn wait_for_calls(calls: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + PATIENCE;
     while calls.load(Ordering::Relaxed) < n {
         assert!(Instant::now() < deadline, "the load made no progress");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -959,7 +1048,7 @@ async fn the_real_binary_rotates_when_the_active_version_reaches_its_seal_bound(
             break active;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < PATIENCE,
             "never rotated: {:?}",
             versions[&old]
         );
