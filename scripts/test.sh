@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
 TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic}
-kb_install_deps python3
+kb_install_deps python3 openssl
 case " $TOKENS " in *" kryoptic "*) kb_build_kryoptic ;; esac
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)

@@ -126,6 +126,27 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "KEYBROKER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Milliseconds a request head may take to arrive complete, from the connection's opening
+    /// or from the request's first byte; slower connections are closed.
+    #[arg(long, env = "KEYBROKER_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Milliseconds a keep-alive connection may wait for its next request.
+    #[arg(long, env = "KEYBROKER_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Milliseconds the TLS handshake may take.
+    #[arg(
+        long,
+        env = "KEYBROKER_TLS_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub tls_handshake_timeout_ms: u64,
+    /// Open connections per source address (the TCP peer); more are closed at once.
+    #[arg(
+        long,
+        env = "KEYBROKER_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 256
+    )]
+    pub max_connections_per_source: usize,
     /// Seconds between background maintenance passes (scheduled rotation, expiry, destruction,
     /// purges, usage flush).
     #[arg(

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod config;
 pub mod crypto;
 pub mod hsm;
+pub mod listener;
 pub mod server;
 pub mod store;
 pub mod tls;

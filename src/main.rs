@@ -396,8 +396,20 @@ async fn serve_api(
         request_log: request_log.clone(),
         limiter,
     };
-    let mut server =
-        RunningServer::start(state, serve.listen, tls_config, serve.max_body_bytes).await?;
+    let limits = keybroker::listener::ListenerLimits {
+        header_timeout: Duration::from_millis(serve.header_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(serve.idle_timeout_ms.max(1)),
+        handshake_timeout: Duration::from_millis(serve.tls_handshake_timeout_ms.max(1)),
+        max_connections_per_source: serve.max_connections_per_source.max(1),
+    };
+    let mut server = RunningServer::start_with_limits(
+        state,
+        serve.listen,
+        tls_config,
+        serve.max_body_bytes,
+        limits,
+    )
+    .await?;
     let maintenance = tokio::spawn(maintenance_loop(
         broker.clone(),
         auth.clone(),

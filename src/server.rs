@@ -10,6 +10,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use tokio::task::JoinHandle;
 
 use crate::api::{AppState, RequestLog, router};
+use crate::listener::{LimitedAcceptor, ListenerLimits};
 
 /// How long in-flight requests may take to finish after a shutdown is asked for.
 const GRACE: Duration = Duration::from_secs(10);
@@ -24,7 +25,8 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds `listen` and serves the API over TLS in a background task.
+    /// Binds `listen` and serves the API over TLS in a background task, with the default
+    /// connection limits.
     ///
     /// # Errors
     /// An I/O error when the address cannot be bound.
@@ -34,11 +36,36 @@ impl RunningServer {
         tls: Arc<rustls::ServerConfig>,
         max_body_bytes: usize,
     ) -> std::io::Result<Self> {
+        Self::start_with_limits(
+            state,
+            listen,
+            tls,
+            max_body_bytes,
+            ListenerLimits::default(),
+        )
+        .await
+    }
+
+    /// As [`RunningServer::start`], with the given connection limits.
+    ///
+    /// # Errors
+    /// An I/O error when the address cannot be bound.
+    pub async fn start_with_limits(
+        state: AppState,
+        listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        max_body_bytes: usize,
+        limits: ListenerLimits,
+    ) -> std::io::Result<Self> {
         let request_log = state.request_log.clone();
         let app = router(state, max_body_bytes);
         let handle = Handle::new();
-        let server =
-            axum_server::bind_rustls(listen, RustlsConfig::from_config(tls)).handle(handle.clone());
+        let mut server = axum_server::bind(listen)
+            .acceptor(LimitedAcceptor::new(RustlsConfig::from_config(tls), limits))
+            .handle(handle.clone());
+        // Our stream keeps the header and idle deadlines (see `listener`); hyper's own header
+        // timer would also end idle keep-alive connections at the header deadline.
+        server.http_builder().http1().header_read_timeout(None);
         let task = tokio::spawn(async move {
             server
                 .serve(app.into_make_service_with_connect_info::<SocketAddr>())

@@ -167,8 +167,24 @@ impl TestServer {
         Self::start_on(&fresh_database().await, limits, max_body_bytes).await
     }
 
+    /// Serves with the given connection limits.
+    pub async fn start_with_listener(listener: keybroker::listener::ListenerLimits) -> Self {
+        let url = fresh_database().await;
+        Self::start_full(&url, Limits { max_batch: 1000 }, 1024 * 1024, listener).await
+    }
+
     /// Serves on the database at `database_url` (already created).
     pub async fn start_on(database_url: &str, limits: Limits, max_body_bytes: usize) -> Self {
+        let listener = keybroker::listener::ListenerLimits::default();
+        Self::start_full(database_url, limits, max_body_bytes, listener).await
+    }
+
+    async fn start_full(
+        database_url: &str,
+        limits: Limits,
+        max_body_bytes: usize,
+        listener: keybroker::listener::ListenerLimits,
+    ) -> Self {
         tls::install_crypto_provider();
         init_logging();
         let store = Store::connect_lazy(database_url, 4).unwrap();
@@ -191,7 +207,7 @@ impl TestServer {
         ));
         let cert = dev_certificate();
         let tls_config = tls::server_config(&cert.cert, &cert.key).unwrap();
-        let server = RunningServer::start(
+        let server = RunningServer::start_with_limits(
             AppState {
                 broker: broker.clone(),
                 auth: auth.clone(),
@@ -203,6 +219,7 @@ impl TestServer {
             "127.0.0.1:0".parse().unwrap(),
             tls_config,
             max_body_bytes,
+            listener,
         )
         .await
         .unwrap();

@@ -17,6 +17,7 @@ mod examples;
 mod faults;
 mod hardening;
 mod limits;
+mod listener;
 mod managed;
 mod oauth;
 mod openapi;
