@@ -1,5 +1,7 @@
 //! Rate limits per source address and per client (token buckets with burst), blocking of
-//! sources that keep going over, and sources blocked outright (a client's lockdown). Settings
+//! sources that keep going over, sources an officer blocked with a lockdown (for a while), and
+//! the throttle on failed authentications at the token endpoint (per source and per source and
+//! client id). Settings
 //! come from Postgres and are re-read every few seconds by [`Limiter::refresh`], so a change
 //! takes effect on every broker without a restart. Time is a parameter (the clock is injected).
 
