@@ -51,7 +51,11 @@ async fn send(
     if let Some(body) = body {
         request = request.json(body);
     }
-    let response = request.send().await.unwrap();
+    reply_of(request.send().await.unwrap()).await
+}
+
+/// Status, body and `Retry-After` (whole seconds) of a response.
+async fn reply_of(response: reqwest::Response) -> Reply {
     let retry_after = response.headers().get("retry-after").map(|v| {
         v.to_str()
             .unwrap()
@@ -222,16 +226,7 @@ async fn token_request(http: &reqwest::Client, base: &str, id: &str, secret: &st
         .send()
         .await
         .unwrap();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-    let (status, body) = common::read(response).await;
-    Reply {
-        status,
-        body,
-        retry_after,
-    }
+    reply_of(response).await
 }
 
 async fn client_state(server: &TestServer, id: &str) -> String {
@@ -1209,16 +1204,7 @@ async fn token_request_basic(http: &reqwest::Client, base: &str, id: &str, secre
         .send()
         .await
         .unwrap();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-    let (status, body) = common::read(response).await;
-    Reply {
-        status,
-        body,
-        retry_after,
-    }
+    reply_of(response).await
 }
 
 #[tokio::test]
