@@ -109,8 +109,17 @@ enum HsmCommand {
         )]
         public_url: String,
     },
+    /// Ask the token for everything keybroker depends on, without touching keybroker's
+    /// objects or Postgres: library and token, the mechanisms with their flags and key sizes,
+    /// whether the token keeps or replaces a caller's AES-GCM IV (a seal/open round trip on a
+    /// temporary session key, destroyed afterwards), how many sessions it grants (up to the
+    /// pool size), and a verdict. Exits non-zero when the token is not usable.
+    Probe {
+        #[command(flatten)]
+        token: TokenArgs,
+    },
     /// List keybroker's objects on the token (flags only, never a value) and the master-key
-    /// versions recorded in Postgres.
+    /// versions recorded in Postgres, and run the self-test.
     Status {
         #[command(flatten)]
         token: TokenArgs,
@@ -372,6 +381,9 @@ async fn serve_api(
             max_seals: serve.mk_max_seals,
         },
     ));
+    // Before anything is served: a token that would seal what it cannot open stops us here.
+    let tested = broker.self_test().await?;
+    tracing::info!(token = %token.token_label, versions = ?tested.iter().map(ToString::to_string).collect::<Vec<_>>(), "self-test passed: AES-GCM seal and open under every master key in use");
     let auth = Arc::new(
         Authenticator::load(
             broker.hsm().clone(),
@@ -560,6 +572,7 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
             for label in &report.created {
                 println!("created {label}");
             }
+            print_self_test(&broker).await?;
             print_master_keys(&broker).await?;
             let auth = authenticator(&broker, &public_url).await?;
             if let Some((client, secret)) = auth.bootstrap_admin().await? {
@@ -569,6 +582,19 @@ async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
                     &public_url,
                     admin_credentials_out.as_deref(),
                 )?;
+            }
+        }
+        HsmCommand::Probe { token } => {
+            let report = hsm::probe(token.hsm_config()?).await?;
+            print!("{report}");
+            let problems = report.problems();
+            if !problems.is_empty() {
+                return Err(format!(
+                    "token {:?} is not usable by keybroker: {}",
+                    token.token_label,
+                    problems.join("; ")
+                )
+                .into());
             }
         }
         HsmCommand::Status { token, db } => {
@@ -827,6 +853,21 @@ fn print_client(client: &Client) {
     );
 }
 
+/// Runs the self-test and prints its verdict; a failure is the command's error.
+async fn print_self_test(broker: &Broker) -> Result<(), BoxError> {
+    let tested = broker.self_test().await?;
+    if tested.is_empty() {
+        println!("self-test: no master key in use yet; nothing to test");
+        return Ok(());
+    }
+    let versions: Vec<String> = tested.iter().map(|v| format!("v{v}")).collect();
+    println!(
+        "self-test passed: CKM_AES_GCM seal and open under master key {}",
+        versions.join(", ")
+    );
+    Ok(())
+}
+
 async fn print_status(broker: &Broker) -> Result<(), BoxError> {
     let objects = broker.hsm().status().await?;
     let flag = |v: Option<bool>| match v {
@@ -864,7 +905,9 @@ async fn print_status(broker: &Broker) -> Result<(), BoxError> {
         );
     }
     println!();
-    print_master_keys(broker).await
+    print_master_keys(broker).await?;
+    println!();
+    print_self_test(broker).await
 }
 
 async fn print_master_keys(broker: &Broker) -> Result<(), BoxError> {

@@ -192,6 +192,7 @@ impl TestServer {
         let hsm = Hsm::connect(hsm_config()).await.unwrap();
         let broker = Arc::new(Broker::new(hsm.clone(), store.clone(), limits));
         broker.initialise().await.unwrap();
+        broker.self_test().await.unwrap();
         let auth = Arc::new(
             Authenticator::load(hsm, store, auth_config())
                 .await

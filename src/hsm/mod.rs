@@ -2,11 +2,11 @@
 //! bounded pool of sessions used off the async executor, object templates, cached handles, and
 //! the operations keybroker needs (random, AES-GCM seal/unseal). It knows nothing of HTTP or SQL.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -21,6 +21,10 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
+
+mod probe;
+
+pub use probe::{GcmIv, MechanismReport, ProbeReport, SessionReport, probe};
 
 /// Label of keybroker's ES256 token-signing key pair (both halves), version 1.
 pub const SIGNING_KEY_LABEL: &str = "keybroker-sign-v1";
@@ -123,10 +127,26 @@ pub enum HsmError {
     /// The blocking worker that ran the call panicked or was cancelled.
     #[error("the token worker stopped")]
     Worker,
+    /// Sealing a random value and opening it again failed: blobs sealed on this token could not
+    /// be opened, so keybroker refuses to use it.
+    #[error(
+        "self-test failed on token {token:?}: CKM_AES_GCM seal and open under master key \
+         v{version}: {problem}; refusing to use this token, because what it seals could not be \
+         opened again"
+    )]
+    SelfTest {
+        /// The token's label.
+        token: String,
+        /// The master-key version tested.
+        version: MasterKeyVersion,
+        /// What went wrong.
+        problem: String,
+    },
 }
 
 impl HsmError {
-    /// Whether the token or its session is at fault (retry on a fresh session; 503 if it lasts).
+    /// Whether the token or its session is at fault (503). All but a failed self-test are
+    /// retried on a fresh session first: a fresh session cannot mend a token that loses data.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
@@ -135,6 +155,7 @@ impl HsmError {
                 | Self::TokenNotFound(_)
                 | Self::ObjectMissing(_)
                 | Self::Worker
+                | Self::SelfTest { .. }
         )
     }
 }
@@ -172,6 +193,9 @@ fn classify(err: CkError) -> HsmError {
     }
 }
 
+/// The AAD of the self-test's seal: no blob is ever sealed with it.
+const SELF_TEST_AAD: &[u8] = b"keybroker self-test";
+
 /// How often, at most, a token that stays unreachable makes us re-initialise the module.
 const REINIT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -184,6 +208,9 @@ struct Module {
     /// while another thread is inside the module is undefined behaviour.
     lifecycle: RwLock<()>,
     last_reinit: Mutex<Option<Instant>>,
+    /// Bumped by every re-initialisation: what was verified before (the self-test) is not
+    /// known to hold after it.
+    epoch: AtomicU64,
 }
 
 impl Module {
@@ -207,6 +234,7 @@ impl Module {
             path: path.to_path_buf(),
             lifecycle: RwLock::new(()),
             last_reinit: Mutex::new(None),
+            epoch: AtomicU64::new(0),
         });
         *current = Some(module.clone());
         Ok(module)
@@ -241,6 +269,7 @@ impl Module {
             return;
         }
         *last = Some(Instant::now());
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         tracing::warn!(target: "keybroker::hsm", "token unreachable; re-initialising the PKCS#11 module");
         if let Err(e) = self.ctx.clone().finalize() {
             tracing::debug!(target: "keybroker::hsm", error = %e, "C_Finalize failed");
@@ -286,6 +315,59 @@ struct Inner {
     mk_handles: Mutex<HashMap<MasterKeyVersion, ObjectHandle>>,
     /// Token-object handles of the signing private key and the audit/pepper key, by label.
     key_handles: Mutex<HashMap<String, ObjectHandle>>,
+    /// Who chooses the AES-GCM IV of a seal, as the token has shown it (see [`IvSource`]).
+    iv_source: AtomicU8,
+    /// The master-key versions this process seals or opens under: the start-up self-test's,
+    /// and every version sealed under since. Re-verified after a module re-initialisation.
+    in_use: Mutex<BTreeSet<MasterKeyVersion>>,
+    /// The versions whose seal/open round trip passed, and the module epoch it passed in.
+    verified: Mutex<Verified>,
+    /// Sessions of this pool that are open (idle or lent out), counted by [`SessionCount`].
+    open_sessions: Arc<AtomicUsize>,
+    /// The most sessions the token lets us open: the configured pool size until the token
+    /// answers `CKR_SESSION_COUNT`, then the number that were open at that moment.
+    session_cap: AtomicUsize,
+    /// Signalled when a session comes back to `idle`.
+    session_freed: Condvar,
+    /// The configured number of sessions.
+    pool_size: usize,
+    /// How long a caller waits, for a session or for the token.
+    op_timeout: Duration,
+}
+
+/// The master-key versions whose self-test passed since the module's last (re-)initialisation.
+struct Verified {
+    epoch: u64,
+    versions: BTreeSet<MasterKeyVersion>,
+}
+
+/// Who chooses the IV of an AES-GCM seal. PKCS#11 leaves it to the token: SoftHSM2 and Kryoptic
+/// use the caller's; AWS CloudHSM ignores it, makes its own and writes it back into the
+/// parameters; tokens in a FIPS-approved mode refuse a caller's IV and make one from a zeroed
+/// buffer. Either way the IV stored is the one read back after `C_Encrypt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum IvSource {
+    /// We draw the IV from the token's RNG and pass it; the token uses it.
+    Caller = 0,
+    /// We pass a zeroed buffer; the token fills in the IV it used.
+    Token = 1,
+}
+
+/// Counts an open pooled session for as long as it lives.
+struct SessionCount(Arc<AtomicUsize>);
+
+impl SessionCount {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        Self(open.clone())
+    }
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct PooledSession {
@@ -294,6 +376,8 @@ struct PooledSession {
     /// Per-session copies of master keys (CKA_TOKEN=false): they stay on the token, sensitive and
     /// non-extractable, but SoftHSM serves them from memory, about 4× faster than token objects.
     mk_copies: HashMap<MasterKeyVersion, ObjectHandle>,
+    /// Declared after `session`, so the count drops once the session is closed.
+    _count: SessionCount,
 }
 
 impl Hsm {
@@ -316,6 +400,17 @@ impl Hsm {
                 generation: AtomicU64::new(0),
                 mk_handles: Mutex::new(HashMap::new()),
                 key_handles: Mutex::new(HashMap::new()),
+                iv_source: AtomicU8::new(IvSource::Caller as u8),
+                in_use: Mutex::new(BTreeSet::new()),
+                verified: Mutex::new(Verified {
+                    epoch: u64::MAX,
+                    versions: BTreeSet::new(),
+                }),
+                open_sessions: Arc::new(AtomicUsize::new(0)),
+                session_cap: AtomicUsize::new(pool_size),
+                session_freed: Condvar::new(),
+                pool_size,
+                op_timeout,
             };
             // A token being written by another process (SoftHSM2 keeps one file per object)
             // can fail a read for a moment: a few tries before calling it unreachable.
@@ -378,17 +473,36 @@ impl Hsm {
             .map_err(|_| HsmError::Timeout(self.op_timeout))?
             .map_err(|_| HsmError::Worker)?;
         let inner = self.inner.clone();
+        let wait_until = deadline.into_std();
         let task = tokio::task::spawn_blocking(move || {
             // The permit travels with the thread: a call that outlives its deadline still holds
             // its place, so a hung token cannot make us open ever more sessions.
             let _permit = permit;
-            inner.with_session(&op)
+            inner.with_session(wait_until, &op)
         });
         match tokio::time::timeout_at(deadline, task).await {
             Err(_) => Err(HsmError::Timeout(self.op_timeout)),
             Ok(Err(_)) => Err(HsmError::Worker),
             Ok(Ok(result)) => result,
         }
+    }
+
+    /// The start-up self-test: seals a random value under each of `versions` and opens it
+    /// again, as every seal will. The versions are remembered and tested again after every
+    /// re-initialisation of the module (and a version first sealed under later is tested then).
+    ///
+    /// # Errors
+    /// [`HsmError::SelfTest`] naming the token, the version and what went wrong, or an outage.
+    pub async fn self_test(&self, versions: &[MasterKeyVersion]) -> Result<(), HsmError> {
+        lock(&self.inner.in_use).extend(versions.iter().copied());
+        let versions = versions.to_vec();
+        self.run(move |s| {
+            for version in &versions {
+                s.verify(*version)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Checks that the token answers: a session can be had and keybroker's audit key can be
@@ -446,7 +560,17 @@ impl Hsm {
         tokio::task::spawn_blocking(move || {
             let _shared = inner.module.enter();
             let slot = inner.slot()?;
-            let session = inner.module.ctx.open_rw_session(slot).map_err(classify)?;
+            let session = match inner.module.ctx.open_rw_session(slot) {
+                // At the token's session limit: give back an idle pooled session for this one.
+                Err(e @ CkError::Pkcs11(RvError::SessionCount, _)) => {
+                    let Some(freed) = lock(&inner.idle).pop() else {
+                        return Err(classify(e));
+                    };
+                    drop(freed);
+                    inner.module.ctx.open_rw_session(slot).map_err(classify)?
+                }
+                other => other.map_err(classify)?,
+            };
             inner.login(&session)?;
             op(&session)
         })
@@ -537,6 +661,14 @@ impl Hsm {
     /// Drops this process's handles and session copies of the given master-key versions (which
     /// another broker destroyed): the pool starts afresh if it held any of them.
     pub fn forget_master_keys(&self, versions: &[MasterKeyVersion]) {
+        {
+            let mut in_use = lock(&self.inner.in_use);
+            let mut verified = lock(&self.inner.verified);
+            for version in versions {
+                in_use.remove(version);
+                verified.versions.remove(version);
+            }
+        }
         let held = {
             let handles = lock(&self.inner.mk_handles);
             versions.iter().any(|v| handles.contains_key(v))
@@ -740,9 +872,12 @@ pub struct ObjectInfo {
 
 impl Inner {
     /// One try, a retry on a fresh session, and, when the token still cannot be reached, a last
-    /// try after re-initialising the module (rate-limited; see [`Module::reinitialize`]).
+    /// try after re-initialising the module (rate-limited; see [`Module::reinitialize`]). Before
+    /// `op`, the master keys in use are re-verified if the module was re-initialised since they
+    /// last were (see [`TokenSession::verify`]).
     fn with_session<T>(
         &self,
+        deadline: Instant,
         op: &dyn Fn(&mut TokenSession<'_>) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let mut last_fault = None;
@@ -751,21 +886,22 @@ impl Inner {
                 self.module.reinitialize();
             }
             let _shared = self.module.enter();
-            let mut pooled = match self.checkout() {
+            let mut pooled = match self.checkout(deadline) {
                 Ok(pooled) => pooled,
-                Err(e) if e.is_unavailable() => {
+                Err(e) if e.is_unavailable() && !matches!(e, HsmError::Timeout(_)) => {
                     self.invalidate();
                     last_fault = Some(e);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let result = op(&mut TokenSession {
+            let mut session = TokenSession {
                 inner: self,
                 pooled: &mut pooled,
-            });
+            };
+            let result = session.verify_in_use().and_then(|()| op(&mut session));
             match result {
-                Err(e) if e.is_unavailable() => {
+                Err(e) if e.is_unavailable() && !matches!(e, HsmError::SelfTest { .. }) => {
                     tracing::warn!(target: "keybroker::hsm", error = %e, attempt, "token call failed; reopening the session");
                     drop(pooled);
                     self.invalidate();
@@ -780,21 +916,69 @@ impl Inner {
         Err(last_fault.unwrap_or(HsmError::Worker))
     }
 
-    fn checkout(&self) -> Result<PooledSession, HsmError> {
+    /// An idle session of the current generation, or a new one. At the token's session limit
+    /// (see [`Inner::session_cap`]) it waits, until `deadline`, for a session to come back.
+    fn checkout(&self, deadline: Instant) -> Result<PooledSession, HsmError> {
         let generation = self.generation.load(Ordering::Acquire);
+        let mut idle = lock(&self.idle);
         loop {
-            let candidate = lock(&self.idle).pop();
-            match candidate {
+            match idle.pop() {
                 Some(pooled) if pooled.generation == generation => return Ok(pooled),
-                Some(stale) => drop(stale),
-                None => return self.open_session(),
+                Some(stale) => {
+                    drop(stale);
+                    continue;
+                }
+                None => {}
             }
+            if self.open_sessions.load(Ordering::Acquire) < self.session_cap.load(Ordering::Acquire)
+            {
+                drop(idle);
+                match self.open_session() {
+                    Ok(pooled) => return Ok(pooled),
+                    Err(HsmError::Unavailable(CkError::Pkcs11(RvError::SessionCount, _)))
+                        if self.open_sessions.load(Ordering::Acquire) > 0 =>
+                    {
+                        self.lower_session_cap();
+                    }
+                    Err(e) => return Err(e),
+                }
+                idle = lock(&self.idle);
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(HsmError::Timeout(self.op_timeout));
+            }
+            // Sessions that are dropped rather than returned do not signal: poll now and then.
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            idle = self
+                .session_freed
+                .wait_timeout(idle, wait)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The token refused one more session (`CKR_SESSION_COUNT`) while some of ours are open:
+    /// from now on the pool works with the sessions it has. Logged once per reduction.
+    fn lower_session_cap(&self) {
+        let open = self.open_sessions.load(Ordering::Acquire).max(1);
+        let before = self.session_cap.fetch_min(open, Ordering::AcqRel);
+        if open < before {
+            tracing::warn!(
+                target: "keybroker::hsm",
+                token = %self.token_label,
+                sessions = open,
+                configured = self.pool_size,
+                "the token allows no more sessions (CKR_SESSION_COUNT); the pool works with the {open} it has"
+            );
         }
     }
 
     fn checkin(&self, pooled: PooledSession) {
         if pooled.generation == self.generation.load(Ordering::Acquire) {
             lock(&self.idle).push(pooled);
+            self.session_freed.notify_one();
         }
     }
 
@@ -812,12 +996,34 @@ impl Inner {
         let generation = self.generation.load(Ordering::Acquire);
         let slot = self.slot()?;
         let session = self.module.ctx.open_ro_session(slot).map_err(classify)?;
+        let count = SessionCount::new(&self.open_sessions);
         self.login(&session)?;
         Ok(PooledSession {
             session,
             generation,
             mk_copies: HashMap::new(),
+            _count: count,
         })
+    }
+
+    /// Who chooses the GCM IV, as far as we know.
+    fn iv_source(&self) -> IvSource {
+        if self.iv_source.load(Ordering::Acquire) == IvSource::Token as u8 {
+            IvSource::Token
+        } else {
+            IvSource::Caller
+        }
+    }
+
+    /// Records what the token showed about GCM IVs; logged when it changes.
+    fn learn_iv_source(&self, source: IvSource, why: &'static str) {
+        let before = self.iv_source.swap(source as u8, Ordering::AcqRel);
+        if before != source as u8 {
+            tracing::info!(target: "keybroker::hsm", token = %self.token_label, why, "AES-GCM IVs: {}", match source {
+                IvSource::Caller => "keybroker draws them from the token's RNG",
+                IvSource::Token => "the token makes them; keybroker stores the IV it returns",
+            });
+        }
     }
 
     fn login(&self, session: &Session) -> Result<(), HsmError> {
@@ -881,44 +1087,98 @@ impl TokenSession<'_> {
         Ok(out)
     }
 
-    /// AES-256-GCM under master key `version`, with a fresh 96-bit IV from the token's RNG and a
-    /// 128-bit tag. Returns `iv || ciphertext || tag`.
+    /// AES-256-GCM under master key `version` with a 128-bit tag and a fresh 96-bit IV: drawn
+    /// from the token's RNG, or made by the token itself if it insists (see [`IvSource`]).
+    /// Returns `iv || ciphertext || tag`, with the IV the token says it used. The first seal
+    /// under a version (per module initialisation) is preceded by its self-test.
     ///
     /// # Errors
-    /// [`HsmError::UnknownMasterKey`], or any token failure.
+    /// [`HsmError::ObjectMissing`] when the token lacks the version, [`HsmError::SelfTest`], or
+    /// any token failure.
     pub fn seal(
         &mut self,
         version: MasterKeyVersion,
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        // The version we seal under comes from our own records, so its absence from the token
-        // is an outage, not a caller's mistake.
-        let key = self.master_key(version).map_err(|e| match e {
+        let key = self.sealing_key(version)?;
+        let verified = lock(&self.inner.verified).versions.contains(&version);
+        if !verified {
+            self.verify(version)?;
+            lock(&self.inner.in_use).insert(version);
+        }
+        self.seal_with(key, plaintext, aad)
+    }
+
+    /// The handle of master key `version` for sealing. The version comes from our own records,
+    /// so its absence from the token is an outage, not a caller's mistake.
+    fn sealing_key(&mut self, version: MasterKeyVersion) -> Result<ObjectHandle, HsmError> {
+        self.master_key(version).map_err(|e| match e {
             HsmError::UnknownMasterKey(v) => HsmError::ObjectMissing(v.token_label()),
             other => other,
-        })?;
-        // SoftHSM cannot make GCM IVs itself, so the IV comes from the token's RNG here.
-        let mut iv = [0u8; GCM_IV_LEN];
-        self.pooled
-            .session
-            .generate_random_slice(&mut iv)
-            .map_err(classify)?;
-        let mut iv_param = iv;
-        let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())
-            .map_err(|_| HsmError::Unexpected("GCM parameters rejected"))?;
-        let sealed = self
-            .pooled
-            .session
-            .encrypt(&Mechanism::AesGcm(params), key, plaintext)
-            .map_err(classify)?;
-        if sealed.len() != plaintext.len() + GCM_TAG_LEN {
-            return Err(HsmError::Unexpected("GCM output has the wrong length"));
+        })
+    }
+
+    /// One AES-GCM encryption under `key`; the IV stored is the one the parameters hold after
+    /// `C_Encrypt`, whoever wrote it. At most two tries: the second after the token showed that
+    /// it follows the other IV convention.
+    fn seal_with(
+        &mut self,
+        key: ObjectHandle,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        for _ in 0..2 {
+            let source = self.inner.iv_source();
+            let mut iv = [0u8; GCM_IV_LEN];
+            if source == IvSource::Caller {
+                self.pooled
+                    .session
+                    .generate_random_slice(&mut iv)
+                    .map_err(classify)?;
+            }
+            let passed = iv;
+            let encrypted = {
+                let params = GcmParams::new(&mut iv, aad, (GCM_TAG_LEN as u64 * 8).into())
+                    .map_err(|_| HsmError::Unexpected("GCM parameters rejected"))?;
+                self.pooled
+                    .session
+                    .encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            };
+            let sealed = match encrypted {
+                Ok(sealed) => sealed,
+                // A token that makes every IV itself (a FIPS-mode HSM) refuses ours.
+                Err(CkError::Pkcs11(RvError::MechanismParamInvalid, _))
+                    if source == IvSource::Caller =>
+                {
+                    self.inner
+                        .learn_iv_source(IvSource::Token, "the token refused a caller's IV");
+                    continue;
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            if iv == [0u8; GCM_IV_LEN] {
+                // The zeroed buffer came back as it went: this token uses the caller's IV, and
+                // would use the zero IV for every seal. The ciphertext is dropped unseen.
+                self.inner
+                    .learn_iv_source(IvSource::Caller, "the token kept a zeroed IV");
+                continue;
+            }
+            if source == IvSource::Caller && iv != passed {
+                self.inner
+                    .learn_iv_source(IvSource::Token, "the token replaced the caller's IV");
+            }
+            if sealed.len() != plaintext.len() + GCM_TAG_LEN {
+                return Err(HsmError::Unexpected("GCM output has the wrong length"));
+            }
+            let mut out = Vec::with_capacity(GCM_IV_LEN + sealed.len());
+            out.extend_from_slice(&iv);
+            out.extend_from_slice(&sealed);
+            return Ok(out);
         }
-        let mut out = Vec::with_capacity(GCM_IV_LEN + sealed.len());
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&sealed);
-        Ok(out)
+        Err(HsmError::Unexpected(
+            "the token neither keeps a caller's GCM IV nor makes its own",
+        ))
     }
 
     /// Opens what [`TokenSession::seal`] made.
@@ -936,6 +1196,15 @@ impl TokenSession<'_> {
             return Err(HsmError::NotAuthentic);
         }
         let key = self.master_key(version)?;
+        self.unseal_with(key, payload, aad)
+    }
+
+    fn unseal_with(
+        &mut self,
+        key: ObjectHandle,
+        payload: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let (iv, sealed) = payload.split_at(GCM_IV_LEN);
         let mut iv_param = [0u8; GCM_IV_LEN];
         iv_param.copy_from_slice(iv);
@@ -958,6 +1227,71 @@ impl TokenSession<'_> {
             )) => Err(HsmError::NotAuthentic),
             Err(e) => Err(classify(e)),
         }
+    }
+
+    /// The self-test of master key `version`: seals a random value exactly as [`seal`] does and
+    /// opens it again. A token that reports another IV than it used (or garbles the ciphertext)
+    /// fails here instead of silently writing blobs nobody can open.
+    ///
+    /// [`seal`]: TokenSession::seal
+    ///
+    /// # Errors
+    /// [`HsmError::SelfTest`] naming what went wrong; an outage as itself.
+    fn verify(&mut self, version: MasterKeyVersion) -> Result<(), HsmError> {
+        let inner = self.inner;
+        let failed = |problem: String| HsmError::SelfTest {
+            token: inner.token_label.clone(),
+            version,
+            problem,
+        };
+        let key = self.sealing_key(version)?;
+        let probe = self.random(32)?;
+        let sealed = match self.seal_with(key, &probe, SELF_TEST_AAD) {
+            Ok(sealed) => sealed,
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => return Err(failed(format!("the seal failed: {e}"))),
+        };
+        match self.unseal_with(key, &sealed, SELF_TEST_AAD) {
+            Ok(opened) if opened == probe => {}
+            Ok(_) => return Err(failed("it opened to a different value".to_owned())),
+            Err(HsmError::NotAuthentic) => {
+                return Err(failed(
+                    "what it sealed does not open: the IV or ciphertext it returned is not the one it used"
+                        .to_owned(),
+                ));
+            }
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => return Err(failed(format!("the open failed: {e}"))),
+        }
+        let mut verified = lock(&self.inner.verified);
+        let epoch = self.inner.module.epoch.load(Ordering::Acquire);
+        if verified.epoch == epoch {
+            verified.versions.insert(version);
+        }
+        Ok(())
+    }
+
+    /// Re-runs the self-test of every master key in use when the module was (re-)initialised
+    /// since it last passed: a token that comes back from a failover may not be the one tested.
+    fn verify_in_use(&mut self) -> Result<(), HsmError> {
+        let epoch = self.inner.module.epoch.load(Ordering::Acquire);
+        if lock(&self.inner.verified).epoch == epoch {
+            return Ok(());
+        }
+        let versions: Vec<MasterKeyVersion> = lock(&self.inner.in_use).iter().copied().collect();
+        {
+            let mut verified = lock(&self.inner.verified);
+            verified.epoch = epoch;
+            verified.versions.clear();
+        }
+        for version in versions {
+            if let Err(e) = self.verify(version) {
+                // Not verified in this epoch: the next call tries again.
+                lock(&self.inner.verified).epoch = u64::MAX;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// ECDSA P-256 with the token-signing key over a SHA-256 digest the caller computed
