@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Benchmark: (a) the raw token rate of the seal the broker uses, through the HSM layer with no
-# HTTP, and (b) HTTPS datakey and unwrap requests/s with p50/p99 latency at 1, 16 and 64
-# keep-alive connections (wrk), and the ratio (b)/(a). Everything runs on this machine, in
-# throwaway locations, against a release build.
+# HTTP, (b) HTTPS datakey and unwrap requests/s with p50/p99 latency at 1, 16 and 64
+# keep-alive connections (wrk), and the ratio (b)/(a), and (c) the HSM layer on a network HSM:
+# SoftHSM2 behind the fault module with 2 ms on every PKCS#11 call, seals/s with 1, 4, 16 and
+# 32 pool sessions. Everything runs on this machine, in throwaway locations, against a release
+# build.
 #
 #   BENCH_SECONDS   seconds per measurement (default 10)
+#   BENCH_PARTS     "all" (default), or "pool" for (c) alone
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
 SECONDS_EACH=${BENCH_SECONDS:-10}
+PARTS=" ${BENCH_PARTS:-all} "
 kb_install_deps wrk curl
 
 WORK=$(mktemp -d /tmp/keybroker-bench.XXXXXX)
@@ -22,9 +26,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kb_log "building keybroker (release)"
+kb_log "building keybroker and the fault module (release)"
 cargo build --release --quiet
+cargo build --release --quiet -p pkcs11-faults
 BIN="$KB_ROOT/target/release/keybroker"
+FAULTS="$KB_ROOT/target/release/libkb_pkcs11_faults.so"
 
 kb_setup_softhsm "$WORK/softhsm"
 kb_secret_file "$WORK/secrets/so.pin"
@@ -33,6 +39,36 @@ export KEYBROKER_SO_PIN_FILE="$WORK/secrets/so.pin" KEYBROKER_PIN_FILE="$WORK/se
 kb_setup_postgres "$WORK/pg" keybroker
 kb_init_token "$BIN" keybroker-bench --admin-credentials-out "$WORK/admin.json" >/dev/null
 "$BIN" dev-cert --dir "$WORK/tls" >/dev/null
+
+# (c) a network HSM: every PKCS#11 call costs 2 ms (the fault module sleeps before forwarding),
+# as a token across a LAN does. One caller per pool session; the seal is what `datakey` asks:
+# random DEK, then AES-GCM (with its IV), so five calls of 2 ms at least.
+if [[ $PARTS == *" pool "* || $PARTS == *" all "* ]]; then
+  kb_log "seal rate with 2 ms per token call, by pool size, ${SECONDS_EACH}s per run"
+  printf 'latency_ms = 2\n' >"$WORK/network-hsm.conf"
+  declare -A POOL_RATE
+  POOL_ROWS=()
+  for pool in 1 4 16 32; do
+    line=$(PKCS11_MODULE="$FAULTS" KB_FAULTS_MODULE="$KB_SOFTHSM_MODULE" \
+      KB_FAULTS_CONTROL="$WORK/network-hsm.conf" KEYBROKER_HSM_POOL_SIZE=$pool \
+      "$BIN" bench --seconds "$SECONDS_EACH" --concurrency "$pool" 2>"$WORK/bench.err") \
+      || { cat "$WORK/bench.err" >&2; exit 1; }
+    POOL_RATE[$pool]=$(sed -n 's/.*ops_per_s=\([0-9]*\).*/\1/p' <<<"$line")
+    p50=$(sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p' <<<"$line")
+    p99=$(sed -n 's/.*p99_us=\([0-9.]*\).*/\1/p' <<<"$line")
+    speedup=$(awk -v r="${POOL_RATE[$pool]}" -v one="${POOL_RATE[1]}" 'BEGIN {printf "%.1f", r / one}')
+    POOL_ROWS+=("$(printf '| %4s | %8s | %8.1f | %8.1f | %6s× |' "$pool" "${POOL_RATE[$pool]}" \
+      "$(awk -v u="$p50" 'BEGIN {print u / 1000}')" "$(awk -v u="$p99" 'BEGIN {print u / 1000}')" "$speedup")")
+    kb_log "pool $pool: ${POOL_RATE[$pool]} seals/s (${speedup}× one session)"
+  done
+  echo
+  echo "network HSM (2 ms per PKCS#11 call), one HSM-layer call per seal, one caller per session:"
+  echo "| pool | seals/s | p50 (ms) | p99 (ms) | vs pool 1 |"
+  echo "|------|---------|----------|----------|-----------|"
+  printf '%s\n' "${POOL_ROWS[@]}"
+  echo
+fi
+[[ $PARTS == *" all "* ]] || exit 0
 
 # (a) the token alone: inside one blocking call (the token's own rate), then one HSM-layer
 # call per seal from 1, 2 and 16 tasks. The best layer rate is the (a) of the ratio.

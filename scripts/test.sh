@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # README command 2: the same set-up as run.sh, in throwaway locations (a temp folder, free
-# ports), then the whole test suite against a real Postgres and a real token, twice: once on
-# SoftHSM2 and once on Kryoptic (a second PKCS#11 implementation). Fault tests reach the real
-# token through the fault-injecting module in tests/pkcs11-faults. .ci/run calls exactly this.
+# ports), then the whole test suite against a real Postgres and a real token: on SoftHSM2, on
+# Kryoptic (a second PKCS#11 implementation), and on SoftHSM2 behind the fault-injecting module
+# (tests/pkcs11-faults) emulating two production-HSM habits: a token that makes its own AES-GCM
+# IV and writes it back (AWS CloudHSM; `+iv-token`), and one that refuses a caller's IV (FIPS
+# mode; `+iv-reject`). Fault tests reach the real token through the same module. Before each
+# run, `keybroker hsm probe` prints what the token offers. .ci/run calls exactly this.
 #
-#   KB_TEST_TOKENS   the tokens to run on (default "softhsm kryoptic")
+#   KB_TEST_TOKENS   the runs (default "softhsm kryoptic softhsm+iv-token softhsm+iv-reject";
+#                    kryoptic+iv-token and kryoptic+iv-reject work too)
 #   KB_TEST_FILTER   run only the tests whose names contain this (default: all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
-TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic}
+TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic softhsm+iv-token softhsm+iv-reject}
 kb_install_deps python3 openssl
-case " $TOKENS " in *" kryoptic "*) kb_build_kryoptic ;; esac
+case " $TOKENS " in *" kryoptic"*) kb_build_kryoptic ;; esac
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)
 chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg
@@ -29,53 +33,71 @@ BIN="$KB_ROOT/target/debug/keybroker"
 export KB_TEST_FAULT_MODULE="$KB_ROOT/target/debug/libkb_pkcs11_faults.so"
 export RUST_LOG=${RUST_LOG:-info,keybroker=debug}
 
-# One run of the whole suite on TOKEN (softhsm or kryoptic), with its own token, PINs and
-# database. Exits on failure; checks the run's log for the PINs.
+# One run of the whole suite on RUN (a token, softhsm or kryoptic, optionally +iv-token or
+# +iv-reject), with its own token, PINs and database. Exits on failure; checks the run's log for
+# the PINs.
 run_suite() {
-  local token=$1 dir="$WORK/$1"
+  local run=$1 token=${1%%+*} vendor= dir="$WORK/$1"
+  case "$run" in
+    *+iv-token) vendor="gcm_iv = token" ;;
+    *+iv-reject) vendor="gcm_iv = reject" ;;
+    *+*) kb_die "unknown emulation in '$run' (+iv-token, +iv-reject)" ;;
+  esac
   # Nothing of the previous run's token may leak into this one (a PIN in the environment wins
   # over the PIN file).
-  unset SOFTHSM2_CONF KRYOPTIC_CONF KEYBROKER_PIN
+  unset SOFTHSM2_CONF KRYOPTIC_CONF KEYBROKER_PIN KB_FAULTS_MODULE KB_FAULTS_CONTROL KB_TEST_VENDOR_FAULTS
   case "$token" in
     softhsm) kb_setup_softhsm "$dir" ;;
     kryoptic) kb_setup_kryoptic "$dir" ;;
     *) kb_die "unknown token '$token' in KB_TEST_TOKENS (softhsm, kryoptic)" ;;
   esac
-  kb_secret_file "$WORK/secrets/$token-so.pin"
-  kb_secret_file "$WORK/secrets/$token-user.pin"
-  export KEYBROKER_SO_PIN_FILE="$WORK/secrets/$token-so.pin"
-  export KEYBROKER_PIN_FILE="$WORK/secrets/$token-user.pin"
-  kb_setup_postgres "$WORK/pg" "keybroker_$token"
+  local name=${run//+/_}; name=${name//-/_}
+  kb_secret_file "$WORK/secrets/$name-so.pin"
+  kb_secret_file "$WORK/secrets/$name-user.pin"
+  export KEYBROKER_SO_PIN_FILE="$WORK/secrets/$name-so.pin"
+  export KEYBROKER_PIN_FILE="$WORK/secrets/$name-user.pin"
+  kb_setup_postgres "$WORK/pg" "keybroker_$name"
+  if [ -n "$vendor" ]; then
+    # Every token call of the run, the suite's and its child brokers', goes through the fault
+    # module, which acts as the vendor would. The token itself is initialised directly.
+    "$BIN" hsm init-token --token-label keybroker-test >/dev/null
+    export KB_FAULTS_MODULE=$PKCS11_MODULE PKCS11_MODULE=$KB_TEST_FAULT_MODULE
+    export KB_FAULTS_CONTROL="$dir/vendor.conf" KB_TEST_VENDOR_FAULTS="$vendor"
+    printf '%s\n' "$vendor" >"$KB_FAULTS_CONTROL"
+  fi
   # Its output shows the bootstrap admin's secret once: keep it out of the CI log.
   # ($WORK is world-readable for Postgres' sake, so the file is made private first; not in a
   # subshell, whose exports would be lost.)
-  install -m 600 /dev/null "$WORK/$token-hsm-init.log"
-  kb_init_token "$BIN" "keybroker-test" >"$WORK/$token-hsm-init.log"
+  install -m 600 /dev/null "$WORK/$name-hsm-init.log"
+  kb_init_token "$BIN" "keybroker-test" >"$WORK/$name-hsm-init.log"
+  grep -qF "self-test passed" "$WORK/$name-hsm-init.log" || kb_die "hsm init did not pass its self-test on $run"
+  kb_log "hsm probe on $run${vendor:+ (fault module: $vendor)}"
+  "$BIN" hsm probe | sed 's/^/  /'
 
   # What the tests read: which token and where its storage is (fault tests copy it), the PIN,
   # the database.
   export KB_TEST_TOKEN=$token KB_TEST_TOKEN_DIR=$dir KB_TEST_WORK=$WORK
   export KEYBROKER_PIN
   KEYBROKER_PIN=$(cat "$KEYBROKER_PIN_FILE")
-  local so_pin log="$WORK/test-run-$token.log" status=0
+  local so_pin log="$WORK/test-run-$name.log" status=0
   so_pin=$(cat "$KEYBROKER_SO_PIN_FILE")
 
-  kb_log "running the test suite on $token (log: $log)"
+  kb_log "running the test suite on $run (log: $log)"
   if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast --success-output final --failure-output final ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   else
     cargo test --no-fail-fast -- --nocapture ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   fi
-  [ "$status" -eq 0 ] || kb_die "the suite failed on $token"
+  [ "$status" -eq 0 ] || kb_die "the suite failed on $run"
 
   # The whole run's output, server logs included, must not contain a PIN.
   if grep -qF -e "$KEYBROKER_PIN" -e "$so_pin" "$log"; then
-    kb_die "a PIN appears in the test log of the $token run"
+    kb_die "a PIN appears in the test log of the $run run"
   fi
-  kb_log "suite passed on $token; no PIN in its log"
+  kb_log "suite passed on $run; no PIN in its log"
 }
 
-for token in $TOKENS; do
-  run_suite "$token"
+for run in $TOKENS; do
+  run_suite "$run"
 done
 kb_log "all runs passed: $TOKENS"

@@ -1239,10 +1239,14 @@ impl TokenSession<'_> {
     /// [`HsmError::SelfTest`] naming what went wrong; an outage as itself.
     fn verify(&mut self, version: MasterKeyVersion) -> Result<(), HsmError> {
         let inner = self.inner;
-        let failed = |problem: String| HsmError::SelfTest {
-            token: inner.token_label.clone(),
-            version,
-            problem,
+        let failed = |problem: String| {
+            let e = HsmError::SelfTest {
+                token: inner.token_label.clone(),
+                version,
+                problem,
+            };
+            tracing::error!(target: "keybroker::hsm", error = %e, "self-test failed");
+            e
         };
         let key = self.sealing_key(version)?;
         let probe = self.random(32)?;

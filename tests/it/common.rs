@@ -25,6 +25,21 @@ pub fn pkcs11_module() -> PathBuf {
     PathBuf::from(env("PKCS11_MODULE"))
 }
 
+/// The real token's module. In a run under an emulated vendor behaviour (`scripts/test.sh`'s
+/// `softhsm+iv-token` and the like), `PKCS11_MODULE` is the fault-injecting module and this is
+/// the module it forwards to; otherwise the two are the same.
+pub fn real_pkcs11_module() -> PathBuf {
+    std::env::var("KB_FAULTS_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| pkcs11_module())
+}
+
+/// The fault-module lines of this run's emulated vendor behaviour (e.g. `gcm_iv = token`), which
+/// every control file a fault test writes must start with; empty in a plain run.
+pub fn vendor_faults() -> String {
+    std::env::var("KB_TEST_VENDOR_FAULTS").unwrap_or_default()
+}
+
 pub fn token_label() -> String {
     env("KEYBROKER_TOKEN_LABEL")
 }

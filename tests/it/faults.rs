@@ -2,7 +2,7 @@
 //! through `tests/pkcs11-faults`, a PKCS#11 module that forwards every call and injects return
 //! codes or latency as a control file says (its module doc is the reference).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,23 +10,36 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::child::ChildServer;
-use crate::common::{PATIENCE, b64, count, env, error_code, read, scratch_dir};
+use crate::common::{
+    PATIENCE, b64, count, env, error_code, read, real_pkcs11_module, scratch_dir, vendor_faults,
+};
 use crate::token::shared_env;
 
 /// A child broker whose token calls go through the fault-injecting module, and the control
 /// file that steers it.
-struct FaultyToken {
-    server: ChildServer,
-    control: PathBuf,
+pub(crate) struct FaultyToken {
+    pub(crate) server: ChildServer,
+    pub(crate) control: PathBuf,
 }
 
 impl FaultyToken {
     async fn start(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_with_control(name, None, extra).await
+    }
+
+    /// A child broker on the shared token (or the one `extra` names) through the fault module,
+    /// whose control file holds exactly `control` from the first call (`None`: the run's
+    /// emulated vendor behaviour, if any).
+    pub(crate) async fn start_with_control(
+        name: &str,
+        control_text: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let dir = scratch_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let control = dir.join("faults.conf");
         let fault_module = env("KB_TEST_FAULT_MODULE");
-        let real_module = env("PKCS11_MODULE");
+        let real_module = real_pkcs11_module().display().to_string();
         let control_path = control.display().to_string();
         let mut vars = vec![
             ("PKCS11_MODULE", fault_module.as_str()),
@@ -34,20 +47,23 @@ impl FaultyToken {
             ("KB_FAULTS_CONTROL", control_path.as_str()),
         ];
         vars.extend_from_slice(extra);
+        // The run's emulated vendor behaviour (if any) holds from the first call.
+        match control_text {
+            Some(text) => write_exact(&control, text),
+            None => heal_control(&control),
+        }
         let server = ChildServer::start_with_env(shared_env(), dir.join("server.log"), &vars).await;
         Self { server, control }
     }
 
     /// Replaces the injection instructions (the module reads them at every call).
     fn inject(&self, instructions: &str) {
-        let staged = self.control.with_extension("staged");
-        std::fs::write(&staged, instructions).unwrap();
-        std::fs::rename(&staged, &self.control).unwrap();
+        write_control(&self.control, instructions);
     }
 
     /// Stops injecting: the module forwards every call again.
     fn heal(&self) {
-        let _ = std::fs::remove_file(&self.control);
+        heal_control(&self.control);
     }
 
     /// How many failures the module injected under the current instructions.
@@ -55,6 +71,28 @@ impl FaultyToken {
         std::fs::read_to_string(self.control.with_extension("conf.injected"))
             .map(|n| n.trim().parse().unwrap())
             .unwrap_or(0)
+    }
+}
+
+/// Writes the fault module's control file atomically: the run's emulated vendor behaviour (see
+/// [`vendor_faults`]), then `instructions`.
+fn write_control(control: &Path, instructions: &str) {
+    write_exact(control, &format!("{}\n{instructions}", vendor_faults()));
+}
+
+/// Writes the fault module's control file atomically, holding exactly `text`.
+pub(crate) fn write_exact(control: &Path, text: &str) {
+    let staged = control.with_extension("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, control).unwrap();
+}
+
+/// Only the run's emulated vendor behaviour, if any; no control file otherwise.
+fn heal_control(control: &Path) {
+    if vendor_faults().is_empty() {
+        let _ = std::fs::remove_file(control);
+    } else {
+        write_control(control, "");
     }
 }
 
@@ -327,18 +365,17 @@ async fn a_token_without_a_required_mechanism_is_refused_at_start_naming_it() {
     let dir = scratch_dir("faults-mechanisms");
     std::fs::create_dir_all(&dir).unwrap();
     let control = dir.join("faults.conf");
-    std::fs::write(
+    write_control(
         &control,
         "functions = C_GenerateRandom\nrv = 0x121 # CKR_RANDOM_NO_RNG\n\
          hide_mechanisms = CKM_AES_GCM, CKM_SHA256_HMAC\n",
-    )
-    .unwrap();
+    );
     let (conf_var, conf) = shared_env();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
         .args(["hsm", "status"])
         .env(conf_var, conf)
         .env("PKCS11_MODULE", crate::common::env("KB_TEST_FAULT_MODULE"))
-        .env("KB_FAULTS_MODULE", crate::common::pkcs11_module())
+        .env("KB_FAULTS_MODULE", real_pkcs11_module())
         .env("KB_FAULTS_CONTROL", &control)
         .env("DATABASE_URL", crate::common::fresh_database().await)
         .output()

@@ -24,3 +24,4 @@ mod openapi;
 mod request_log;
 mod rotation;
 mod token;
+mod vendor;
