@@ -72,6 +72,46 @@ pub(crate) struct Plan {
     /// Mechanisms `C_GetMechanismInfo` reports as absent (`CKR_MECHANISM_INVALID`), whatever the
     /// real token has: a token without them, for the start-up probe.
     pub(crate) hidden_mechanisms: Vec<CK_MECHANISM_TYPE>,
+    /// How `C_EncryptInit` with `CKM_AES_GCM` treats the caller's IV; `None`: as the real token.
+    pub(crate) gcm_iv: Option<GcmIv>,
+    /// `C_OpenSession` answers `CKR_SESSION_COUNT` while this many sessions are open.
+    pub(crate) max_sessions: Option<u64>,
+}
+
+/// An emulated vendor habit for AES-GCM IVs (the `gcm_iv` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GcmIv {
+    /// Ignore the caller's IV, use one from the real token's RNG and write it back into `pIv`
+    /// (AWS CloudHSM's documented behaviour).
+    Token,
+    /// Refuse a non-zero caller's IV with `CKR_MECHANISM_PARAM_INVALID`; fill a zeroed one as
+    /// `Token` does (a strict FIPS-mode token).
+    Reject,
+    /// As `Token`, but write back another IV than the one used (a broken token).
+    Corrupt,
+}
+
+impl GcmIv {
+    /// Whether this habit refuses the caller's `iv`.
+    pub(crate) fn refuses(self, iv: &[u8]) -> bool {
+        self == GcmIv::Reject && iv.iter().any(|byte| *byte != 0)
+    }
+
+    /// What the caller reads back after the real module encrypted with `used`.
+    pub(crate) fn reported(self, used: &[u8]) -> Vec<u8> {
+        match self {
+            GcmIv::Token | GcmIv::Reject => used.to_vec(),
+            // Every byte differs, so the IV reported never equals the IV used.
+            GcmIv::Corrupt => used.iter().map(|byte| byte ^ 0x5a).collect(),
+        }
+    }
+}
+
+/// What a control file says about vendor habits, whatever function is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Vendor {
+    pub(crate) gcm_iv: Option<GcmIv>,
+    pub(crate) max_sessions: Option<u64>,
 }
 
 impl Default for Plan {
@@ -83,6 +123,8 @@ impl Default for Plan {
             times: None,
             latency: Duration::ZERO,
             hidden_mechanisms: Vec::new(),
+            gcm_iv: None,
+            max_sessions: None,
         }
     }
 }
@@ -132,6 +174,21 @@ pub(crate) fn parse_plan(text: &str) -> Result<Plan, String> {
                 let millis = parse_number(value).ok_or_else(|| bad_value("a whole number"))?;
                 plan.latency = Duration::from_millis(millis);
             }
+            "gcm_iv" => {
+                plan.gcm_iv = Some(match value {
+                    "token" => GcmIv::Token,
+                    "reject" => GcmIv::Reject,
+                    "corrupt" => GcmIv::Corrupt,
+                    _ => return Err(bad_value("token, reject or corrupt")),
+                });
+            }
+            "max_sessions" => {
+                plan.max_sessions = Some(
+                    parse_number(value)
+                        .filter(|max| *max >= 1)
+                        .ok_or_else(|| bad_value("a whole number of at least 1"))?,
+                );
+            }
             "hide_mechanisms" => {
                 plan.hidden_mechanisms = value
                     .split(',')
@@ -142,7 +199,8 @@ pub(crate) fn parse_plan(text: &str) -> Result<Plan, String> {
             _ => {
                 return Err(format!(
                     "line {line_number}: unknown key {key:?} \
-                     (known: functions, rv, every, times, latency_ms, hide_mechanisms)"
+                     (known: functions, rv, every, times, latency_ms, hide_mechanisms, gcm_iv, \
+                     max_sessions)"
                 ));
             }
         }
@@ -364,8 +422,29 @@ impl FaultState {
             warn(&warning);
         }
         let decision = self.decide(function);
-        if decision.fail_with.is_some()
-            && let Some(path) = self.control.path()
+        if decision.fail_with.is_some() {
+            self.write_evidence();
+        }
+        decision
+    }
+
+    /// The vendor habits of the current plan.
+    fn vendor(&self) -> Vendor {
+        self.plan.as_ref().map_or(Vendor::default(), |plan| Vendor {
+            gcm_iv: plan.gcm_iv,
+            max_sessions: plan.max_sessions,
+        })
+    }
+
+    /// Counts a failure a vendor habit caused (a refused session), with its evidence.
+    fn inject_one(&mut self) {
+        self.injected = self.injected.saturating_add(1);
+        self.write_evidence();
+    }
+
+    /// Writes the injected count to the evidence file.
+    fn write_evidence(&self) {
+        if let Some(path) = self.control.path()
             && let Err(error) = write_injected_count(path, self.injected)
         {
             warn(&format!(
@@ -373,7 +452,6 @@ impl FaultState {
                 injected_path(path).display()
             ));
         }
-        decision
     }
 }
 
@@ -386,9 +464,66 @@ static STATE: Mutex<FaultState> = Mutex::new(FaultState::new());
 /// concurrent calls observe rewrites in order and the evidence file only ever grows within one
 /// content; it is never held while sleeping or calling the real module.
 pub(crate) fn before_call(function: &str) -> Decision {
+    before_call_with_vendor(function).0
+}
+
+/// As [`before_call`], with the vendor habits the control file asks for (one read for both).
+pub(crate) fn before_call_with_vendor(function: &str) -> (Decision, Vendor) {
     let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     let control = Control::read_from_env();
-    state.on_call(control, function)
+    let decision = state.on_call(control, function);
+    (decision, state.vendor())
+}
+
+/// Records a failure that a vendor habit caused (`max_sessions` refusing a session) like an
+/// injected `rv`: one more in the evidence file.
+pub(crate) fn record_injected() {
+    STATE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .inject_one();
+}
+
+/// Appends `passed=<hex> used=<hex or -> returned=<hex>` to `<control path>.gcm`: what
+/// `gcm_iv` did to one `C_EncryptInit`. One `write` on an append-mode file, so lines of
+/// concurrent calls do not interleave.
+pub(crate) fn record_gcm(passed: &[u8], used: Option<&[u8]>, returned: &[u8]) {
+    let path = {
+        let state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        match state.control.path() {
+            Some(path) => gcm_path(path),
+            None => return,
+        }
+    };
+    let line = gcm_line(passed, used, returned);
+    let written = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(error) = written {
+        warn(&format!("cannot write {}: {error}", path.display()));
+    }
+}
+
+/// `<control path>.gcm`.
+fn gcm_path(control_path: &Path) -> PathBuf {
+    let mut path = control_path.as_os_str().to_owned();
+    path.push(".gcm");
+    PathBuf::from(path)
+}
+
+fn gcm_line(passed: &[u8], used: Option<&[u8]>, returned: &[u8]) -> String {
+    format!(
+        "passed={} used={} returned={}\n",
+        hex(passed),
+        used.map_or_else(|| "-".to_owned(), hex),
+        hex(returned)
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Whether the current control file hides `mechanism` from `C_GetMechanismInfo`.
@@ -471,9 +606,58 @@ mod tests {
                 times: Some(2),
                 latency: Duration::from_millis(250),
                 hidden_mechanisms: vec![CKM_AES_GCM, CKM_SHA256_HMAC],
+                gcm_iv: None,
+                max_sessions: None,
             })
         );
         assert!(parse_plan("hide_mechanisms = CKM_NOT_A_THING").is_err());
+    }
+
+    #[test]
+    fn parses_the_vendor_habits_and_refuses_bad_values() {
+        for (value, habit) in [
+            ("token", GcmIv::Token),
+            ("reject", GcmIv::Reject),
+            ("corrupt", GcmIv::Corrupt),
+        ] {
+            let plan = parse_plan(&format!("gcm_iv = {value}\nmax_sessions = 0x3\n"));
+            assert_eq!(plan.as_ref().map(|p| p.gcm_iv), Ok(Some(habit)));
+            assert_eq!(plan.map(|p| p.max_sessions), Ok(Some(3)));
+        }
+        for bad in [
+            "gcm_iv = caller",
+            "gcm_iv =",
+            "max_sessions = 0",
+            "max_sessions = -1",
+        ] {
+            assert!(parse_plan(bad).is_err(), "{bad}");
+        }
+        let mut state = state_with("gcm_iv = token\nmax_sessions = 2");
+        assert_eq!(state.decide("C_EncryptInit"), Decision::FORWARD);
+        assert_eq!(
+            state.vendor(),
+            Vendor {
+                gcm_iv: Some(GcmIv::Token),
+                max_sessions: Some(2)
+            }
+        );
+        assert_eq!(FaultState::new().vendor(), Vendor::default());
+    }
+
+    #[test]
+    fn reject_refuses_only_a_non_zero_iv_and_corrupt_reports_another_iv_than_it_used() {
+        assert!(GcmIv::Reject.refuses(&[0, 0, 1]));
+        assert!(!GcmIv::Reject.refuses(&[0; 12]));
+        assert!(!GcmIv::Token.refuses(&[7; 12]));
+        let used = [0u8, 0x5a, 0xff, 1];
+        assert_eq!(GcmIv::Token.reported(&used), used);
+        let reported = GcmIv::Corrupt.reported(&used);
+        assert!(reported.iter().zip(used).all(|(r, u)| *r != u));
+        assert_eq!(
+            gcm_line(&[0, 1], Some(&[0xab, 0xcd]), &[0xab, 0xcd]),
+            "passed=0001 used=abcd returned=abcd\n"
+        );
+        assert_eq!(gcm_line(&[9], None, &[9]), "passed=09 used=- returned=09\n");
     }
 
     #[test]

@@ -39,6 +39,8 @@
 //! | `times`      | at most this many failures for this file content               | unlimited |
 //! | `latency_ms` | sleep this long before every matching call, failing or not     | `0`       |
 //! | `hide_mechanisms` | mechanisms `C_GetMechanismInfo` answers `CKR_MECHANISM_INVALID` for (names such as `CKM_AES_GCM`, or numbers) | none |
+//! | `gcm_iv`     | `token`, `reject` or `corrupt`: how `C_EncryptInit` with `CKM_AES_GCM` treats the caller's IV (below) | the real token's way |
+//! | `max_sessions` | `C_OpenSession` answers `CKR_SESSION_COUNT` while this many sessions are open (at least 1) | no limit |
 //!
 //! * `functions = *` means every function except the library lifecycle ones: `C_Initialize`,
 //!   `C_Finalize` and `C_GetInfo`. Those three can be named explicitly. `C_GetFunctionList` is never
@@ -52,6 +54,23 @@
 //! * "Matching call" means a call to one of the selected functions. Counting starts at 1 with the
 //!   first matching call after the current file content appeared: with `every = 3`, matching calls
 //!   3, 6, 9, ... fail (until `times` failures have been injected).
+//! * `gcm_iv` emulates production HSMs, on `C_EncryptInit` with well-formed `CK_GCM_PARAMS`
+//!   (malformed ones get `CKR_MECHANISM_PARAM_INVALID`); decryption is never touched:
+//!   - `token` (AWS CloudHSM's documented behaviour): the caller's IV is ignored; an IV from the
+//!     real token's `C_GenerateRandom` is written into the caller's `pIv` buffer and used;
+//!   - `reject` (a strict FIPS-mode HSM): a non-zero caller's IV gets `CKR_MECHANISM_PARAM_INVALID`
+//!     without reaching the real module; a zeroed buffer is filled as with `token`;
+//!   - `corrupt` (a broken token): as `token`, but after the real `C_EncryptInit` the caller's
+//!     buffer is overwritten with another IV, so the IV read back is not the one used.
+//!
+//!   Each such call appends `passed=<hex> used=<hex or -> returned=<hex>` to `<control path>.gcm`
+//!   (the IV the caller passed, the one the real module got, or `-` for a refusal, and what the
+//!   caller reads back).
+//! * `max_sessions` counts the sessions opened through this module in this process (all slots),
+//!   whatever the control file said when they were opened; `C_CloseSession`,
+//!   `C_CloseAllSessions` and `C_Finalize` release them. A refused `C_OpenSession` counts as an
+//!   injected failure in the evidence file. `C_GetTokenInfo` then reports N as
+//!   `ulMaxSessionCount` (and as `ulMaxRwSessionCount` when that was larger or unlimited).
 //! * Whenever the file's text changes in any way (a comment counts; so does the file disappearing
 //!   or the control path changing), all counters reset.
 //! * An unknown key, a repeated key, a bad value or an unreadable file makes the whole file inert
@@ -92,7 +111,9 @@
 //!
 //! # Implementation notes
 //!
-//! Every entry of the 2.40 function list is a generated wrapper: it consults the control file (a
+//! Every entry of the 2.40 function list but seven is a generated wrapper (`C_GetMechanismInfo`,
+//! `C_EncryptInit`, the session functions, `C_GetTokenInfo` and `C_Finalize` are written by hand
+//! for the keys above, starting the same way): it consults the control file (a
 //! mutex-guarded state, never held while sleeping or calling the real module), sleeps, then either
 //! returns the injected `CK_RV` or calls the real module's entry with the same arguments
 //! (`CKR_FUNCTION_NOT_SUPPORTED` if the real module has none). Nothing panics across the FFI
@@ -100,9 +121,10 @@
 
 mod control;
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use cryptoki_sys::*;
 use libloading::Library;
@@ -239,13 +261,19 @@ macro_rules! forward_functions {
 // Signatures copied from cryptoki-sys 0.5.0's bindings (the `CK_C_*` function pointer types), in
 // CK_FUNCTION_LIST order.
 forward_functions! {
-    written_by_hand: [C_GetMechanismInfo];
+    written_by_hand: [
+        C_GetMechanismInfo,
+        C_Finalize,
+        C_GetTokenInfo,
+        C_OpenSession,
+        C_CloseSession,
+        C_CloseAllSessions,
+        C_EncryptInit
+    ];
     C_Initialize(arg1: *mut c_void);
-    C_Finalize(arg1: *mut c_void);
     C_GetInfo(arg1: *mut CK_INFO);
     C_GetSlotList(arg1: CK_BBOOL, arg2: *mut CK_SLOT_ID, arg3: *mut CK_ULONG);
     C_GetSlotInfo(arg1: CK_SLOT_ID, arg2: *mut CK_SLOT_INFO);
-    C_GetTokenInfo(arg1: CK_SLOT_ID, arg2: *mut CK_TOKEN_INFO);
     C_GetMechanismList(arg1: CK_SLOT_ID, arg2: *mut CK_MECHANISM_TYPE, arg3: *mut CK_ULONG);
     C_InitToken(arg1: CK_SLOT_ID, arg2: *mut CK_UTF8CHAR, arg3: CK_ULONG, arg4: *mut CK_UTF8CHAR);
     C_InitPIN(arg1: CK_SESSION_HANDLE, arg2: *mut CK_UTF8CHAR, arg3: CK_ULONG);
@@ -256,15 +284,6 @@ forward_functions! {
         arg4: *mut CK_UTF8CHAR,
         arg5: CK_ULONG,
     );
-    C_OpenSession(
-        arg1: CK_SLOT_ID,
-        arg2: CK_FLAGS,
-        arg3: *mut c_void,
-        arg4: CK_NOTIFY,
-        arg5: *mut CK_SESSION_HANDLE,
-    );
-    C_CloseSession(arg1: CK_SESSION_HANDLE);
-    C_CloseAllSessions(arg1: CK_SLOT_ID);
     C_GetSessionInfo(arg1: CK_SESSION_HANDLE, arg2: *mut CK_SESSION_INFO);
     C_GetOperationState(arg1: CK_SESSION_HANDLE, arg2: *mut CK_BYTE, arg3: *mut CK_ULONG);
     C_SetOperationState(
@@ -311,7 +330,6 @@ forward_functions! {
         arg4: *mut CK_ULONG,
     );
     C_FindObjectsFinal(arg1: CK_SESSION_HANDLE);
-    C_EncryptInit(arg1: CK_SESSION_HANDLE, arg2: *mut CK_MECHANISM, arg3: CK_OBJECT_HANDLE);
     C_Encrypt(
         arg1: CK_SESSION_HANDLE,
         arg2: *mut CK_BYTE,
@@ -495,6 +513,224 @@ unsafe extern "C" fn C_GetMechanismInfo(
     // SAFETY: the caller upholds the PKCS#11 contract for C_GetMechanismInfo; the arguments go
     // unchanged to the real module's C_GetMechanismInfo.
     unsafe { real_function(slot, mechanism, info) }
+}
+
+/// The sessions opened through this module and not closed yet, with their slots: what
+/// `max_sessions` counts. Kept whatever the control file says, so the count is right when it
+/// changes.
+static SESSIONS: Mutex<BTreeMap<CK_SESSION_HANDLE, CK_SLOT_ID>> = Mutex::new(BTreeMap::new());
+
+fn sessions() -> MutexGuard<'static, BTreeMap<CK_SESSION_HANDLE, CK_SLOT_ID>> {
+    SESSIONS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The control file's decision and vendor habits for `function`, its latency slept. `Err` holds
+/// the value to return instead of calling the real module.
+fn enter(function: &str) -> Result<(&'static RealModule, control::Vendor), CK_RV> {
+    let (decision, vendor) = control::before_call_with_vendor(function);
+    if !decision.latency.is_zero() {
+        std::thread::sleep(decision.latency);
+    }
+    if let Some(rv) = decision.fail_with {
+        return Err(rv);
+    }
+    REAL_MODULE
+        .get()
+        .map(|real| (real, vendor))
+        .ok_or(CKR_GENERAL_ERROR)
+}
+
+/// `C_Finalize`, by hand: as every wrapper; a successful one forgets every session.
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
+    let real = match enter("C_Finalize") {
+        Ok((real, _)) => real,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_Finalize else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller upholds the PKCS#11 contract for C_Finalize; the argument goes unchanged
+    // to the real module's C_Finalize.
+    let rv = unsafe { real_function(reserved) };
+    if rv == CKR_OK {
+        sessions().clear();
+    }
+    rv
+}
+
+/// `C_GetTokenInfo`, by hand: with `max_sessions = N`, the token reports N as its session limit.
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO) -> CK_RV {
+    let (real, vendor) = match enter("C_GetTokenInfo") {
+        Ok(entered) => entered,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_GetTokenInfo else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller upholds the PKCS#11 contract for C_GetTokenInfo; the arguments go
+    // unchanged to the real module's C_GetTokenInfo.
+    let rv = unsafe { real_function(slot, info) };
+    if rv == CKR_OK
+        && let Some(max) = vendor.max_sessions
+        // SAFETY: the real call succeeded, so `info` is a valid CK_TOKEN_INFO it just wrote.
+        && let Some(info) = unsafe { info.as_mut() }
+    {
+        let max = CK_ULONG::try_from(max).unwrap_or(CK_ULONG::MAX);
+        info.ulMaxSessionCount = max;
+        // 0 is CK_EFFECTIVELY_INFINITE and !0 CK_UNAVAILABLE_INFORMATION: both exceed N.
+        if info.ulMaxRwSessionCount == 0 || info.ulMaxRwSessionCount > max {
+            info.ulMaxRwSessionCount = max;
+        }
+    }
+    rv
+}
+
+/// `C_OpenSession`, by hand: counts the sessions it opens, and with `max_sessions = N` answers
+/// `CKR_SESSION_COUNT` (counted as an injected failure) while N are open.
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_OpenSession(
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    application: *mut c_void,
+    notify: CK_NOTIFY,
+    session: *mut CK_SESSION_HANDLE,
+) -> CK_RV {
+    let (real, vendor) = match enter("C_OpenSession") {
+        Ok(entered) => entered,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_OpenSession else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // Held across the real call, so two threads cannot both take the last place.
+    let mut open = sessions();
+    if let Some(max) = vendor.max_sessions
+        && open.len() as u64 >= max
+    {
+        control::record_injected();
+        return CKR_SESSION_COUNT;
+    }
+    // SAFETY: the caller upholds the PKCS#11 contract for C_OpenSession; the arguments go
+    // unchanged to the real module's C_OpenSession.
+    let rv = unsafe { real_function(slot, flags, application, notify, session) };
+    if rv == CKR_OK && !session.is_null() {
+        // SAFETY: the real call succeeded and wrote the new handle through this non-null pointer.
+        open.insert(unsafe { *session }, slot);
+    }
+    rv
+}
+
+/// `C_CloseSession`, by hand: the session no longer counts once it is closed (or was gone).
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_CloseSession(session: CK_SESSION_HANDLE) -> CK_RV {
+    let real = match enter("C_CloseSession") {
+        Ok((real, _)) => real,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_CloseSession else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller upholds the PKCS#11 contract for C_CloseSession; the argument goes
+    // unchanged to the real module's C_CloseSession.
+    let rv = unsafe { real_function(session) };
+    if matches!(rv, CKR_OK | CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED) {
+        sessions().remove(&session);
+    }
+    rv
+}
+
+/// `C_CloseAllSessions`, by hand: the slot's sessions no longer count.
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
+    let real = match enter("C_CloseAllSessions") {
+        Ok((real, _)) => real,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_CloseAllSessions else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller upholds the PKCS#11 contract for C_CloseAllSessions; the argument goes
+    // unchanged to the real module's C_CloseAllSessions.
+    let rv = unsafe { real_function(slot) };
+    if rv == CKR_OK {
+        sessions().retain(|_, session_slot| *session_slot != slot);
+    }
+    rv
+}
+
+/// `C_EncryptInit`, by hand: with `gcm_iv`, an AES-GCM encryption gets the IV a production HSM
+/// would choose (see the module doc), recorded in `<control>.gcm`.
+#[allow(non_snake_case)]
+unsafe extern "C" fn C_EncryptInit(
+    session: CK_SESSION_HANDLE,
+    mechanism: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    let (real, vendor) = match enter("C_EncryptInit") {
+        Ok(entered) => entered,
+        Err(rv) => return rv,
+    };
+    let Some(real_function) = real.functions.C_EncryptInit else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // SAFETY: the caller upholds the PKCS#11 contract for C_EncryptInit; the arguments go
+    // unchanged to the real module's C_EncryptInit.
+    let forward = || unsafe { real_function(session, mechanism, key) };
+    let Some(habit) = vendor.gcm_iv else {
+        return forward();
+    };
+    // SAFETY: null-checked; PKCS#11 requires a valid CK_MECHANISM for the call's duration. Read
+    // by value (unaligned-safe), not borrowed.
+    if mechanism.is_null() || unsafe { ptr::read_unaligned(mechanism) }.mechanism != CKM_AES_GCM {
+        return forward();
+    }
+    // SAFETY: as above.
+    let mechanism_value = unsafe { ptr::read_unaligned(mechanism) };
+    if mechanism_value.pParameter.is_null()
+        || usize::try_from(mechanism_value.ulParameterLen).ok() != Some(size_of::<CK_GCM_PARAMS>())
+    {
+        return CKR_MECHANISM_PARAM_INVALID;
+    }
+    // SAFETY: non-null and of CK_GCM_PARAMS's size: the caller's GCM parameters, read by value.
+    let params = unsafe { ptr::read_unaligned(mechanism_value.pParameter.cast::<CK_GCM_PARAMS>()) };
+    let Ok(iv_len) = usize::try_from(params.ulIvLen) else {
+        return CKR_MECHANISM_PARAM_INVALID;
+    };
+    if params.pIv.is_null() || iv_len == 0 {
+        return CKR_MECHANISM_PARAM_INVALID;
+    }
+    // SAFETY: pIv is non-null and, per CK_GCM_PARAMS, holds ulIvLen bytes the caller owns;
+    // copied out, no reference kept.
+    let passed = unsafe { std::slice::from_raw_parts(params.pIv, iv_len) }.to_vec();
+    if habit.refuses(&passed) {
+        control::record_gcm(&passed, None, &passed);
+        return CKR_MECHANISM_PARAM_INVALID;
+    }
+    let Some(generate_random) = real.functions.C_GenerateRandom else {
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    };
+    // The token's own IV, from the real token's RNG, straight into the caller's buffer (which
+    // PKCS#11 lets a token write the IV it used into).
+    // SAFETY: pIv holds ulIvLen writable bytes (above); the session is the caller's.
+    let rv = unsafe { generate_random(session, params.pIv, params.ulIvLen) };
+    if rv != CKR_OK {
+        return rv;
+    }
+    // SAFETY: as for `passed`.
+    let used = unsafe { std::slice::from_raw_parts(params.pIv, iv_len) }.to_vec();
+    let rv = forward();
+    let mut returned = used.clone();
+    if rv == CKR_OK {
+        // SoftHSM2 and Kryoptic copy the IV during C_EncryptInit, so what is written now changes
+        // only what the caller reads back, not what the token encrypts with.
+        returned = habit.reported(&used);
+        // SAFETY: `returned` has iv_len bytes; pIv holds iv_len writable bytes; no overlap.
+        unsafe { ptr::copy_nonoverlapping(returned.as_ptr(), params.pIv, iv_len) };
+    }
+    control::record_gcm(&passed, Some(&used), &returned);
+    rv
 }
 
 #[cfg(test)]
