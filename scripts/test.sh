@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # README command 2: the same set-up as run.sh, in throwaway locations (a temp folder, free
 # ports), then the whole test suite against a real Postgres and a real token: on SoftHSM2, on
-# Kryoptic (a second PKCS#11 implementation), and on SoftHSM2 behind the fault-injecting module
-# (tests/pkcs11-faults) emulating two production-HSM habits: a token that makes its own AES-GCM
+# Kryoptic (a second PKCS#11 implementation), and on each of them behind the fault-injecting
+# module (tests/pkcs11-faults) emulating two production-HSM habits: a token that makes its own AES-GCM
 # IV and writes it back (AWS CloudHSM; `+iv-token`), and one that refuses a caller's IV (FIPS
 # mode; `+iv-reject`). Fault tests reach the real token through the same module. Before each
 # run, `keybroker hsm probe` prints what the token offers. .ci/run calls exactly this.
 #
-#   KB_TEST_TOKENS   the runs (default "softhsm kryoptic softhsm+iv-token softhsm+iv-reject";
-#                    kryoptic+iv-token and kryoptic+iv-reject work too)
+#   KB_TEST_TOKENS   the runs (default: "softhsm kryoptic", then each of them +iv-token and
+#                    +iv-reject)
 #   KB_TEST_FILTER   run only the tests whose names contain this (default: all)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
-TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic softhsm+iv-token softhsm+iv-reject}
+TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic softhsm+iv-token softhsm+iv-reject kryoptic+iv-token kryoptic+iv-reject}
 kb_install_deps python3 openssl
 case " $TOKENS " in *" kryoptic"*) kb_build_kryoptic ;; esac
 

@@ -286,6 +286,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Shared access to an `RwLock`, recovering from poisoning as [`lock`] does.
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Exclusive access to an `RwLock`, recovering from poisoning as [`lock`] does.
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A logged-in pool of sessions on one token. Cheap to clone.
 #[derive(Clone)]
 pub struct Hsm {
@@ -320,8 +330,10 @@ struct Inner {
     /// The master-key versions this process seals or opens under: the start-up self-test's,
     /// and every version sealed under since. Re-verified after a module re-initialisation.
     in_use: Mutex<BTreeSet<MasterKeyVersion>>,
-    /// The versions whose seal/open round trip passed, and the module epoch it passed in.
-    verified: Mutex<Verified>,
+    /// The versions whose seal/open round trip passed since the module's last (re-)initialisation.
+    verified: RwLock<BTreeSet<MasterKeyVersion>>,
+    /// The module epoch in which every version in `in_use` passed (`u64::MAX`: none yet).
+    verified_epoch: AtomicU64,
     /// Sessions of this pool that are open (idle or lent out), counted by [`SessionCount`].
     open_sessions: Arc<AtomicUsize>,
     /// The most sessions the token lets us open: the configured pool size until the token
@@ -333,12 +345,6 @@ struct Inner {
     pool_size: usize,
     /// How long a caller waits, for a session or for the token.
     op_timeout: Duration,
-}
-
-/// The master-key versions whose self-test passed since the module's last (re-)initialisation.
-struct Verified {
-    epoch: u64,
-    versions: BTreeSet<MasterKeyVersion>,
 }
 
 /// Who chooses the IV of an AES-GCM seal. PKCS#11 leaves it to the token: SoftHSM2 and Kryoptic
@@ -402,10 +408,8 @@ impl Hsm {
                 key_handles: Mutex::new(HashMap::new()),
                 iv_source: AtomicU8::new(IvSource::Caller as u8),
                 in_use: Mutex::new(BTreeSet::new()),
-                verified: Mutex::new(Verified {
-                    epoch: u64::MAX,
-                    versions: BTreeSet::new(),
-                }),
+                verified: RwLock::new(BTreeSet::new()),
+                verified_epoch: AtomicU64::new(u64::MAX),
                 open_sessions: Arc::new(AtomicUsize::new(0)),
                 session_cap: AtomicUsize::new(pool_size),
                 session_freed: Condvar::new(),
@@ -663,10 +667,10 @@ impl Hsm {
     pub fn forget_master_keys(&self, versions: &[MasterKeyVersion]) {
         {
             let mut in_use = lock(&self.inner.in_use);
-            let mut verified = lock(&self.inner.verified);
+            let mut verified = write(&self.inner.verified);
             for version in versions {
                 in_use.remove(version);
-                verified.versions.remove(version);
+                verified.remove(version);
             }
         }
         let held = {
@@ -920,11 +924,13 @@ impl Inner {
     /// (see [`Inner::session_cap`]) it waits, until `deadline`, for a session to come back.
     fn checkout(&self, deadline: Instant) -> Result<PooledSession, HsmError> {
         let generation = self.generation.load(Ordering::Acquire);
-        let mut idle = lock(&self.idle);
         loop {
+            let mut idle = lock(&self.idle);
             match idle.pop() {
                 Some(pooled) if pooled.generation == generation => return Ok(pooled),
                 Some(stale) => {
+                    // Closed outside the lock: C_CloseSession is a round trip on a network HSM.
+                    drop(idle);
                     drop(stale);
                     continue;
                 }
@@ -942,7 +948,6 @@ impl Inner {
                     }
                     Err(e) => return Err(e),
                 }
-                idle = lock(&self.idle);
                 continue;
             }
             let now = Instant::now();
@@ -951,11 +956,11 @@ impl Inner {
             }
             // Sessions that are dropped rather than returned do not signal: poll now and then.
             let wait = (deadline - now).min(Duration::from_millis(10));
-            idle = self
-                .session_freed
-                .wait_timeout(idle, wait)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            drop(
+                self.session_freed
+                    .wait_timeout(idle, wait)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
         }
     }
 
@@ -1102,7 +1107,7 @@ impl TokenSession<'_> {
         aad: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         let key = self.sealing_key(version)?;
-        let verified = lock(&self.inner.verified).versions.contains(&version);
+        let verified = read(&self.inner.verified).contains(&version);
         if !verified {
             self.verify(version)?;
             lock(&self.inner.in_use).insert(version);
@@ -1267,11 +1272,7 @@ impl TokenSession<'_> {
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => return Err(failed(format!("the open failed: {e}"))),
         }
-        let mut verified = lock(&self.inner.verified);
-        let epoch = self.inner.module.epoch.load(Ordering::Acquire);
-        if verified.epoch == epoch {
-            verified.versions.insert(version);
-        }
+        write(&self.inner.verified).insert(version);
         Ok(())
     }
 
@@ -1279,22 +1280,16 @@ impl TokenSession<'_> {
     /// since it last passed: a token that comes back from a failover may not be the one tested.
     fn verify_in_use(&mut self) -> Result<(), HsmError> {
         let epoch = self.inner.module.epoch.load(Ordering::Acquire);
-        if lock(&self.inner.verified).epoch == epoch {
+        if self.inner.verified_epoch.load(Ordering::Acquire) == epoch {
             return Ok(());
         }
         let versions: Vec<MasterKeyVersion> = lock(&self.inner.in_use).iter().copied().collect();
-        {
-            let mut verified = lock(&self.inner.verified);
-            verified.epoch = epoch;
-            verified.versions.clear();
-        }
+        write(&self.inner.verified).clear();
         for version in versions {
-            if let Err(e) = self.verify(version) {
-                // Not verified in this epoch: the next call tries again.
-                lock(&self.inner.verified).epoch = u64::MAX;
-                return Err(e);
-            }
+            // On a failure the epoch stays unverified: the next call tries again.
+            self.verify(version)?;
         }
+        self.inner.verified_epoch.store(epoch, Ordering::Release);
         Ok(())
     }
 
