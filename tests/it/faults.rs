@@ -38,14 +38,8 @@ impl FaultyToken {
         let dir = scratch_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let control = dir.join("faults.conf");
-        let fault_module = env("KB_TEST_FAULT_MODULE");
-        let real_module = real_pkcs11_module().display().to_string();
-        let control_path = control.display().to_string();
-        let mut vars = vec![
-            ("PKCS11_MODULE", fault_module.as_str()),
-            ("KB_FAULTS_MODULE", real_module.as_str()),
-            ("KB_FAULTS_CONTROL", control_path.as_str()),
-        ];
+        let through = through_fault_module(&control);
+        let mut vars: Vec<(&str, &str)> = through.iter().map(|(k, v)| (*k, v.as_str())).collect();
         vars.extend_from_slice(extra);
         // The run's emulated vendor behaviour (if any) holds from the first call.
         match control_text {
@@ -72,6 +66,19 @@ impl FaultyToken {
             .map(|n| n.trim().parse().unwrap())
             .unwrap_or(0)
     }
+}
+
+/// The environment that puts the fault module, steered by `control`, between a `keybroker`
+/// process and the real token.
+pub(crate) fn through_fault_module(control: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("PKCS11_MODULE", env("KB_TEST_FAULT_MODULE")),
+        (
+            "KB_FAULTS_MODULE",
+            real_pkcs11_module().display().to_string(),
+        ),
+        ("KB_FAULTS_CONTROL", control.display().to_string()),
+    ]
 }
 
 /// Writes the fault module's control file atomically: the run's emulated vendor behaviour (see
@@ -374,9 +381,7 @@ async fn a_token_without_a_required_mechanism_is_refused_at_start_naming_it() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
         .args(["hsm", "status"])
         .env(conf_var, conf)
-        .env("PKCS11_MODULE", crate::common::env("KB_TEST_FAULT_MODULE"))
-        .env("KB_FAULTS_MODULE", real_pkcs11_module())
-        .env("KB_FAULTS_CONTROL", &control)
+        .envs(through_fault_module(&control))
         .env("DATABASE_URL", crate::common::fresh_database().await)
         .output()
         .unwrap();

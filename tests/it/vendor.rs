@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use crate::child::ChildServer;
 use crate::common::{
-    dev_certificate, env, error_code, fresh_database, real_pkcs11_module, scratch_dir, token_label,
+    dev_certificate, error_code, fresh_database, real_pkcs11_module, scratch_dir, token_label,
 };
-use crate::faults::{FaultyToken, write_exact};
+use crate::faults::{FaultyToken, through_fault_module, write_exact};
 use crate::token::{PrivateToken, shared_env};
 
 /// One `C_EncryptInit` the fault module's `gcm_iv` acted on, from `<control>.gcm`.
@@ -81,6 +81,12 @@ async fn datakey_round_trip(server: &ChildServer, context: &Value) -> String {
         .await;
     assert_eq!(status, 200, "{key}");
     let wrapped = key["wrapped"].as_str().unwrap().to_owned();
+    assert_eq!(unwrap(server, &wrapped, context).await, key["plaintext"]);
+    wrapped
+}
+
+/// The plaintext of `wrapped`, opened by `server`.
+async fn unwrap(server: &ChildServer, wrapped: &str, context: &Value) -> Value {
     let (status, opened) = server
         .request(
             "/v1/unwrap",
@@ -88,8 +94,7 @@ async fn datakey_round_trip(server: &ChildServer, context: &Value) -> String {
         )
         .await;
     assert_eq!(status, 200, "{opened}");
-    assert_eq!(opened["plaintext"], key["plaintext"]);
-    wrapped
+    opened["plaintext"].clone()
 }
 
 #[tokio::test]
@@ -189,14 +194,8 @@ async fn blobs_made_under_one_iv_behaviour_open_under_the_others() {
         std::fs::create_dir_all(&dir).unwrap();
         let control = dir.join("faults.conf");
         write_exact(&control, control_text);
-        let fault_module = env("KB_TEST_FAULT_MODULE");
-        let real = real_pkcs11_module().display().to_string();
-        let control_path = control.display().to_string();
-        let vars = [
-            ("PKCS11_MODULE", fault_module.as_str()),
-            ("KB_FAULTS_MODULE", real.as_str()),
-            ("KB_FAULTS_CONTROL", control_path.as_str()),
-        ];
+        let through = through_fault_module(&control);
+        let vars: Vec<(&str, &str)> = through.iter().map(|(k, v)| (*k, v.as_str())).collect();
         brokers.push(
             ChildServer::start_beside(&brokers[0], shared_env(), dir.join("server.log"), &vars)
                 .await,
@@ -209,15 +208,9 @@ async fn blobs_made_under_one_iv_behaviour_open_under_the_others() {
             .request("/v1/datakey", Some(&json!({ "context": context })))
             .await;
         assert_eq!(status, 200, "{key}");
+        let wrapped = key["wrapped"].as_str().unwrap();
         for opener in &brokers {
-            let (status, opened) = opener
-                .request(
-                    "/v1/unwrap",
-                    Some(&json!({"wrapped": key["wrapped"], "context": context})),
-                )
-                .await;
-            assert_eq!(status, 200, "{opened}");
-            assert_eq!(opened["plaintext"], key["plaintext"]);
+            assert_eq!(unwrap(opener, wrapped, &context).await, key["plaintext"]);
         }
     }
     // The emulations really acted.
@@ -240,9 +233,7 @@ fn keybroker_through_faults(
     Command::new(env!("CARGO_BIN_EXE_keybroker"))
         .args(args)
         .env(conf_var, conf)
-        .env("PKCS11_MODULE", env("KB_TEST_FAULT_MODULE"))
-        .env("KB_FAULTS_MODULE", real_pkcs11_module())
-        .env("KB_FAULTS_CONTROL", control)
+        .envs(through_fault_module(control))
         .envs(extra.iter().copied())
         .output()
         .unwrap()
@@ -342,13 +333,7 @@ async fn a_token_that_comes_back_broken_after_a_reinitialisation_is_not_used_unt
     server.wait_for("/readyz", 200).await;
     let again = datakey_round_trip(server, &context).await;
     assert_ne!(again, wrapped);
-    let (status, opened) = server
-        .request(
-            "/v1/unwrap",
-            Some(&json!({"wrapped": wrapped, "context": context})),
-        )
-        .await;
-    assert_eq!(status, 200, "{opened}");
+    assert!(unwrap(server, &wrapped, &context).await.is_string());
     token.server.stop().await;
 }
 
@@ -361,15 +346,9 @@ async fn a_token_with_fewer_sessions_than_the_pool_leaves_a_smaller_pool_not_an_
     let control = dir.join("faults.conf");
     // Slow calls, so that concurrent requests really want more sessions than there are.
     write_exact(&control, "max_sessions = 3\nlatency_ms = 3\n");
-    let fault_module = env("KB_TEST_FAULT_MODULE");
-    let real = real_pkcs11_module().display().to_string();
-    let control_path = control.display().to_string();
-    let vars = [
-        ("PKCS11_MODULE", fault_module.as_str()),
-        ("KB_FAULTS_MODULE", real.as_str()),
-        ("KB_FAULTS_CONTROL", control_path.as_str()),
-        ("KEYBROKER_HSM_POOL_SIZE", "8"),
-    ];
+    let through = through_fault_module(&control);
+    let mut vars: Vec<(&str, &str)> = through.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    vars.push(("KEYBROKER_HSM_POOL_SIZE", "8"));
     let server = ChildServer::start_with_env(private.env(), dir.join("server.log"), &vars).await;
     let server = std::sync::Arc::new(server);
     let mut requests = Vec::new();
