@@ -1,6 +1,9 @@
 //! `hsm` owns the PKCS#11 token and is the only user of `cryptoki`: module loading, login, a
-//! bounded pool of sessions used off the async executor, object templates, cached handles, and
-//! the operations keybroker needs (random, AES-GCM seal/unseal). It knows nothing of HTTP or SQL.
+//! bounded pool of sessions used off the async executor (shrunk to the token's session limit if
+//! it has one), object templates, cached handles, the operations keybroker needs (random,
+//! AES-GCM seal/unseal storing the IV the token used, whoever chose it), the self-test that
+//! refuses a token whose seals would not open, and `probe` (what a token offers). It knows
+//! nothing of HTTP or SQL.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -1286,8 +1289,15 @@ impl TokenSession<'_> {
         let versions: Vec<MasterKeyVersion> = lock(&self.inner.in_use).iter().copied().collect();
         write(&self.inner.verified).clear();
         for version in versions {
-            // On a failure the epoch stays unverified: the next call tries again.
-            self.verify(version)?;
+            match self.verify(version) {
+                Ok(()) => {}
+                // Destroyed meanwhile (by another broker): nothing is sealed or opened under it.
+                Err(HsmError::ObjectMissing(_)) => {
+                    lock(&self.inner.in_use).remove(&version);
+                }
+                // The epoch stays unverified: the next call tries again.
+                Err(e) => return Err(e),
+            }
         }
         self.inner.verified_epoch.store(epoch, Ordering::Release);
         Ok(())
