@@ -816,6 +816,17 @@ enum Need {
     Any,
 }
 
+impl Need {
+    /// Whether a mechanism with these flags does what keybroker needs it for.
+    fn met_by(self, info: &cryptoki::mechanism::MechanismInfo) -> bool {
+        match self {
+            Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
+            Need::Sign => info.sign(),
+            Need::Any => true,
+        }
+    }
+}
+
 /// The required mechanisms the token in `slot` lacks (or lacks the needed flags of), and
 /// C_GenerateRandom if `random_ok` is false.
 fn missing_mechanisms(ctx: &Pkcs11, slot: Slot, random_ok: bool) -> Vec<&'static str> {
@@ -826,19 +837,24 @@ fn missing_mechanisms(ctx: &Pkcs11, slot: Slot, random_ok: bool) -> Vec<&'static
         missing.push("C_GenerateRandom");
     }
     for (mechanism, name, need) in REQUIRED_MECHANISMS {
-        let usable = match ctx.get_mechanism_info(slot, mechanism) {
-            Ok(info) => match need {
-                Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
-                Need::Sign => info.sign(),
-                Need::Any => true,
-            },
-            Err(_) => false,
-        };
+        let usable = ctx
+            .get_mechanism_info(slot, mechanism)
+            .is_ok_and(|info| need.met_by(&info));
         if !usable {
             missing.push(name);
         }
     }
     missing
+}
+
+/// Logs the user in on `session`.
+fn login_user(session: &Session, pin: &SecretString) -> Result<(), HsmError> {
+    match session.login(UserType::User, Some(pin)) {
+        // Login is per application: once one session logged in, the others are too. This
+        // says nothing about the PIN, which the first login already checked.
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(classify(e)),
+    }
 }
 
 /// What [`Hsm::ensure_keys`] found and did.
@@ -1035,12 +1051,7 @@ impl Inner {
     }
 
     fn login(&self, session: &Session) -> Result<(), HsmError> {
-        match session.login(UserType::User, Some(&self.pin)) {
-            // Login is per application: once one session logged in, the others are too. This
-            // says nothing about the PIN, which the first login already checked.
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-            Err(e) => Err(classify(e)),
-        }
+        login_user(session, &self.pin)
     }
 
     fn slot(&self) -> Result<Slot, HsmError> {

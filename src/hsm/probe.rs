@@ -11,11 +11,10 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use cryptoki::slot::{Limit, Slot};
-use secrecy::SecretString;
 
-use super::{HsmConfig, HsmError, Module, REQUIRED_MECHANISMS, classify};
+use super::{HsmConfig, HsmError, Module, REQUIRED_MECHANISMS, classify, login_user};
 use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN};
 
 /// What the probe found.
@@ -209,7 +208,7 @@ fn probe_blocking(config: &HsmConfig) -> Result<ProbeReport, HsmError> {
     );
 
     let session = ctx.open_ro_session(slot).map_err(classify)?;
-    login(&session, &config.pin)?;
+    login_user(&session, &config.pin)?;
 
     let mechanisms = REQUIRED_MECHANISMS
         .iter()
@@ -244,13 +243,6 @@ fn find_token(module: &Module, label: &str) -> Result<(Slot, cryptoki::slot::Tok
         }
     }
     Err(HsmError::TokenNotFound(label.to_owned()))
-}
-
-fn login(session: &Session, pin: &SecretString) -> Result<(), HsmError> {
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(classify(e)),
-    }
 }
 
 fn limit(limit: Limit) -> String {
@@ -307,11 +299,7 @@ fn describe_mechanism(
     } else {
         "bytes"
     };
-    let usable = match need {
-        super::Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
-        super::Need::Sign => info.sign(),
-        super::Need::Any => true,
-    };
+    let usable = need.met_by(&info);
     MechanismReport {
         name,
         needs,
