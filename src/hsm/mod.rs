@@ -335,6 +335,9 @@ struct Inner {
     in_use: Mutex<BTreeSet<MasterKeyVersion>>,
     /// The versions whose seal/open round trip passed since the module's last (re-)initialisation.
     verified: RwLock<BTreeSet<MasterKeyVersion>>,
+    /// Per master-key version, a value the self-test sealed and opened: when the token refuses
+    /// to open a blob, opening this tells a bad blob (it opens) from a sick token (it does not).
+    controls: RwLock<HashMap<MasterKeyVersion, Arc<Control>>>,
     /// The module epoch in which every version in `in_use` passed (`u64::MAX`: none yet).
     verified_epoch: AtomicU64,
     /// Sessions of this pool that are open (idle or lent out), counted by [`SessionCount`].
@@ -361,6 +364,14 @@ enum IvSource {
     Caller = 0,
     /// We pass a zeroed buffer; the token fills in the IV it used.
     Token = 1,
+}
+
+/// A random value sealed under one master key by the self-test, with the AAD
+/// [`SELF_TEST_AAD`]. Not secret: nothing else is ever sealed with that AAD, and the value is
+/// used for nothing but opening it again.
+struct Control {
+    sealed: Vec<u8>,
+    plain: Zeroizing<Vec<u8>>,
 }
 
 /// Counts an open pooled session for as long as it lives.
@@ -412,6 +423,7 @@ impl Hsm {
                 iv_source: AtomicU8::new(IvSource::Caller as u8),
                 in_use: Mutex::new(BTreeSet::new()),
                 verified: RwLock::new(BTreeSet::new()),
+                controls: RwLock::new(HashMap::new()),
                 verified_epoch: AtomicU64::new(u64::MAX),
                 open_sessions: Arc::new(AtomicUsize::new(0)),
                 session_cap: AtomicUsize::new(pool_size),
@@ -674,6 +686,12 @@ impl Hsm {
             for version in versions {
                 in_use.remove(version);
                 verified.remove(version);
+            }
+        }
+        {
+            let mut controls = write(&self.inner.controls);
+            for version in versions {
+                controls.remove(version);
             }
         }
         let held = {
@@ -1215,6 +1233,47 @@ impl TokenSession<'_> {
             return Err(HsmError::NotAuthentic);
         }
         let key = self.master_key(version)?;
+        match self.unseal_with(key, payload, aad) {
+            Err(HsmError::NotAuthentic) => self.confirm_not_authentic(version, key, payload, aad),
+            other => other,
+        }
+    }
+
+    /// The token refused to open a blob. A bad tag and a token that fails its decryptions can
+    /// look the same (SoftHSM2 answers `CKR_GENERAL_ERROR` to both), and only the first is the
+    /// caller's doing: so open the version's control value. If that fails too, the token is
+    /// sick (an outage, never counted against the caller); if it opens, try the blob once more
+    /// (the failure may have been transient) and only then call the blob not authentic.
+    fn confirm_not_authentic(
+        &mut self,
+        version: MasterKeyVersion,
+        key: ObjectHandle,
+        payload: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let control = match read(&self.inner.controls).get(&version).cloned() {
+            Some(control) => control,
+            None => {
+                // Not tested in this process yet (a version only ever opened): make one.
+                let plain = self.random(32)?;
+                let sealed = self.seal_with(key, &plain, SELF_TEST_AAD)?;
+                let control = Arc::new(Control { sealed, plain });
+                write(&self.inner.controls).insert(version, control.clone());
+                control
+            }
+        };
+        match self.unseal_with(key, &control.sealed, SELF_TEST_AAD) {
+            Ok(opened) if opened == control.plain => {}
+            Ok(_) | Err(HsmError::NotAuthentic) => {
+                tracing::warn!(target: "keybroker::hsm", version = %version,
+                    "the token fails to open a value it opened before: treating it as unavailable");
+                return Err(HsmError::Unavailable(CkError::Pkcs11(
+                    RvError::GeneralError,
+                    cryptoki::context::Function::Decrypt,
+                )));
+            }
+            Err(e) => return Err(e),
+        }
         self.unseal_with(key, payload, aad)
     }
 
@@ -1287,6 +1346,13 @@ impl TokenSession<'_> {
             Err(e) => return Err(failed(format!("the open failed: {e}"))),
         }
         write(&self.inner.verified).insert(version);
+        write(&self.inner.controls).insert(
+            version,
+            Arc::new(Control {
+                sealed,
+                plain: probe,
+            }),
+        );
         Ok(())
     }
 

@@ -191,6 +191,33 @@ impl ChildServer {
         read(response).await
     }
 
+    /// Registers a client with `scopes` and no address policy, through the admin API, and gets
+    /// it an access token: (client id, bearer token).
+    pub async fn register(&self, name: &str, scopes: &[&str]) -> (String, String) {
+        let (status, reply) = self
+            .request(
+                "/v1/admin/clients",
+                Some(&serde_json::json!({"name": name, "ip_mode": "none", "scopes": scopes})),
+            )
+            .await;
+        assert_eq!(status, 201, "{reply}");
+        let id = reply["client"]["client_id"].as_str().unwrap().to_owned();
+        let response = self
+            .client
+            .post(format!("{}/v1/oauth/token", self.base))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", id.as_str()),
+                ("client_secret", reply["client_secret"].as_str().unwrap()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(response).await;
+        assert_eq!(status, 200, "{body}");
+        (id, body["access_token"].as_str().unwrap().to_owned())
+    }
+
     /// The HTTPS client (a clone shares its connections) and the base URL, for requests that
     /// must outlive a borrow of the server, e.g. still running while it stops.
     pub fn endpoint(&self) -> (reqwest::Client, String) {

@@ -144,12 +144,13 @@ async fn a_single_transient_token_failure_is_retried_and_the_client_sees_success
         assert_eq!(token.injected(), 1, "{rv} was not injected on C_Sign");
     }
 
-    // Opening an existing blob (not with CKR_GENERAL_ERROR: from C_Decrypt, that means "does not
-    // authenticate" on SoftHSM2).
+    // Opening an existing blob. CKR_GENERAL_ERROR from C_Decrypt is also what SoftHSM2 says to a
+    // bad tag: the broker opens a control value to tell the two apart, and tries again.
     for rv in [
         "CKR_DEVICE_REMOVED",
         "CKR_SESSION_HANDLE_INVALID",
         "CKR_DEVICE_ERROR",
+        "CKR_GENERAL_ERROR",
     ] {
         token.inject(&format!("functions = C_Decrypt\nrv = {rv}\ntimes = 1\n"));
         let (status, opened) = server
@@ -391,4 +392,88 @@ async fn a_token_without_a_required_mechanism_is_refused_at_start_naming_it() {
         assert!(stderr.contains(missing), "{missing} not named: {stderr}");
     }
     assert!(!stderr.contains("CKM_ECDSA"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_token_error_during_unwrap_is_an_outage_and_never_counts_against_the_client() {
+    let token = FaultyToken::start("faults-unwrap-outage", &[]).await;
+    let server = &token.server;
+    // Two refusals within five minutes would disable a client.
+    let (status, body) = server
+        .send(
+            reqwest::Method::PUT,
+            "/v1/admin/security-settings",
+            Some(&json!({"anomaly_refusals": 2, "anomaly_window_secs": 300})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (id, bearer) = server.register("app", &["datakey", "unwrap"]).await;
+    let (http, base) = server.endpoint();
+    let as_app = |path: &'static str, body: Value| {
+        let (http, url, bearer) = (http.clone(), format!("{base}{path}"), bearer.clone());
+        async move {
+            crate::common::send_json(&http, reqwest::Method::POST, url, &bearer, Some(&body)).await
+        }
+    };
+    let (status, key) = as_app("/v1/datakey", json!({"context": {"a": "b"}})).await;
+    assert_eq!(status, 200, "{key}");
+    let unwrap = json!({"wrapped": key["wrapped"], "context": {"a": "b"}});
+
+    // Every C_Decrypt fails the way a bad tag does on SoftHSM2: an outage, not the blob's fault.
+    token.inject("functions = C_Decrypt\nrv = CKR_GENERAL_ERROR\n");
+    for _ in 0..4 {
+        let (status, body) = as_app("/v1/unwrap", unwrap.clone()).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (503, "hsm_unavailable"),
+            "{body}"
+        );
+    }
+    assert!(token.injected() >= 4, "only {} injected", token.injected());
+    let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
+    let refused = |pool: sqlx::PgPool| async move {
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_events WHERE event = 'unauthorized_key_access'",
+        )
+        .await
+    };
+    assert_eq!(
+        refused(pool.clone()).await,
+        0,
+        "an outage was counted as a refusal"
+    );
+    let (status, client) = server
+        .request(&format!("/v1/admin/clients/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, client["state"].as_str()),
+        (200, Some("active")),
+        "{client}"
+    );
+
+    // The token heals: the same blob opens, and a tampered one is the caller's doing again.
+    token.heal();
+    server.wait_for("/readyz", 200).await;
+    let (status, opened) = as_app("/v1/unwrap", unwrap.clone()).await;
+    assert_eq!(status, 200, "{opened}");
+    assert_eq!(opened["plaintext"], key["plaintext"]);
+    let wrapped = key["wrapped"].as_str().unwrap();
+    let tampered = format!(
+        "{}{}",
+        &wrapped[..wrapped.len() - 2],
+        if wrapped.ends_with("AA") { "AB" } else { "AA" }
+    );
+    let (status, body) = as_app(
+        "/v1/unwrap",
+        json!({"wrapped": tampered, "context": {"a": "b"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "context_mismatch"),
+        "{body}"
+    );
+    assert_eq!(refused(pool.clone()).await, 1);
+    token.server.stop().await;
 }
