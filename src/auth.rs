@@ -823,6 +823,8 @@ pub struct AuthConfig {
     pub leeway: u64,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Refusals before authentication are audited as one event per source per this window.
+    pub refusal_window: Duration,
 }
 
 impl AuthConfig {
@@ -1081,6 +1083,21 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Writes the coalesced refusals whose window has closed, a few times a window, until the
+/// tally's [`Authenticator`] is gone.
+async fn write_coalesced_refusals(tally: std::sync::Weak<audit::RefusalTally>, store: Store) {
+    let tick = tally.upgrade().map_or(Duration::from_secs(1), |t| {
+        (t.window() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    });
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(tally) = tally.upgrade() else {
+            return;
+        };
+        tally.flush(&store, audit::now_us() / 1000, false).await;
+    }
+}
+
 /// How many verified tokens [`Authenticator`] remembers before it starts afresh.
 const VERIFIED_CACHE_SIZE: usize = 16_384;
 
@@ -1098,6 +1115,8 @@ pub struct Authenticator {
     /// and everything that can change (client state, revocation, address, scope) is checked in
     /// Postgres on every request regardless. It saves an ECDSA verification per request.
     verified: VerifiedCache,
+    /// Refusals before authentication, audited coalesced (see [`audit::RefusalTally`]).
+    refusals: Arc<audit::RefusalTally>,
 }
 
 impl Authenticator {
@@ -1108,6 +1127,7 @@ impl Authenticator {
     /// A token or database failure, or a signing key that is not P-256.
     pub async fn load(hsm: Hsm, store: Store, config: AuthConfig) -> Result<Self, AuthError> {
         audit::install(&store, &hsm);
+        let refusals = Arc::new(audit::RefusalTally::new(config.refusal_window));
         let auth = Self {
             hsm,
             store,
@@ -1115,9 +1135,31 @@ impl Authenticator {
             keys: RwLock::new(Vec::new()),
             last_kid_refresh: std::sync::atomic::AtomicI64::new(0),
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            refusals,
         };
         auth.refresh_signing_keys(unix_now()).await?;
+        tokio::spawn(write_coalesced_refusals(
+            Arc::downgrade(&auth.refusals),
+            auth.store.clone(),
+        ));
         Ok(auth)
+    }
+
+    /// Writes every refusal still counted in memory (at shutdown, after the last request).
+    pub async fn flush_refusals(&self) {
+        self.refusals
+            .flush(&self.store, audit::now_us() / 1000, true)
+            .await;
+    }
+
+    /// Sources whose refusals are counted but not yet on the audit trail.
+    pub fn pending_refusal_sources(&self) -> usize {
+        self.refusals.pending_sources()
+    }
+
+    fn refused(&self, source: IpAddr, reason: &'static str, client: Option<Uuid>) {
+        self.refusals
+            .count(source, reason, client, audit::now_us() / 1000);
     }
 
     /// Re-reads which signing keys sign and are published at `now`, fetching the public key of
@@ -1260,6 +1302,13 @@ impl Authenticator {
                     "scope": issued.scope.to_string(),
                     "expires_in": issued.expires_in,
                 })),
+            // No client id at all: nothing to attach a row to; counted and coalesced. An id
+            // nobody registered is audited like a known one: answering it any faster would tell
+            // a guesser which ids exist. The throttle bounds both.
+            Err(AuthError::InvalidClient(reason)) if claimed.is_none() => {
+                self.refused(source, reason, None);
+                return result;
+            }
             Err(AuthError::InvalidClient(reason)) => {
                 let name = if *reason == IP_REFUSED {
                     "ip_mismatch"
@@ -1476,30 +1525,40 @@ impl Authenticator {
     /// # Errors
     /// [`AuthError::InvalidToken`], [`AuthError::ClientDisabled`], [`AuthError::IpNotAllowed`],
     /// or an outage.
-    pub async fn authenticate(&self, token: &str, source: IpAddr) -> Result<Caller, AuthError> {
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        source: IpAddr,
+    ) -> Result<Caller, AuthError> {
+        let Some(token) = token else {
+            self.refused(source, "no bearer token", None);
+            return Err(AuthError::MissingToken);
+        };
         let result = self.authenticate_unaudited(token, source).await;
-        let event = match &result {
-            Err(AuthError::IpNotAllowed) => NewAuditEvent::info("ip_mismatch").severity("warning"),
-            Err(AuthError::InvalidToken(reason)) => NewAuditEvent::info("auth.failed")
-                .severity("warning")
-                .details(serde_json::json!({ "endpoint": "api", "reason": reason })),
-            Err(AuthError::ClientDisabled) => NewAuditEvent::info("auth.failed")
-                .severity("warning")
-                .details(serde_json::json!({ "endpoint": "api", "reason": "client disabled" })),
+        let reason = match &result {
+            Err(AuthError::IpNotAllowed) => None,
+            Err(AuthError::InvalidToken(reason)) => Some(*reason),
+            Err(AuthError::ClientDisabled) => Some("client disabled"),
             _ => return result,
         };
-        // Whose token it claims to be, for the record (the signature may be bad: say so).
+        // Whose token it is, when its signature verifies.
         let client = self.verify(token).ok().and_then(|c| parse_ids(&c).ok());
-        let event = match client {
-            Some((client, _)) => event.client(client).subject(client.to_string()),
-            None => event,
-        };
+        let client = client.map(|(client, _)| client);
+        if let Some(reason) = reason {
+            // Nothing proven about the holder: counted, and audited once a window per source.
+            self.refused(source, reason, client);
+            return result;
+        }
+        // An address refusal follows a valid token: on the record at once, and counted by the
+        // automatic response.
+        let mut event = NewAuditEvent::info("ip_mismatch").severity("warning");
+        if let Some(client) = client {
+            event = event.client(client).subject(client.to_string());
+        }
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             tracing::warn!(target: "keybroker::audit", error = %e, "refusal not audited");
         }
-        // Only an address refusal follows a valid token; the rest prove nothing about its holder.
-        if let Some((client, _)) = client
-            && matches!(result, Err(AuthError::IpNotAllowed))
+        if let Some(client) = client
             && let Err(e) = respond_to_refusal(&self.store, client).await
         {
             tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");

@@ -195,6 +195,11 @@ pub struct AuthArgs {
     /// Proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For is believed.
     #[arg(long, env = "KEYBROKER_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpNet>,
+    /// Refusals before authentication (bad, expired or revoked tokens, unknown clients) are
+    /// recorded as one `auth.refused` audit event per source per this many seconds.
+    #[arg(long, env = "KEYBROKER_REFUSAL_AUDIT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub refusal_audit_secs: u64,
 }
 
 impl AuthArgs {
@@ -211,6 +216,7 @@ impl AuthArgs {
             token_ttl: Duration::from_secs(self.token_ttl_secs),
             leeway: self.token_leeway_secs,
             trusted_proxies: self.trusted_proxies.clone(),
+            refusal_window: Duration::from_secs(self.refusal_audit_secs),
         }
     }
 }

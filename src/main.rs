@@ -439,6 +439,7 @@ async fn serve_api(
         }
     };
     request_log.shutdown().await;
+    auth.flush_refusals().await;
     served?;
     maintenance.abort();
     refresher.abort();
@@ -695,6 +696,7 @@ async fn authenticator(broker: &Broker, public_url: &str) -> Result<Authenticato
         token_ttl_secs: 300,
         token_leeway_secs: 30,
         trusted_proxies: Vec::new(),
+        refusal_audit_secs: 60,
     }
     .auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
     Ok(Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?)

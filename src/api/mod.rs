@@ -660,9 +660,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(&parts.headers).ok_or(AuthError::MissingToken)?;
         let source = request_source(parts, state);
-        let caller = state.auth.authenticate(token, source).await?;
+        let caller = state
+            .auth
+            .authenticate(bearer_token(&parts.headers), source)
+            .await?;
         if let Some(facts) = parts.extensions.get::<request_log::RequestFacts>() {
             facts.set_client(caller.client_id);
         }

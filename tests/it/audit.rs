@@ -433,6 +433,9 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
         "{}",
         after_disable.body
     );
+    // Refusals before authentication are audited coalesced, once a window per source: written
+    // here now instead of at the end of the minute.
+    server.auth.flush_refusals().await;
 
     // The scheduler destroys the key once its pending window is over.
     let report = server
@@ -584,16 +587,21 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
         &json!({"event": "client.disabled", "severity": "warning", "actor": main,
                 "subject": app, "client_id": app, "source_ip": LOCAL}),
     );
-    let refused_after = caused_by(&all, &after_disable.request_id);
-    assert_event(
-        refused_after,
-        &json!({"event": "auth.failed", "severity": "warning", "actor": "anonymous",
-                "subject": app, "client_id": app, "source_ip": LOCAL,
-                "details": {"endpoint": "api"}}),
-    );
     assert!(
-        refused_after["details"]["reason"].is_string(),
-        "{refused_after}"
+        all.iter()
+            .all(|e| e["request_id"] != after_disable.request_id),
+        "a refusal before authentication has no row of its own"
+    );
+    let coalesced: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["event"] == "auth.refused")
+        .collect();
+    assert_eq!(coalesced.len(), 1, "{coalesced:#?}");
+    assert_event(
+        coalesced[0],
+        &json!({"event": "auth.refused", "severity": "warning", "actor": "anonymous",
+                "subject": LOCAL, "client_id": null, "source_ip": LOCAL, "request_id": null,
+                "details": {"count": 1, "reasons": {"client disabled": 1}, "clients": [app]}}),
     );
     // The scheduler's work: no request, no address.
     let destroyed: Vec<&Value> = all
@@ -607,7 +615,7 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
                 "subject": "payments", "client_id": app, "key_id": key, "source_ip": null,
                 "request_id": null}),
     );
-    // Nothing else: 2 at start-up, 16 requests, 1 maintenance pass.
+    // Nothing else: 2 at start-up, 15 requests, 1 coalesced refusal, 1 maintenance pass.
     assert_eq!(all.len(), 19, "{:#?}", names(&all));
 
     // Filters: by client, key (or secret), event, severity, several at once.
@@ -627,7 +635,6 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
             "token.revoked",
             "auth.failed",
             "client.disabled",
-            "auth.failed",
             "key.destroyed",
         ]
     );
@@ -666,6 +673,7 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
         names(&warnings).into_iter().collect::<BTreeSet<_>>(),
         BTreeSet::from([
             "auth.failed",
+            "auth.refused",
             "client.disabled",
             "ip_mismatch",
             "key.deletion_scheduled",
@@ -690,7 +698,7 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
             .iter()
             .map(|e| e["details"]["endpoint"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        ["token", "api"]
+        ["token"]
     );
     let combined = audit_all(&server, &format!("client_id={strict_id}&key_id={key}")).await;
     assert!(combined.is_empty(), "{combined:?}");

@@ -389,6 +389,7 @@ pub fn auth_config() -> AuthConfig {
         token_ttl: Duration::from_secs(300),
         leeway: 5,
         trusted_proxies: Vec::new(),
+        refusal_window: Duration::from_secs(60),
     }
 }
 

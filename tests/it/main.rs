@@ -22,6 +22,7 @@ mod managed;
 mod oauth;
 mod openapi;
 mod request_log;
+mod request_path;
 mod rotation;
 mod token;
 mod vendor;

@@ -10,7 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::hsm::{Hsm, HsmError};
+
+mod refusals;
+
 use crate::store::{AuditMeta, AuditSigner, Store, StoreError};
+pub use refusals::RefusalTally;
 
 /// Rows verified per token call.
 const VERIFY_PAGE: i64 = 500;
