@@ -1152,11 +1152,6 @@ impl Authenticator {
             .await;
     }
 
-    /// Sources whose refusals are counted but not yet on the audit trail.
-    pub fn pending_refusal_sources(&self) -> usize {
-        self.refusals.pending_sources()
-    }
-
     fn refused(&self, source: IpAddr, reason: &'static str, client: Option<Uuid>) {
         self.refusals
             .count(source, reason, client, audit::now_us() / 1000);
@@ -1541,9 +1536,11 @@ impl Authenticator {
             Err(AuthError::ClientDisabled) => Some("client disabled"),
             _ => return result,
         };
-        // Whose token it is, when its signature verifies.
-        let client = self.verify(token).ok().and_then(|c| parse_ids(&c).ok());
-        let client = client.map(|(client, _)| client);
+        // Whose token it is, when its signature verified (a forgery is not verified again).
+        let client = self
+            .verified_claims(token)
+            .and_then(|c| parse_ids(&c).ok())
+            .map(|(client, _)| client);
         if let Some(reason) = reason {
             // Nothing proven about the holder: counted, and audited once a window per source.
             self.refused(source, reason, client);
@@ -1619,6 +1616,12 @@ impl Authenticator {
                 .last_kid_refresh
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    /// The claims of a token whose signature verified before, from the cache only.
+    fn verified_claims(&self, token: &str) -> Option<AccessClaims> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        lock_verified(&self.verified).get(&digest).cloned()
     }
 
     /// Verifies a token's signature and standard claims; nothing in Postgres is consulted.

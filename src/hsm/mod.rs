@@ -199,6 +199,11 @@ fn classify(err: CkError) -> HsmError {
 /// The AAD of the self-test's seal: no blob is ever sealed with it.
 const SELF_TEST_AAD: &[u8] = b"keybroker self-test";
 
+/// How many times the slots are scanned for our token before it counts as gone, and the pause
+/// between scans.
+const SLOT_SCAN_ROUNDS: usize = 3;
+const SLOT_SCAN_PAUSE: Duration = Duration::from_millis(50);
+
 /// How often, at most, a token that stays unreachable makes us re-initialise the module.
 const REINIT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -1083,18 +1088,26 @@ impl Inner {
         // and our token may be in the next slot; if ours is not found, that failure is the answer.
         let ctx = &self.module.ctx;
         let mut unreadable = None;
-        for slot in ctx.get_slots_with_token().map_err(HsmError::Unavailable)? {
-            let info = match ctx.get_token_info(slot) {
-                Ok(info) => info,
-                Err(e) => {
-                    tracing::debug!(target: "keybroker::hsm", slot = slot.id(), error = %e, "cannot read a slot's token");
-                    unreadable = Some(e);
-                    continue;
+        for round in 0..SLOT_SCAN_ROUNDS {
+            if round > 0 {
+                // SoftHSM2 shows a token whose files another process is rewriting as unreadable
+                // or absent for a moment: look again before calling it gone.
+                std::thread::sleep(SLOT_SCAN_PAUSE);
+            }
+            unreadable = None;
+            for slot in ctx.get_slots_with_token().map_err(HsmError::Unavailable)? {
+                let info = match ctx.get_token_info(slot) {
+                    Ok(info) => info,
+                    Err(e) => {
+                        tracing::debug!(target: "keybroker::hsm", slot = slot.id(), error = %e, "cannot read a slot's token");
+                        unreadable = Some(e);
+                        continue;
+                    }
+                };
+                if info.token_initialized() && info.label().trim_end() == self.token_label {
+                    *cached = Some(slot);
+                    return Ok(slot);
                 }
-            };
-            if info.token_initialized() && info.label().trim_end() == self.token_label {
-                *cached = Some(slot);
-                return Ok(slot);
             }
         }
         Err(match unreadable {
