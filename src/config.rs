@@ -195,8 +195,9 @@ pub struct AuthArgs {
     /// Proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For is believed.
     #[arg(long, env = "KEYBROKER_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpNet>,
-    /// Refusals before authentication (bad, expired or revoked tokens, unknown clients) are
-    /// recorded as one `auth.refused` audit event per source per this many seconds.
+    /// Refusals before authentication (missing, bad, expired or revoked bearer tokens; token
+    /// requests naming no client id) are recorded as one `auth.refused` audit event per source
+    /// per this many seconds.
     #[arg(long, env = "KEYBROKER_REFUSAL_AUDIT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refusal_audit_secs: u64,

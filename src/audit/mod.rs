@@ -10,10 +10,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::hsm::{Hsm, HsmError};
+use crate::store::{AuditMeta, AuditSigner, Store, StoreError};
 
 mod refusals;
 
-use crate::store::{AuditMeta, AuditSigner, Store, StoreError};
 pub use refusals::RefusalTally;
 
 /// Rows verified per token call.

@@ -688,14 +688,10 @@ impl Hsm {
         {
             let mut in_use = lock(&self.inner.in_use);
             let mut verified = write(&self.inner.verified);
+            let mut controls = write(&self.inner.controls);
             for version in versions {
                 in_use.remove(version);
                 verified.remove(version);
-            }
-        }
-        {
-            let mut controls = write(&self.inner.controls);
-            for version in versions {
                 controls.remove(version);
             }
         }
