@@ -201,6 +201,13 @@ pub struct AuthArgs {
     #[arg(long, env = "KEYBROKER_REFUSAL_AUDIT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub refusal_audit_secs: u64,
+    /// The oldest, in milliseconds, that this broker's cache of client state and revoked
+    /// tokens may be. Changes reach every broker at once through Postgres notifications; this
+    /// re-read is the backstop, and a cache older than it is not used (requests read Postgres).
+    /// The default, 1000, is the design's guarantee; a larger value only weakens the backstop.
+    #[arg(long, env = "KEYBROKER_AUTH_CACHE_MAX_AGE_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub auth_cache_max_age_ms: u64,
 }
 
 impl AuthArgs {
@@ -218,6 +225,7 @@ impl AuthArgs {
             leeway: self.token_leeway_secs,
             trusted_proxies: self.trusted_proxies.clone(),
             refusal_window: Duration::from_secs(self.refusal_audit_secs),
+            cache_max_age: Duration::from_millis(self.auth_cache_max_age_ms),
         }
     }
 }

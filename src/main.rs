@@ -401,7 +401,12 @@ async fn serve_api(
         keybroker::api::limits::system_clock(),
     ));
     limiter.refresh(broker.store()).await?;
-    let refresher = tokio::spawn(refresh_limits(limiter.clone(), broker.clone()));
+    auth.start_cache();
+    let refresher = tokio::spawn(refresh_limits(
+        limiter.clone(),
+        broker.clone(),
+        auth.cache().limits_changes(),
+    ));
     let state = AppState {
         broker: broker.clone(),
         auth: auth.clone(),
@@ -450,12 +455,25 @@ async fn serve_api(
     Ok(())
 }
 
-/// Re-reads rate-limit settings and blocked sources every two seconds, so an officer's change
-/// (on any broker) takes effect here within seconds.
-async fn refresh_limits(limiter: Arc<keybroker::api::limits::Limiter>, broker: Arc<Broker>) {
+/// Re-reads rate-limit settings and blocked sources as soon as Postgres announces a change to
+/// them (made on any broker), and every two seconds regardless.
+async fn refresh_limits(
+    limiter: Arc<keybroker::api::limits::Limiter>,
+    broker: Arc<Broker>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) {
     let mut ticks = tokio::time::interval(Duration::from_secs(2));
+    let mut announced = true;
     loop {
-        ticks.tick().await;
+        if announced {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                // Err: the cache is gone (shutting down); the timer alone remains.
+                changed = changes.changed() => announced = changed.is_ok(),
+            }
+        } else {
+            ticks.tick().await;
+        }
         if let Err(e) = limiter.refresh(broker.store()).await {
             tracing::warn!(error = %error_chain(&e), "rate-limit settings not refreshed");
         }
@@ -697,6 +715,7 @@ async fn authenticator(broker: &Broker, public_url: &str) -> Result<Authenticato
         token_leeway_secs: 30,
         trusted_proxies: Vec::new(),
         refusal_audit_secs: 60,
+        auth_cache_max_age_ms: 1000,
     }
     .auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
     Ok(Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?)

@@ -11,6 +11,7 @@ use crate::crypto::MasterKeyVersion;
 mod audit;
 mod keys;
 mod master_keys;
+mod notify;
 mod request_log;
 mod secrets;
 mod security;
@@ -23,6 +24,7 @@ pub use master_keys::{
     ClusterLock, KeyBlob, MasterKeyChangeError, MasterKeyStatus, RewrapBatch, RewrapJob,
     RewrapStart, RewrappedKey, RewrappedSecret, SecretBlob,
 };
+pub use notify::{AUTH_LISTENER_APPLICATION, AuthChange, AuthChangeSink, AuthListener};
 pub use request_log::RequestLogRow;
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
 pub use security::SourceBlock;
@@ -122,6 +124,7 @@ pub struct MasterKeyRow {
 pub struct Store {
     pool: PgPool,
     audit_signer: Arc<OnceLock<Arc<dyn AuditSigner>>>,
+    auth_sinks: Arc<notify::LocalSinks>,
 }
 
 impl std::fmt::Debug for Store {
@@ -144,6 +147,7 @@ impl Store {
         Ok(Self {
             pool,
             audit_signer: Arc::new(OnceLock::new()),
+            auth_sinks: Arc::default(),
         })
     }
 
@@ -479,6 +483,7 @@ impl Store {
         let event = client_event("client.registered", "info", id, fields);
         audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Client(id));
         Ok(row)
     }
 
@@ -523,6 +528,7 @@ impl Store {
         let event = client_event("client.updated", "info", id, fields);
         audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Client(id));
         Ok(row)
     }
 
@@ -575,6 +581,7 @@ impl Store {
         let event = event.client(id).subject(id.to_string());
         audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Client(id));
         Ok(row)
     }
 
@@ -611,6 +618,7 @@ impl Store {
             .subject(id.to_string());
         audit::append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Client(id));
         Ok(())
     }
 
@@ -719,6 +727,7 @@ impl Store {
             audit::append(&mut tx, signer, meta, &[event]).await?;
         }
         tx.commit().await?;
+        self.announce(AuthChange::Revoked(jti));
         Ok(())
     }
 

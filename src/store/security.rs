@@ -6,8 +6,8 @@ use uuid::Uuid;
 use super::audit::append;
 use super::keys::ts;
 use super::{
-    AdminGuard, AuditMeta, ClientWriteError, NewAuditEvent, Store, StoreError, keep_an_admin,
-    lock_clients,
+    AdminGuard, AuditMeta, AuthChange, ClientWriteError, NewAuditEvent, Store, StoreError,
+    keep_an_admin, lock_clients,
 };
 
 /// Addresses an officer chose to block with a lockdown, until when (unix seconds).
@@ -53,6 +53,7 @@ impl Store {
         let event = NewAuditEvent::info("security_settings.changed").details(details);
         append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Settings);
         Ok(())
     }
 
@@ -125,6 +126,10 @@ impl Store {
             }));
         append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Client(id));
+        if block.is_some() {
+            self.announce(AuthChange::Blocks);
+        }
         Ok(blocked)
     }
 
@@ -152,6 +157,7 @@ impl Store {
             .details(serde_json::json!({ "lifted": lifted }));
         append(&mut tx, signer, meta, &[event]).await?;
         tx.commit().await?;
+        self.announce(AuthChange::Blocks);
         Ok(lifted)
     }
 
@@ -219,6 +225,9 @@ impl Store {
             append(&mut tx, signer, meta, &[event]).await?;
         }
         tx.commit().await?;
+        if changed == 1 {
+            self.announce(AuthChange::Client(id));
+        }
         Ok(changed == 1)
     }
 }

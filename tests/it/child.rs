@@ -311,6 +311,28 @@ impl ChildServer {
         }
     }
 
+    /// How many lines of the log hold `text`.
+    pub fn log_lines_with(&self, text: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+
+    /// Waits until `n` lines of the log hold `text` (see [`ChildServer::wait_for_log`]).
+    pub async fn wait_for_log_lines(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        while self.log_lines_with(text) < n {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "`{text}` never logged {n} times; the end of the log:\n{}",
+                tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then the whole log. It waits asynchronously: our HTTP/2 connections must keep
     /// answering the server's shutdown handshake, or it waits out its whole grace period. (That
     /// grace is 10 s, and the request log is written after it: on a loaded machine, stopping

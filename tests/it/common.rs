@@ -213,6 +213,7 @@ impl TestServer {
                 .await
                 .unwrap(),
         );
+        auth.start_cache();
         let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let offset = clock_offset_ms.clone();
         let limiter = Arc::new(keybroker::api::limits::Limiter::new(
@@ -390,6 +391,7 @@ pub fn auth_config() -> AuthConfig {
         leeway: 5,
         trusted_proxies: Vec::new(),
         refusal_window: Duration::from_secs(60),
+        cache_max_age: keybroker::auth::DEFAULT_CACHE_MAX_AGE,
     }
 }
 

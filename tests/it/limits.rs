@@ -651,8 +651,9 @@ async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
         200
     );
 
-    // Locked down on the in-process broker: the child refuses the token at its next request
-    // (the client's state is in Postgres)...
+    // Locked down on the in-process broker: once the child heard of it (a Postgres
+    // notification, within milliseconds), it refuses the token at its next request...
+    let heard = child.log_lines_with(&format!("Client({id})"));
     let reply = admin(
         &server,
         Method::POST,
@@ -661,6 +662,9 @@ async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    child
+        .wait_for_log_lines(&format!("Client({id})"), heard + 1)
+        .await;
     let here = common::https_client();
     refused(
         &get_at(&here, &child_base, "/v1/usage", &token).await,

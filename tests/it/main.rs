@@ -7,6 +7,7 @@
 mod common;
 
 mod audit;
+mod auth_cache;
 mod bad_input;
 mod child;
 mod child_process;

@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+mod cache;
+
+pub use cache::{AuthCache, DEFAULT_MAX_AGE as DEFAULT_CACHE_MAX_AGE};
+
 use crate::audit;
 use crate::hsm::{Hsm, HsmError};
 use crate::store::{
@@ -825,6 +829,9 @@ pub struct AuthConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Refusals before authentication are audited as one event per source per this window.
     pub refusal_window: Duration,
+    /// The oldest the node-local cache of client state and revocations may be (a backstop to
+    /// the change notifications; see [`AuthCache`]).
+    pub cache_max_age: Duration,
 }
 
 impl AuthConfig {
@@ -1117,6 +1124,8 @@ pub struct Authenticator {
     verified: VerifiedCache,
     /// Refusals before authentication, audited coalesced (see [`audit::RefusalTally`]).
     refusals: Arc<audit::RefusalTally>,
+    /// What requests read about their client, kept coherent with Postgres.
+    cache: Arc<AuthCache>,
 }
 
 impl Authenticator {
@@ -1128,6 +1137,7 @@ impl Authenticator {
     pub async fn load(hsm: Hsm, store: Store, config: AuthConfig) -> Result<Self, AuthError> {
         audit::install(&store, &hsm);
         let refusals = Arc::new(audit::RefusalTally::new(config.refusal_window));
+        let cache = AuthCache::new(store.clone(), config.cache_max_age);
         let auth = Self {
             hsm,
             store,
@@ -1136,6 +1146,7 @@ impl Authenticator {
             last_kid_refresh: std::sync::atomic::AtomicI64::new(0),
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
             refusals,
+            cache,
         };
         auth.refresh_signing_keys(unix_now()).await?;
         tokio::spawn(write_coalesced_refusals(
@@ -1143,6 +1154,17 @@ impl Authenticator {
             auth.store.clone(),
         ));
         Ok(auth)
+    }
+
+    /// Starts keeping the client cache coherent (a server does; a one-off command need not):
+    /// until its listener has connected and loaded, every request reads Postgres.
+    pub fn start_cache(&self) {
+        self.cache.spawn_listener();
+    }
+
+    /// The client cache (for its state and the limiter's change signal).
+    pub fn cache(&self) -> &Arc<AuthCache> {
+        &self.cache
     }
 
     /// Writes every refusal still counted in memory (at shutdown, after the last request).
@@ -1577,15 +1599,13 @@ impl Authenticator {
             other => other?,
         };
         let (client_id, jti) = parse_ids(&claims)?;
-        let state = self
-            .store
-            .client_auth_state(client_id, jti)
-            .await?
+        let state = self.cache.client_state(client_id, jti).await?;
+        let client = state
+            .client
             .ok_or(AuthError::InvalidToken("client no longer exists"))?;
         if state.revoked {
             return Err(AuthError::InvalidToken("token revoked"));
         }
-        let client = Client::try_from(state.client)?;
         if !client.active {
             return Err(AuthError::ClientDisabled);
         }
