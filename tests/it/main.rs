@@ -19,6 +19,7 @@ mod hardening;
 mod limits;
 mod listener;
 mod managed;
+mod metrics;
 mod oauth;
 mod openapi;
 mod request_log;
