@@ -155,6 +155,10 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub maintenance_interval_secs: u64,
+    /// Seconds between reads of the key-custody gauges `/metrics` shows from Postgres (a scrape
+    /// reads memory only; which versions the token holds is checked by each maintenance pass).
+    #[arg(long, env = "KEYBROKER_METRICS_REFRESH_SECS", default_value_t = 15)]
+    pub metrics_refresh_secs: u64,
     /// Days the request log keeps a row; the maintenance pass purges older ones.
     #[arg(
         long,

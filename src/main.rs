@@ -384,6 +384,10 @@ async fn serve_api(
     // Before anything is served: a token that would seal what it cannot open stops us here.
     let tested = broker.self_test().await?;
     tracing::info!(token = %token.token_label, versions = ?tested.iter().map(ToString::to_string).collect::<Vec<_>>(), "self-test passed: AES-GCM seal and open under every master key in use");
+    // The custody gauges hold something from the first scrape on; the task keeps them fresh.
+    broker.refresh_custody_snapshot().await;
+    let custody_gauges =
+        broker.spawn_custody_refresher(Duration::from_secs(serve.metrics_refresh_secs));
     let auth = Arc::new(
         Authenticator::load(
             broker.hsm().clone(),
@@ -448,6 +452,7 @@ async fn serve_api(
     served?;
     maintenance.abort();
     refresher.abort();
+    custody_gauges.abort();
     // Counts gathered since the last tick.
     if let Err(e) = broker.flush_usage().await {
         tracing::warn!(error = %error_chain(&e), "usage counts not saved at shutdown");

@@ -1,5 +1,6 @@
-//! The request log: a layer that records one row per HTTP request (refused ones included) and
-//! the background writer that stores those rows in batches. Requests never wait for Postgres:
+//! The request log: a layer that records one row per HTTP request (refused ones included), and
+//! counts it in the `/metrics` request counters and latency histograms with the same timing,
+//! and the background writer that stores those rows in batches. Requests never wait for Postgres:
 //! rows go through a bounded queue, and when it is full a row is dropped and counted rather
 //! than the request slowed or failed. [`RequestLog::shutdown`] writes whatever is queued.
 
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::metrics::{HttpMetrics, UNMATCHED, method_label};
 use super::{AppState, ErrorBody, REQUEST_ID, error_chain, request_source};
 use crate::store::{RequestLogRow, Store};
 
@@ -32,8 +34,6 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// How long [`RequestLog::shutdown`] waits for the writer: its own limit, plus one slow insert.
 const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(15);
 
-/// The `path` of a request no route matched (its raw path may carry anything).
-const UNMATCHED: &str = "(unmatched)";
 const MAX_USER_AGENT: usize = 512;
 const MAX_HOST: usize = 255;
 const MAX_REQUEST_ID: usize = 128;
@@ -51,6 +51,9 @@ struct Shared {
     dropped: Arc<AtomicU64>,
     /// Taken by the first [`RequestLog::shutdown`].
     writer: Mutex<Option<Writer>>,
+    /// Requests by route, method and status, and their latency, for `/metrics`. Here because
+    /// the layer that writes the rows already times every request.
+    http: HttpMetrics,
 }
 
 struct Writer {
@@ -81,8 +84,14 @@ impl RequestLog {
                 queue,
                 dropped,
                 writer: Mutex::new(Some(Writer { stop, task })),
+                http: HttpMetrics::default(),
             }),
         }
+    }
+
+    /// The request counters and latency histograms `/metrics` shows.
+    pub(super) fn http_metrics(&self) -> &HttpMetrics {
+        &self.shared.http
     }
 
     /// How many rows were lost since start (queue full, or Postgres down for too long).
@@ -290,16 +299,23 @@ pub(super) async fn record(
     let host = header_text(parts.headers.get(header::HOST), MAX_HOST)
         .or_else(|| parts.uri.authority().map(|a| bounded(a.as_str(), MAX_HOST)));
     let method = bounded(parts.method.as_str(), MAX_METHOD);
-    let path = parts
-        .extensions
-        .get::<MatchedPath>()
+    let method_label = method_label(&parts.method);
+    let route = parts.extensions.get::<MatchedPath>().cloned();
+    let path = route
+        .as_ref()
         .map_or(UNMATCHED, MatchedPath::as_str)
         .to_owned();
 
     let response = next.run(Request::from_parts(parts, body)).await;
 
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    state
+        .request_log
+        .http_metrics()
+        .observe(route.as_ref(), method_label, status, elapsed);
     // Rounded up: a request always took some time.
-    let latency_us = i64::try_from(started.elapsed().as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
+    let latency_us = i64::try_from(elapsed.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
     let extensions = response.extensions();
     let error_code = extensions
         .get::<ErrorBody>()
@@ -314,7 +330,7 @@ pub(super) async fn record(
         host,
         method,
         path,
-        status: i16::try_from(response.status().as_u16()).unwrap_or(i16::MAX),
+        status: i16::try_from(status).unwrap_or(i16::MAX),
         error_code,
         latency_us,
     });

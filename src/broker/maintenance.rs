@@ -34,17 +34,22 @@ const REWRAP_TIME_PER_PASS: std::time::Duration = std::time::Duration::from_secs
 impl Broker {
     /// One pass: a master-key rotation left half-way is finished, the master key is rotated if
     /// the policy says so, a running rewrap job advances, then scheduled key rotations, expiry,
-    /// destruction after the pending window, purge of expired revocation rows, usage flush.
+    /// destruction after the pending window, purge of expired revocation rows, usage flush; last,
+    /// whatever happened, a refresh of the custody gauges (token and database).
     ///
     /// # Errors
     /// An outage (work already done stays done; the next pass continues).
     pub async fn run_maintenance(&self, now: i64) -> Result<MaintenanceReport, BrokerError> {
         // Everything this pass records is the scheduler's doing.
-        crate::audit::scope(
+        let report = crate::audit::scope(
             crate::audit::Context::system("scheduler"),
             self.maintenance_pass(now),
         )
-        .await
+        .await;
+        // The pass talks to the token anyway: it is where the custody gauges learn which
+        // versions the token holds (a scrape never asks). Done or failed, the gauges are read.
+        self.refresh_custody_snapshot().await;
+        report
     }
 
     async fn maintenance_pass(&self, now: i64) -> Result<MaintenanceReport, BrokerError> {

@@ -122,6 +122,7 @@ impl Broker {
             .activate_pending_master_key(version, &crate::audit::meta())
             .await?;
         self.expire_seal_budget().await;
+        self.custody_token_changed(version, true);
         Ok(version)
     }
 
@@ -144,6 +145,7 @@ impl Broker {
             .activate_pending_master_key(version, &crate::audit::meta())
             .await?;
         self.expire_seal_budget().await;
+        self.custody_token_changed(version, true);
         Ok(Some(version))
     }
 
@@ -239,10 +241,12 @@ impl Broker {
         &self,
         started_by: &str,
     ) -> Result<(RewrapJob, RewrapStart), BrokerError> {
-        Ok(self
+        let started = self
             .store
             .start_rewrap_job(started_by, &crate::audit::meta())
-            .await?)
+            .await?;
+        self.custody_changed();
+        Ok(started)
     }
 
     /// The running rewrap job, else the latest.
@@ -314,6 +318,7 @@ impl Broker {
             )
             .await?;
         crash_point("rewrap:committed");
+        self.custody_changed();
         Ok(Some(RewrapProgress {
             rewrapped,
             remaining,
@@ -359,7 +364,9 @@ impl Broker {
         self.store
             .retire_master_key(version, &crate::audit::meta())
             .await
-            .map_err(master_key_error)
+            .map_err(master_key_error)?;
+        self.custody_changed();
+        Ok(())
     }
 
     /// Removes a retired version from the token for good, then records it destroyed. Refused
@@ -380,6 +387,7 @@ impl Broker {
         self.store
             .record_master_key_destroyed(version, &crate::audit::meta())
             .await?;
+        self.custody_token_changed(version, false);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! readiness. It orders calls to the token (`hsm`) and the database (`store`) and knows nothing
 //! of HTTP.
 
+mod custody_gauges;
 mod keys;
 mod maintenance;
 mod master_keys;
@@ -10,6 +11,7 @@ mod secrets;
 mod usage;
 
 pub use crate::store::RewrapStart;
+pub use custody_gauges::{CustodySnapshot, CustodyVersion, DatabaseHalf, TokenHalf};
 pub use keys::{KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
 pub use maintenance::MaintenanceReport;
 pub use master_keys::{
@@ -222,6 +224,8 @@ pub struct Broker {
     master_key_policy: MasterKeyPolicy,
     /// The destroyed master-key versions, as last read (at most [`ACTIVE_VERSION_TTL`] ago).
     destroyed: Mutex<(Option<Instant>, Arc<Vec<MasterKeyVersion>>)>,
+    /// What `/metrics` shows of key custody, kept fresh in the background.
+    custody: Arc<custody_gauges::CustodyGauges>,
 }
 
 impl Broker {
@@ -241,6 +245,7 @@ impl Broker {
             usage: usage::UsageCounter::default(),
             master_key_policy: MasterKeyPolicy::default(),
             destroyed: Mutex::new((None, Arc::new(Vec::new()))),
+            custody: Arc::default(),
         }
     }
 

@@ -208,6 +208,9 @@ impl TestServer {
         let broker = Arc::new(Broker::new(hsm.clone(), store.clone(), limits));
         broker.initialise().await.unwrap();
         broker.self_test().await.unwrap();
+        // As `serve` does: custody gauges from the start, kept fresh (quickly, for tests).
+        broker.refresh_custody_snapshot().await;
+        broker.spawn_custody_refresher(Duration::from_secs(1));
         let auth = Arc::new(
             Authenticator::load(hsm, store, auth_config())
                 .await

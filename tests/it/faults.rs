@@ -51,17 +51,17 @@ impl FaultyToken {
     }
 
     /// Replaces the injection instructions (the module reads them at every call).
-    fn inject(&self, instructions: &str) {
+    pub(crate) fn inject(&self, instructions: &str) {
         write_control(&self.control, instructions);
     }
 
     /// Stops injecting: the module forwards every call again.
-    fn heal(&self) {
+    pub(crate) fn heal(&self) {
         heal_control(&self.control);
     }
 
     /// How many failures the module injected under the current instructions.
-    fn injected(&self) -> u64 {
+    pub(crate) fn injected(&self) -> u64 {
         std::fs::read_to_string(self.control.with_extension("conf.injected"))
             .map(|n| n.trim().parse().unwrap())
             .unwrap_or(0)

@@ -20,6 +20,7 @@ mod hardening;
 mod limits;
 mod listener;
 mod managed;
+mod metrics;
 mod oauth;
 mod openapi;
 mod request_log;

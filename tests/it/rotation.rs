@@ -267,27 +267,35 @@ async fn rotation_then_rewrap_leaves_no_blob_under_the_old_version_and_every_pla
     let after = master_keys(&api).await;
     assert_eq!(after[&old]["stored_blobs"], 0, "{after:?}");
     assert_eq!(after[&new]["stored_blobs"], 22, "{after:?}");
-    // The same progress in the metrics (scraped without a token, as Prometheus does).
-    let response = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let metrics = response.text().await.unwrap();
-    for line in [
+    // The same progress in the metrics (scraped without a token, as Prometheus does). They come
+    // from the broker's snapshot, which the rewrap's last batch asked to be re-read: poll.
+    let lines = [
         "keybroker_rewrap_running 0".to_owned(),
         "keybroker_rewrap_blobs_rewrapped 22".to_owned(),
         "keybroker_rewrap_blobs_remaining 0".to_owned(),
         format!("keybroker_master_key_stored_blobs{{version=\"{new}\",state=\"active\"}} 22"),
         format!("keybroker_master_key_stored_blobs{{version=\"{old}\",state=\"decrypt_only\"}} 0"),
         format!("keybroker_master_key_on_token{{version=\"{new}\",state=\"active\"}} 1"),
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "{line} not in\n{metrics}"
-        );
+    ];
+    let start = Instant::now();
+    loop {
+        let response = server
+            .client
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let metrics = response.text().await.unwrap();
+        let missing: Vec<&String> = lines
+            .iter()
+            .filter(|line| !metrics.lines().any(|l| l == line.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "{missing:?} not in\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_all_readable(&api, &stored).await;
     // In Postgres itself: nothing under the old version.
