@@ -4,7 +4,9 @@
 //! client id). Settings come from Postgres and are re-read every few seconds by
 //! [`Limiter::refresh`], so a change takes effect on every broker without a restart: a changed
 //! quota builds a new keyed limiter, swapped in whole. Time is a parameter (the clock is
-//! injected, and governor reads it too).
+//! injected, and governor reads it too). `tower-governor` is not used: its quota is fixed when
+//! the layer is built and it answers refusals itself, while ours change at run time and feed
+//! the blocking of repeated violators and the coalesced audit events.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -298,6 +300,10 @@ impl Limiter {
     /// every source of that kind starts with the new burst; the other keeps its state (a new
     /// per-client rate does not hand every address a fresh burst).
     fn apply(&self, settings: SecuritySettings) {
+        // The usual case (every 2 s, nothing changed) takes no write lock.
+        if *self.settings() == settings {
+            return;
+        }
         let mut policy = self
             .policy
             .write()
