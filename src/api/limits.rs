@@ -1,17 +1,29 @@
-//! Rate limits per source address and per client (token buckets with burst), blocking of
+//! Rate limits per source address and per client (governor's GCRA keyed limiters), blocking of
 //! sources that keep going over, sources an officer blocked with a lockdown (for a while), and
 //! the throttle on failed authentications at the token endpoint (per source and per source and
-//! client id). Settings
-//! come from Postgres and are re-read every few seconds by [`Limiter::refresh`], so a change
-//! takes effect on every broker without a restart. Time is a parameter (the clock is injected).
+//! client id). Settings come from Postgres and are re-read every few seconds by
+//! [`Limiter::refresh`], so a change takes effect on every broker without a restart: a changed
+//! quota builds a new keyed limiter, swapped in whole. Time is a parameter (the clock is
+//! injected, and governor reads it too). `tower-governor` is not used: its quota is fixed when
+//! the layer is built and it answers refusals itself, while ours change at run time and feed
+//! the blocking of repeated violators and the coalesced audit events.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::state::keyed::{HashMapStateStore, ShrinkableKeyedStateStore};
+use governor::{Quota, RateLimiter};
 use ipnet::IpNet;
 use uuid::Uuid;
 
@@ -36,23 +48,133 @@ pub enum Source {
     Client(Uuid),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last_ms: i64,
+/// Shards of the per-source state. A check locks one shard for a map lookup, so requests from
+/// different sources rarely meet on a lock, and no lock is ever held across I/O.
+const SHARDS: usize = 64;
+
+/// Our clock as governor reads it: the time since the Unix epoch. Governor only ever subtracts
+/// two readings, so the epoch does not matter; a clock that steps back reads as no time passed.
+#[derive(Clone)]
+struct GovernorClock(Clock);
+
+impl governor::clock::Clock for GovernorClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(u64::try_from((self.0)()).unwrap_or(0))
+    }
 }
 
+/// Governor's per-key state (one atomic per source), split over shards each behind its own
+/// short lock. Governor's `DashMapStateStore` is the same idea, but dashmap would bring a second
+/// copy of hashbrown into the build; its plain `HashMapStateStore` is one mutex for everyone.
+struct ShardedStore {
+    shards: Box<[HashMapStateStore<Source>]>,
+    hasher: RandomState,
+}
+
+impl ShardedStore {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| HashMapStateStore::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &Source) -> &HashMapStateStore<Source> {
+        // The remainder is below the length, so the index is in range.
+        &self.shards[shard_index(&self.hasher, key, self.shards.len())]
+    }
+}
+
+impl StateStore for ShardedStore {
+    type Key = Source;
+
+    fn measure_and_replace<T, F, E>(&self, key: &Source, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.shard(key).measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<Source> for ShardedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        for shard in &self.shards {
+            shard.retain_recent(drop_below);
+        }
+    }
+
+    fn shrink_to_fit(&self) {
+        for shard in &self.shards {
+            ShrinkableKeyedStateStore::shrink_to_fit(shard);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(ShrinkableKeyedStateStore::len).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shards.iter().all(ShrinkableKeyedStateStore::is_empty)
+    }
+}
+
+fn shard_index(hasher: &RandomState, key: &Source, len: usize) -> usize {
+    // Truncating the hash is fine: any bits pick a shard evenly.
+    (hasher.hash_one(key) as usize) % len
+}
+
+/// One GCRA limiter for one kind of source (addresses, or clients).
+type KeyedLimiter = RateLimiter<Source, ShardedStore, GovernorClock, NoOpMiddleware<Duration>>;
+
+fn keyed_limiter(per_second: f64, burst: u32, clock: &Clock) -> KeyedLimiter {
+    RateLimiter::new(
+        quota(per_second, burst),
+        ShardedStore::new(),
+        GovernorClock(clock.clone()),
+    )
+}
+
+/// `burst` requests at once, then one every `1 / per_second` s (GCRA: a bucket of `burst` cells
+/// that refills continuously at the rate).
+fn quota(per_second: f64, burst: u32) -> Quota {
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    let period = Duration::try_from_secs_f64(1.0 / per_second).ok();
+    match period.and_then(Quota::with_period) {
+        Some(quota) => quota.allow_burst(burst),
+        // Settings are validated before they are stored (rates above 0 and at most a million a
+        // second), so this only meets a row edited by hand: the default rate, never no limit.
+        None => quota(SecuritySettings::default().per_ip_per_second, burst.get()),
+    }
+}
+
+/// The settings in force and the limiters built from them, swapped in whole on a change.
+struct Policy {
+    settings: Arc<SecuritySettings>,
+    per_ip: Arc<KeyedLimiter>,
+    per_client: Arc<KeyedLimiter>,
+}
+
+impl Policy {
+    fn limiter(&self, source: &Source) -> &KeyedLimiter {
+        match source {
+            Source::Ip(_) => &self.per_ip,
+            Source::Client(_) => &self.per_client,
+        }
+    }
+}
+
+/// What is remembered of the sources that went over: only refusals touch it (and a check while
+/// some source is blocked), so an allowed request normally never locks it.
 #[derive(Debug, Default)]
 struct Books {
-    buckets: HashMap<Source, Bucket>,
     /// Violations in the current window: (count, window start).
     violations: HashMap<Source, (u32, i64)>,
     /// Blocked until (ms).
     blocked: HashMap<Source, i64>,
     /// When a `rate_limit_exceeded` event was last recorded for the source (coalescing).
     last_audit: HashMap<Source, i64>,
-    /// Failed authentications at the token endpoint.
-    auth_failures: HashMap<AuthKey, Failures>,
 }
 
 /// Whose failed authentications are counted: a source address, and a source address trying one
@@ -99,33 +221,60 @@ pub enum Verdict {
 
 /// The limiter state of one broker.
 pub struct Limiter {
-    settings: RwLock<Arc<SecuritySettings>>,
+    policy: RwLock<Arc<Policy>>,
     blocked_cidrs: RwLock<Vec<IpNet>>,
-    books: Mutex<Books>,
+    /// Violations, blocks and audit notes, sharded by source like governor's state.
+    books: Box<[Mutex<Books>]>,
+    books_hasher: RandomState,
+    /// How many sources are blocked (entries in `books`, ended or not): while none is, a check
+    /// skips the books altogether.
+    blocks: AtomicUsize,
+    /// Failed authentications at the token endpoint (not the hot path: one lock is fine).
+    auth_failures: Mutex<HashMap<AuthKey, Failures>>,
     clock: Clock,
 }
 
 impl Limiter {
     /// A limiter with the given settings and clock.
     pub fn new(settings: SecuritySettings, clock: Clock) -> Self {
+        let policy = Policy {
+            per_ip: Arc::new(keyed_limiter(
+                settings.per_ip_per_second,
+                settings.per_ip_burst,
+                &clock,
+            )),
+            per_client: Arc::new(keyed_limiter(
+                settings.per_client_per_second,
+                settings.per_client_burst,
+                &clock,
+            )),
+            settings: Arc::new(settings),
+        };
         Self {
-            settings: RwLock::new(Arc::new(settings)),
+            policy: RwLock::new(Arc::new(policy)),
             blocked_cidrs: RwLock::new(Vec::new()),
-            books: Mutex::new(Books::default()),
+            books: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            books_hasher: RandomState::new(),
+            blocks: AtomicUsize::new(0),
+            auth_failures: Mutex::default(),
             clock,
         }
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> Arc<SecuritySettings> {
-        self.settings
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<SecuritySettings> {
+        self.policy().settings.clone()
+    }
+
     /// Re-reads the settings and the blocked sources from Postgres (every broker does this every
-    /// few seconds), and forgets idle buckets so memory stays bounded.
+    /// few seconds), and forgets idle sources so memory stays bounded.
     ///
     /// # Errors
     /// An outage (the previous settings stay in force).
@@ -142,41 +291,83 @@ impl Limiter {
             .blocked_cidrs
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = cidrs;
-        let changed = *self.settings() != settings;
-        *self
-            .settings
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(settings);
-        if changed {
-            // New rates: start every bucket afresh.
-            self.lock().buckets.clear();
-        }
+        self.apply(settings);
         self.forget_idle();
         Ok(())
     }
 
-    /// Forgets what no longer decides anything: full buckets, ended blocks, violation windows
-    /// that have passed and audit notes older than the coalescing minute. Each is what a new
-    /// entry would be, so this changes no verdict; it keeps memory bounded by the sources seen
-    /// recently, not by every source ever refused.
+    /// Puts `settings` in force. A limiter whose quota changed is replaced by a new one, so
+    /// every source of that kind starts with the new burst; the other keeps its state (a new
+    /// per-client rate does not hand every address a fresh burst).
+    fn apply(&self, settings: SecuritySettings) {
+        // The usual case (every 2 s, nothing changed) takes no write lock.
+        if *self.settings() == settings {
+            return;
+        }
+        let mut policy = self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *policy.settings == settings {
+            return;
+        }
+        let old = &policy.settings;
+        let per_ip = if (old.per_ip_per_second, old.per_ip_burst)
+            == (settings.per_ip_per_second, settings.per_ip_burst)
+        {
+            policy.per_ip.clone()
+        } else {
+            Arc::new(keyed_limiter(
+                settings.per_ip_per_second,
+                settings.per_ip_burst,
+                &self.clock,
+            ))
+        };
+        let per_client = if (old.per_client_per_second, old.per_client_burst)
+            == (settings.per_client_per_second, settings.per_client_burst)
+        {
+            policy.per_client.clone()
+        } else {
+            Arc::new(keyed_limiter(
+                settings.per_client_per_second,
+                settings.per_client_burst,
+                &self.clock,
+            ))
+        };
+        *policy = Arc::new(Policy {
+            settings: Arc::new(settings),
+            per_ip,
+            per_client,
+        });
+    }
+
+    /// Forgets what no longer decides anything: sources whose GCRA state has fully refilled
+    /// (governor's `retain_recent`), ended blocks, violation windows that have passed and
+    /// audit notes older than the coalescing minute. Each is what a new entry would be, so this
+    /// changes no verdict; it keeps memory bounded by the sources seen recently, not by every
+    /// source ever refused.
     fn forget_idle(&self) {
         let now = (self.clock)();
-        let settings = self.settings();
-        let window_ms = i64::try_from(settings.violation_window_secs)
+        let policy = self.policy();
+        for limiter in [&policy.per_ip, &policy.per_client] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        let window_ms = i64::try_from(policy.settings.violation_window_secs)
             .unwrap_or(i64::MAX / 2)
             .saturating_mul(1000);
-        let mut books = self.lock();
-        books.blocked.retain(|_, until| *until > now);
-        books.buckets.retain(|s, b| {
-            let (rate, burst) = rate_of(s, &settings);
-            b.tokens + (now - b.last_ms) as f64 / 1000.0 * rate < f64::from(burst)
-        });
-        books
-            .violations
-            .retain(|_, (_, start)| now - *start < window_ms);
-        books.last_audit.retain(|_, last| now - *last < 60_000);
-        books
-            .auth_failures
+        for shard in &self.books {
+            let mut books = lock(shard);
+            let before = books.blocked.len();
+            books.blocked.retain(|_, until| *until > now);
+            self.blocks
+                .fetch_sub(before - books.blocked.len(), Ordering::Release);
+            books
+                .violations
+                .retain(|_, (_, start)| now - *start < window_ms);
+            books.last_audit.retain(|_, last| now - *last < 60_000);
+        }
+        lock(&self.auth_failures)
             .retain(|_, f| f.delayed_until_ms > now || now - f.last_ms < AUTH_FAILURE_MEMORY_MS);
     }
 
@@ -191,10 +382,10 @@ impl Limiter {
     /// and learns nothing.
     pub fn auth_delay(&self, ip: IpAddr, client: Option<Uuid>) -> Option<u64> {
         let now = (self.clock)();
-        let books = self.lock();
+        let failures = lock(&self.auth_failures);
         Self::auth_keys(ip, client)
             .iter()
-            .filter_map(|k| books.auth_failures.get(k))
+            .filter_map(|k| failures.get(k))
             .filter(|f| f.delayed_until_ms > now)
             .map(|f| seconds_until(now, f.delayed_until_ms))
             .max()
@@ -206,14 +397,14 @@ impl Limiter {
     pub fn auth_failed(&self, ip: IpAddr, client: Option<Uuid>) -> Option<u64> {
         let settings = self.settings();
         let now = (self.clock)();
-        let mut books = self.lock();
+        let mut failures = lock(&self.auth_failures);
         let mut started = None;
         for key in Self::auth_keys(ip, client) {
             let free = match key {
                 AuthKey::Source(_) => settings.auth_failures_per_source,
                 AuthKey::SourceClient(..) => settings.auth_failures_per_client,
             };
-            let entry = books.auth_failures.entry(key).or_insert(Failures {
+            let entry = failures.entry(key).or_insert(Failures {
                 count: 0,
                 last_ms: now,
                 delayed_until_ms: 0,
@@ -242,7 +433,7 @@ impl Limiter {
     /// source's: one good client behind an address does not vouch for the other guesses).
     pub fn auth_succeeded(&self, ip: IpAddr, client: Option<Uuid>) {
         let [_, pair] = Self::auth_keys(ip, client);
-        self.lock().auth_failures.remove(&pair);
+        lock(&self.auth_failures).remove(&pair);
     }
 
     /// Whether `ip` is blocked outright (lockdown).
@@ -255,43 +446,52 @@ impl Limiter {
             .any(|n| n.contains(&ip))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Books> {
-        self.books
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn books_of(&self, source: &Source) -> std::sync::MutexGuard<'_, Books> {
+        // The remainder is below the length, so the index is in range.
+        lock(&self.books[shard_index(&self.books_hasher, source, self.books.len())])
     }
 
-    /// Takes one request from `source`'s bucket.
+    /// Takes one request from `source`'s allowance.
     pub fn check(&self, source: Source) -> Verdict {
-        let settings = self.settings();
-        let now = (self.clock)();
-        let mut books = self.lock();
-        if let Some(until) = books.blocked.get(&source).copied() {
-            if until > now {
-                return Verdict::Blocked {
-                    retry_after: seconds_until(now, until),
-                    newly: false,
-                };
+        let policy = self.policy();
+        if self.blocks.load(Ordering::Acquire) > 0 {
+            let now = (self.clock)();
+            let mut books = self.books_of(&source);
+            if let Some(until) = books.blocked.get(&source).copied() {
+                if until > now {
+                    return Verdict::Blocked {
+                        retry_after: seconds_until(now, until),
+                        newly: false,
+                    };
+                }
+                books.blocked.remove(&source);
+                self.blocks.fetch_sub(1, Ordering::Release);
             }
-            books.blocked.remove(&source);
         }
-        let (rate, burst) = rate_of(&source, &settings);
-        let bucket = books.buckets.entry(source).or_insert(Bucket {
-            tokens: f64::from(burst),
-            last_ms: now,
-        });
-        bucket.tokens = (bucket.tokens + (now - bucket.last_ms).max(0) as f64 / 1000.0 * rate)
-            .min(f64::from(burst));
-        bucket.last_ms = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Verdict::Allowed;
-        }
-        let retry_after = ((1.0 - bucket.tokens) / rate).ceil().max(1.0) as u64;
-        // Count the violation; too many within the window block the source.
+        let limiter = policy.limiter(&source);
+        let not_until = match limiter.check_key(&source) {
+            Ok(()) => return Verdict::Allowed,
+            Err(not_until) => not_until,
+        };
+        // From a reading taken after governor's, so the wait is never overstated.
+        let now = (self.clock)();
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+        let retry_after = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        self.violation(source, now, &policy.settings, retry_after)
+    }
+
+    /// Counts a refusal of `source`; too many within the window block it.
+    fn violation(
+        &self,
+        source: Source,
+        now: i64,
+        settings: &SecuritySettings,
+        retry_after: u64,
+    ) -> Verdict {
         let window_ms = i64::try_from(settings.violation_window_secs)
             .unwrap_or(i64::MAX / 2)
             .saturating_mul(1000);
+        let mut books = self.books_of(&source);
         let entry = books.violations.entry(source).or_insert((0, now));
         if now - entry.1 >= window_ms {
             *entry = (0, now);
@@ -302,7 +502,9 @@ impl Limiter {
             let block_ms = i64::try_from(settings.block_secs)
                 .unwrap_or(i64::MAX / 2)
                 .saturating_mul(1000);
-            books.blocked.insert(source, now + block_ms);
+            if books.blocked.insert(source, now + block_ms).is_none() {
+                self.blocks.fetch_add(1, Ordering::Release);
+            }
             return Verdict::Blocked {
                 retry_after: settings.block_secs,
                 newly: true,
@@ -319,11 +521,10 @@ impl Limiter {
     }
 }
 
-fn rate_of(source: &Source, s: &SecuritySettings) -> (f64, u32) {
-    match source {
-        Source::Ip(_) => (s.per_ip_per_second, s.per_ip_burst),
-        Source::Client(_) => (s.per_client_per_second, s.per_client_burst),
-    }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn seconds_until(now: i64, until: i64) -> u64 {
@@ -389,7 +590,7 @@ pub(super) async fn limit_by_source(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use std::sync::atomic::{AtomicI64, Ordering};
 
     use super::*;
@@ -467,6 +668,19 @@ mod tests {
         assert_eq!(l.check(ip), Verdict::Allowed);
     }
 
+    /// Totals over the shards: (governor states, violations, audit notes, blocks).
+    fn remembered(l: &Limiter) -> (usize, usize, usize, usize) {
+        let policy = l.policy();
+        let mut totals = (policy.per_ip.len() + policy.per_client.len(), 0, 0, 0);
+        for shard in &l.books {
+            let books = lock(shard);
+            totals.1 += books.violations.len();
+            totals.2 += books.last_audit.len();
+            totals.3 += books.blocked.len();
+        }
+        totals
+    }
+
     #[test]
     fn idle_sources_are_forgotten_and_busy_ones_kept() {
         let (l, now) = limiter(SecuritySettings {
@@ -477,14 +691,19 @@ mod tests {
             block_secs: 900,
             ..SecuritySettings::default()
         });
-        // A thousand sources, each refused once: a bucket, a violation and an audit note each.
+        // A thousand sources, each refused once: a GCRA state, a violation and an audit note
+        // each.
         for n in 0..1000u32 {
             let ip = Source::Ip(std::net::Ipv4Addr::from(0xc000_0200 + n).into());
             assert_eq!(l.check(ip), Verdict::Allowed);
             assert!(matches!(l.check(ip), Verdict::Limited { .. }));
         }
         l.forget_idle();
-        assert_eq!(l.lock().violations.len(), 1000, "inside the window: kept");
+        assert_eq!(
+            remembered(&l),
+            (1000, 1000, 1000, 0),
+            "inside the window: kept"
+        );
         // Past the window, the minute and the refill, and one source busy again.
         now.fetch_add(61_000, Ordering::SeqCst);
         let busy = Source::Ip("198.51.100.7".parse().unwrap());
@@ -494,17 +713,121 @@ mod tests {
             Verdict::Limited { audit: true, .. }
         ));
         l.forget_idle();
-        let books = l.lock();
-        assert_eq!(
-            (
-                books.buckets.len(),
-                books.violations.len(),
-                books.last_audit.len(),
-                books.blocked.len()
-            ),
-            (1, 1, 1, 0)
-        );
-        assert!(books.violations.contains_key(&busy));
+        assert_eq!(remembered(&l), (1, 1, 1, 0));
+        assert!(l.books_of(&busy).violations.contains_key(&busy));
+        // An ended block is forgotten too, and the count of blocks with it.
+        for _ in 0..2 {
+            l.check(busy);
+        }
+        assert_eq!(l.blocks.load(Ordering::SeqCst), 1);
+        now.fetch_add(900_000, Ordering::SeqCst);
+        l.forget_idle();
+        assert_eq!(remembered(&l), (0, 0, 0, 0));
+        assert_eq!(l.blocks.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn retry_after_is_governors_wait_rounded_up_to_whole_seconds() {
+        // One request every 3 s after a burst of 2.
+        let (l, now) = limiter(SecuritySettings {
+            per_client_per_second: 1.0 / 3.0,
+            per_client_burst: 2,
+            ..SecuritySettings::default()
+        });
+        let c = Source::Client(Uuid::nil());
+        let retry = |l: &Limiter| match l.check(c) {
+            Verdict::Limited { retry_after, .. } => retry_after,
+            other => panic!("not limited: {other:?}"),
+        };
+        assert_eq!(l.check(c), Verdict::Allowed);
+        assert_eq!(l.check(c), Verdict::Allowed);
+        assert_eq!(retry(&l), 3);
+        now.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(retry(&l), 3, "2.999 s rounds up");
+        now.fetch_add(1_999, Ordering::SeqCst);
+        assert_eq!(retry(&l), 1);
+        now.fetch_add(999, Ordering::SeqCst);
+        assert_eq!(retry(&l), 1, "1 ms is still a second");
+        now.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(l.check(c), Verdict::Allowed);
+        assert_eq!(retry(&l), 3);
+    }
+
+    #[test]
+    fn settings_changed_at_run_time_govern_the_next_requests() {
+        let (l, now) = limiter(SecuritySettings {
+            per_ip_per_second: 0.001,
+            per_ip_burst: 10,
+            per_client_per_second: 0.001,
+            per_client_burst: 10,
+            ..SecuritySettings::default()
+        });
+        let ip = Source::Ip("192.0.2.1".parse().unwrap());
+        let c = Source::Client(Uuid::nil());
+        for _ in 0..4 {
+            assert_eq!(l.check(ip), Verdict::Allowed);
+            assert_eq!(l.check(c), Verdict::Allowed);
+        }
+        // A lower client burst: every client starts afresh with exactly the new burst...
+        l.apply(SecuritySettings {
+            per_client_burst: 3,
+            ..(*l.settings()).clone()
+        });
+        for _ in 0..3 {
+            assert_eq!(l.check(c), Verdict::Allowed);
+        }
+        assert!(matches!(l.check(c), Verdict::Limited { .. }));
+        // ... and addresses, whose quota did not change, keep their state: 6 of 10 left.
+        for _ in 0..6 {
+            assert_eq!(l.check(ip), Verdict::Allowed);
+        }
+        assert!(matches!(l.check(ip), Verdict::Limited { .. }));
+        // A change to something else (the block period) resets no limiter.
+        l.apply(SecuritySettings {
+            block_secs: 60,
+            ..(*l.settings()).clone()
+        });
+        assert!(matches!(l.check(ip), Verdict::Limited { .. }));
+        assert!(matches!(l.check(c), Verdict::Limited { .. }));
+        // A faster rate: the refill follows it, and so does Retry-After.
+        l.apply(SecuritySettings {
+            per_client_per_second: 2.0,
+            per_client_burst: 1,
+            ..(*l.settings()).clone()
+        });
+        assert_eq!(l.check(c), Verdict::Allowed);
+        assert!(matches!(
+            l.check(c),
+            Verdict::Limited { retry_after: 1, .. }
+        ));
+        now.fetch_add(499, Ordering::SeqCst);
+        assert!(matches!(l.check(c), Verdict::Limited { .. }));
+        now.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(l.check(c), Verdict::Allowed);
+        // The settings read back are the ones in force.
+        let settings = l.settings();
+        assert_eq!((settings.per_client_burst, settings.block_secs), (1, 60));
+    }
+
+    #[test]
+    fn concurrent_checks_of_one_source_let_exactly_the_burst_through() {
+        let (l, _) = limiter(SecuritySettings {
+            per_client_per_second: 0.001,
+            per_client_burst: 1000,
+            ..SecuritySettings::default()
+        });
+        let l = Arc::new(l);
+        let c = Source::Client(Uuid::from_u128(7));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    (0..500).filter(|_| l.check(c) == Verdict::Allowed).count()
+                })
+            })
+            .collect();
+        let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(allowed, 1000);
     }
 
     #[test]
@@ -550,7 +873,7 @@ mod tests {
         // Quiet for the memory period: forgotten.
         now.fetch_add(AUTH_FAILURE_MEMORY_MS + 10_000, Ordering::SeqCst);
         l.forget_idle();
-        assert!(l.lock().auth_failures.is_empty());
+        assert!(lock(&l.auth_failures).is_empty());
         assert_eq!(l.auth_failed(ip, victim), None);
     }
 }

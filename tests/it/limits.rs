@@ -3,7 +3,8 @@
 //! with an honest `Retry-After`, until its bucket refills (the limiter's clock is moved, never
 //! waited for); a source that keeps going over is blocked for the whole period and no longer;
 //! settings changed through the admin API reach every broker (another limiter on the same
-//! database, and a real `keybroker serve` child within its refresh interval), and bad settings
+//! database, and a real `keybroker serve` child within its refresh interval), govern the very
+//! next requests (governor's limiters are rebuilt with the new quota), and bad settings
 //! are refused without touching the stored ones; a lockdown (API or CLI) kills live tokens at
 //! their next request and blocks the client's addresses until lifted; and repeated refusals
 //! (denied unwraps, address mismatches, failed authentications) disable a client with a
@@ -715,6 +716,85 @@ async fn a_running_broker_applies_a_change_made_on_another_within_seconds() {
     }
     server.stop().await;
     child.stop().await;
+}
+
+#[tokio::test]
+async fn limits_an_officer_changes_govern_the_next_requests_and_refusals_stay_coalesced() {
+    let server = TestServer::start().await;
+    let c = server.register("changing", IpPolicy::Any, "datakey").await;
+    // The client calls from 127.0.0.3; the officer (127.0.0.1) has its own address budget.
+    let three = from("127.0.0.3");
+    // Rates of a request every 1000 s or 100 s: real time passing during the test (seconds at
+    // most) refills nothing that counts, so only `advance` moves the limiter's clock.
+    let mut settings = SecuritySettings {
+        per_client_per_second: 0.001,
+        per_client_burst: 10,
+        ..SecuritySettings::default()
+    };
+    put_settings(&server, &settings).await;
+    for i in 0..4 {
+        let reply = usage(&server, &three, &c.token).await;
+        assert_eq!(reply.status, 200, "request {i} of 10: {}", reply.body);
+    }
+
+    // A lower burst: the very next requests get exactly the new burst, then 429.
+    settings.per_client_burst = 3;
+    put_settings(&server, &settings).await;
+    for i in 0..3 {
+        let reply = usage(&server, &three, &c.token).await;
+        assert_eq!(reply.status, 200, "request {i} of 3: {}", reply.body);
+    }
+    let retry = refused(&usage(&server, &three, &c.token).await, 429, "rate_limited");
+    assert!(
+        retry.is_some_and(|r| (101..=1000).contains(&r)),
+        "{retry:?}"
+    );
+
+    // A faster rate (and a burst of 2): Retry-After follows the new rate, and so does the refill.
+    settings.per_client_per_second = 0.01;
+    settings.per_client_burst = 2;
+    put_settings(&server, &settings).await;
+    for i in 0..2 {
+        let reply = usage(&server, &three, &c.token).await;
+        assert_eq!(reply.status, 200, "request {i} of 2: {}", reply.body);
+    }
+    let retry = refused(&usage(&server, &three, &c.token).await, 429, "rate_limited")
+        .expect("no Retry-After on a 429");
+    assert!((1..=100).contains(&retry), "Retry-After {retry} at 0.01/s");
+    // The refusals under both settings, within a minute, are one coalesced event: the limiters
+    // were rebuilt, the audit notes were not.
+    let rows = wait_for_events(&server, "rate_limit_exceeded", Some(&c.id), &c.id, 1).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    advance(&server, retry * 1000);
+    assert_eq!(usage(&server, &three, &c.token).await.status, 200);
+    refused(&usage(&server, &three, &c.token).await, 429, "rate_limited");
+
+    // A per-address limit changed while the client's is not: the client's limiter carries on
+    // (one request refilled after 100 s, not a fresh burst of 2), the address gets exactly its
+    // new burst of 5.
+    advance(&server, 100 * 1000);
+    settings.per_ip_per_second = 0.001;
+    settings.per_ip_burst = 5;
+    put_settings(&server, &settings).await;
+    assert_eq!(usage(&server, &three, &c.token).await.status, 200);
+    refused(&usage(&server, &three, &c.token).await, 429, "rate_limited");
+    // Two of the address's 5 are gone (the client's refusal came after the address's check).
+    for i in 0..3 {
+        let reply = usage(&server, &three, "").await;
+        assert_eq!(
+            reply.status, 401,
+            "request {i} of the address's last 3: {}",
+            reply.body
+        );
+    }
+    refused(&usage(&server, &three, "").await, 429, "rate_limited");
+    // Refused by the address now, before authentication: the client's refill does not help.
+    advance(&server, 100 * 1000);
+    refused(&usage(&server, &three, &c.token).await, 429, "rate_limited");
+    // The address was refused in two different minutes (of the limiter's clock): two events.
+    let rows = wait_for_events(&server, "rate_limit_exceeded", None, "127.0.0.3", 2).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    server.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
