@@ -166,10 +166,12 @@ impl<R: Reserve> SealBudget<R> {
             if age >= self.ttl || remaining < n {
                 return None;
             }
-            match self
-                .state
-                .compare_exchange_weak(current, pack(Some(version), remaining - n), SeqCst, SeqCst)
-            {
+            match self.state.compare_exchange_weak(
+                current,
+                pack(Some(version), remaining - n),
+                SeqCst,
+                SeqCst,
+            ) {
                 Ok(_) => {
                     if remaining - n < self.granted.load(SeqCst) / 2 || age >= self.ttl * 3 / 4 {
                         self.refill_ahead(now);
@@ -259,7 +261,9 @@ fn pack(version: Option<MasterKeyVersion>, remaining: u64) -> u64 {
 }
 
 fn unpack(state: u64) -> (Option<MasterKeyVersion>, u64) {
-    let version = u32::try_from(state >> 32).ok().and_then(MasterKeyVersion::new);
+    let version = u32::try_from(state >> 32)
+        .ok()
+        .and_then(MasterKeyVersion::new);
     (version, state & u64::from(u32::MAX))
 }
 
@@ -350,5 +354,236 @@ impl<S: Load> Refreshed<S> {
             value: Arc::clone(&value),
         })));
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU32, AtomicUsize};
+
+    use tokio::sync::watch;
+
+    use super::*;
+
+    /// Postgres as far as reservations go: seals reserved (net of hand-backs) per version.
+    struct FakeStore {
+        active: AtomicU32,
+        reserved: Mutex<HashMap<u32, u64>>,
+        calls: AtomicUsize,
+        fail: AtomicBool,
+        /// Reservations wait while this is false.
+        open: watch::Sender<bool>,
+    }
+
+    impl FakeStore {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                active: AtomicU32::new(1),
+                reserved: Mutex::default(),
+                calls: AtomicUsize::new(0),
+                fail: AtomicBool::new(false),
+                open: watch::channel(true).0,
+            })
+        }
+
+        fn reserved(&self, version: u32) -> u64 {
+            lock(&self.reserved).get(&version).copied().unwrap_or(0)
+        }
+    }
+
+    impl Reserve for Arc<FakeStore> {
+        async fn reserve(
+            &self,
+            unused: Option<(MasterKeyVersion, u64)>,
+            want: u64,
+        ) -> Result<MasterKeyVersion, StoreError> {
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+            self.calls.fetch_add(1, SeqCst);
+            if self.fail.load(SeqCst) {
+                return Err(StoreError::NoActiveMasterKey);
+            }
+            let mut reserved = lock(&self.reserved);
+            if let Some((version, count)) = unused {
+                *reserved.entry(version.get()).or_default() -= count;
+            }
+            let active = self.active.load(SeqCst);
+            *reserved.entry(active).or_default() += want;
+            Ok(MasterKeyVersion::new(active).unwrap())
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn landed<R>(budget: &SealBudget<R>) -> bool {
+        !budget.flight.busy.load(SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_never_hand_out_more_than_reserved() {
+        let store = FakeStore::new();
+        let budget = Arc::new(SealBudget::new(store.clone(), LONG));
+        let handed: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
+        let tasks: Vec<_> = (0..16_u64)
+            .map(|t| {
+                let (budget, handed, store) = (budget.clone(), handed.clone(), store.clone());
+                tokio::spawn(async move {
+                    for i in 0..1_500_u64 {
+                        let n = 1 + (i + t) % 5;
+                        let version = budget.reserve(n, Instant::now()).await.unwrap();
+                        *lock(&handed).entry(version.get()).or_default() += n;
+                        // Rotations (on "another node", and local ones) in the middle of it all.
+                        if t == 0 && i % 300 == 299 {
+                            store.active.fetch_add(1, SeqCst);
+                            if i % 600 == 599 {
+                                budget.expire();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        until("the last refill landed", || landed(&budget)).await;
+        let handed = lock(&handed).clone();
+        let (current, remaining) = unpack(budget.state.load(SeqCst));
+        let unused = *lock(&budget.unused);
+        assert!(handed.len() > 1, "no rotation was picked up: {handed:?}");
+        for version in 1..=store.active.load(SeqCst) {
+            let done = handed.get(&version).copied().unwrap_or(0);
+            let reserved = store.reserved(version);
+            assert!(
+                done <= reserved,
+                "v{version}: {done} sealed, {reserved} reserved"
+            );
+            // Exactly: what is reserved and not done is still held here, to be used or given back.
+            let held = if current.map(MasterKeyVersion::get) == Some(version) {
+                remaining
+            } else {
+                0
+            } + unused
+                .filter(|(v, _)| v.get() == version)
+                .map_or(0, |(_, n)| n);
+            assert_eq!(reserved - done, held, "v{version}");
+        }
+        assert_eq!(
+            handed.values().sum::<u64>(),
+            (0..16_u64)
+                .map(|t| (0..1_500_u64).map(|i| 1 + (i + t) % 5).sum::<u64>())
+                .sum::<u64>()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_refilled_before_it_runs_out() {
+        let store = FakeStore::new();
+        let budget = Arc::new(SealBudget::new(store.clone(), LONG));
+        let now = Instant::now();
+        budget.reserve(1, now).await.unwrap();
+        assert_eq!(unpack(budget.state.load(SeqCst)).1, MIN_SEAL_BLOCK);
+        // Postgres stalls: requests keep sealing from what is left while the refill waits.
+        store.open.send_replace(false);
+        let half = MIN_SEAL_BLOCK / 2;
+        for _ in 0..=half {
+            assert!(budget.try_take(1, now).is_some());
+        }
+        assert!(!landed(&budget), "no refill started below half a block");
+        for _ in 0..half - 1 {
+            assert!(budget.try_take(1, now).is_some(), "a request waited");
+        }
+        assert!(budget.try_take(1, now).is_none());
+        store.open.send_replace(true);
+        until("the refill landed", || landed(&budget)).await;
+        assert_eq!(store.calls.load(SeqCst), 2);
+        // Drained early: the next block is twice as large.
+        assert_eq!(unpack(budget.state.load(SeqCst)).1, 2 * MIN_SEAL_BLOCK);
+        assert_eq!(store.reserved(1), 1 + MIN_SEAL_BLOCK + 2 * MIN_SEAL_BLOCK);
+    }
+
+    #[tokio::test]
+    async fn another_nodes_rotation_is_picked_up_within_the_ttl_and_unused_seals_go_back() {
+        let store = FakeStore::new();
+        let ttl = Duration::from_secs(1);
+        let budget = Arc::new(SealBudget::new(store.clone(), ttl));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(budget.reserve(1, at(0)).await.unwrap().get(), 1);
+        store.active.store(2, SeqCst);
+        assert_eq!(budget.reserve(1, at(500)).await.unwrap().get(), 1);
+        assert_eq!(
+            store.calls.load(SeqCst),
+            1,
+            "a fresh grant went to Postgres"
+        );
+        // Three quarters of the TTL: still the old grant, and a refill in the background.
+        assert_eq!(budget.reserve(1, at(800)).await.unwrap().get(), 1);
+        until("the refill landed", || {
+            store.calls.load(SeqCst) == 2 && landed(&budget)
+        })
+        .await;
+        assert_eq!(budget.reserve(1, at(800)).await.unwrap().get(), 2);
+        // Past the TTL nothing old is used: the request reserves afresh.
+        store.active.store(3, SeqCst);
+        assert_eq!(budget.reserve(1, at(2_000)).await.unwrap().get(), 3);
+        // v1's unused seals went back with the v3 reservation; v2's wait for the next one.
+        assert_eq!(store.reserved(1), 3);
+        assert_eq!(store.reserved(2), MIN_SEAL_BLOCK);
+        budget.expire();
+        assert_eq!(budget.reserve(1, at(2_000)).await.unwrap().get(), 3);
+        assert_eq!(store.reserved(2), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_refill_is_answered_and_leaves_nobody_waiting() {
+        let store = FakeStore::new();
+        let budget = Arc::new(SealBudget::new(store.clone(), LONG));
+        store.fail.store(true, SeqCst);
+        let err = budget.reserve(1, Instant::now()).await.unwrap_err();
+        assert!(matches!(err, StoreError::NoActiveMasterKey), "{err:?}");
+        assert!(landed(&budget));
+        store.fail.store(false, SeqCst);
+        assert_eq!(budget.reserve(1, Instant::now()).await.unwrap().get(), 1);
+    }
+
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Load for Counting {
+        type Value = usize;
+
+        async fn load(&self) -> Result<usize, StoreError> {
+            Ok(self.0.fetch_add(1, SeqCst) + 1)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refreshed_value_is_read_again_ahead_of_its_ttl_and_never_used_past_it() {
+        let loads = Arc::new(AtomicUsize::new(0));
+        let value = Arc::new(Refreshed::new(
+            Counting(loads.clone()),
+            Duration::from_secs(1),
+        ));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(*value.get(at(0)).await.unwrap(), 1);
+        assert_eq!(*value.get(at(500)).await.unwrap(), 1);
+        assert_eq!(*value.get(at(800)).await.unwrap(), 1);
+        until("the refresh landed", || {
+            loads.load(SeqCst) == 2 && !value.flight.busy.load(SeqCst)
+        })
+        .await;
+        assert_eq!(*value.get(at(800)).await.unwrap(), 2);
+        // Stamped when its read began (800 ms): stale at 1,800 ms.
+        assert_eq!(*value.get(at(1_800)).await.unwrap(), 3);
     }
 }
