@@ -1629,11 +1629,11 @@ impl Authenticator {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let leeway = i64::try_from(self.config.leeway).unwrap_or(0);
         match self.verified.live(&digest, unix_now() - leeway) {
-            Cached::Live(claims) => return Ok(claims),
-            Cached::Expired => {
+            VerifiedHit::Live(claims) => return Ok(claims),
+            VerifiedHit::Expired => {
                 return Err(AuthError::InvalidToken("signature or claims do not verify"));
             }
-            Cached::Missing => {}
+            VerifiedHit::Missing => {}
         }
         let claims = self.verify_uncached(token)?;
         self.verified.insert(digest, claims.clone());
@@ -1963,14 +1963,14 @@ impl VerifiedCache {
 
     /// The claims if the token is still valid at `now` (leeway already subtracted); an expired
     /// entry is dropped.
-    fn live(&self, digest: &[u8; 32], now: i64) -> Cached {
+    fn live(&self, digest: &[u8; 32], now: i64) -> VerifiedHit {
         match self.get(digest) {
-            Some(claims) if claims.exp > now => Cached::Live(claims),
+            Some(claims) if claims.exp > now => VerifiedHit::Live(claims),
             Some(_) => {
                 self.write(digest).remove(digest);
-                Cached::Expired
+                VerifiedHit::Expired
             }
-            None => Cached::Missing,
+            None => VerifiedHit::Missing,
         }
     }
 
@@ -1993,7 +1993,7 @@ impl VerifiedCache {
 }
 
 /// What [`VerifiedCache::live`] found.
-enum Cached {
+enum VerifiedHit {
     Live(AccessClaims),
     Expired,
     Missing,
@@ -2014,7 +2014,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
-    fn claims(exp: i64) -> AccessClaims {
+    fn cached_claims(exp: i64) -> AccessClaims {
         AccessClaims {
             iss: "iss".into(),
             sub: Uuid::new_v4().to_string(),
@@ -2027,7 +2027,7 @@ mod tests {
         }
     }
 
-    fn digest_of(n: u32) -> [u8; 32] {
+    fn cache_digest(n: u32) -> [u8; 32] {
         Sha256::digest(n.to_be_bytes()).into()
     }
 
@@ -2035,7 +2035,7 @@ mod tests {
     fn the_verified_cache_stays_bounded_and_spreads_over_its_shards() {
         let cache = VerifiedCache::default();
         for n in 0..(VERIFIED_CACHE_SIZE as u32 * 3) {
-            cache.insert(digest_of(n), claims(100));
+            cache.insert(cache_digest(n), cached_claims(100));
         }
         let sizes: Vec<usize> = cache.shards.iter().map(|s| read(s).len()).collect();
         assert!(
@@ -2049,7 +2049,7 @@ mod tests {
             "{sizes:?}"
         );
         // The latest entry is always there (a full shard starts afresh before inserting).
-        let last = digest_of(VERIFIED_CACHE_SIZE as u32 * 3 - 1);
+        let last = cache_digest(VERIFIED_CACHE_SIZE as u32 * 3 - 1);
         assert!(cache.get(&last).is_some());
         cache.clear();
         assert!(cache.shards.iter().all(|s| read(s).is_empty()));
@@ -2058,13 +2058,13 @@ mod tests {
     #[test]
     fn a_verified_cache_hit_is_checked_for_expiry_every_time() {
         let cache = VerifiedCache::default();
-        let digest = digest_of(7);
-        cache.insert(digest, claims(100));
-        assert!(matches!(cache.live(&digest, 99), Cached::Live(c) if c.exp == 100));
-        assert!(matches!(cache.live(&digest, 99), Cached::Live(_)));
+        let digest = cache_digest(7);
+        cache.insert(digest, cached_claims(100));
+        assert!(matches!(cache.live(&digest, 99), VerifiedHit::Live(c) if c.exp == 100));
+        assert!(matches!(cache.live(&digest, 99), VerifiedHit::Live(_)));
         // Expired: refused, and gone from the cache.
-        assert!(matches!(cache.live(&digest, 100), Cached::Expired));
-        assert!(matches!(cache.live(&digest, 0), Cached::Missing));
+        assert!(matches!(cache.live(&digest, 100), VerifiedHit::Expired));
+        assert!(matches!(cache.live(&digest, 0), VerifiedHit::Missing));
         assert!(cache.get(&digest).is_none());
     }
 
@@ -2076,10 +2076,10 @@ mod tests {
                 let cache = cache.clone();
                 std::thread::spawn(move || {
                     for n in 0..2_000 {
-                        let digest = digest_of(t * 10_000 + n);
-                        cache.insert(digest, claims(100));
+                        let digest = cache_digest(t * 10_000 + n);
+                        cache.insert(digest, cached_claims(100));
                         // Another thread may have filled the shard since: live or gone.
-                        assert!(!matches!(cache.live(&digest, 0), Cached::Expired));
+                        assert!(!matches!(cache.live(&digest, 0), VerifiedHit::Expired));
                     }
                 })
             })
