@@ -11,6 +11,7 @@
 #   BENCH_SECONDS   seconds per measurement (default 10)
 #   BENCH_PARTS     "all" (default), or "pool" for (c) alone
 #   BENCH_RSS_REQUESTS  data keys for the RSS figure (default 1000000; 0 skips it)
+#   BENCH_PROFILE   1 (default): a perf profile while datakey runs at 64 connections; 0 skips it
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
@@ -204,6 +205,22 @@ if [ "$RSS_TARGET" -gt 0 ]; then
   kb_log "$RSS_LINE"
 fi
 
+# Where the time goes: a sampling profile (perf, software clock: this VM has no hardware
+# counters) of the whole machine while datakey runs at 64 connections (BENCH_PROFILE=0 skips it).
+PROFILE_LINE=
+if [ "${BENCH_PROFILE:-1}" != 0 ]; then
+  kb_install_packages linux-perf
+  perf record -q -e cpu-clock -F 999 -g -a -o "$WORK/perf.data" -- sleep "$SECONDS_EACH" >/dev/null 2>&1 &
+  PERF=$!
+  measure datakey /v1/datakey 64 "$SECONDS_EACH"
+  wait "$PERF" || true
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort comm,dso -q 2>/dev/null \
+    | awk 'NF && $1 ~ /%$/' | head -15 >"$WORK/profile-dso.txt"
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none -q 2>/dev/null \
+    | awk 'NF && $1 ~ /%$/' | head -40 >"$WORK/profile-sym.txt"
+  PROFILE_LINE=yes
+fi
+
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(. /etc/os-release; echo "$PRETTY_NAME"), $(softhsm2-util --version | head -1 | sed 's/^/SoftHSM /')"
 echo "token seal (RNG 32 B + AES-256-GCM), no HTTP: ${TOKEN_RATE[0]} ops/s inside one blocking call;"
@@ -215,3 +232,11 @@ printf '%s\n' "${ROWS[@]}"
 echo
 echo "garbage-token flood, 64 connections, 10 s: $FLOOD_RPS req/s ($(ratio "$FLOOD_RPS" "${FLOOR[64]}")× healthz), p99 $FLOOD_P99 ms, $FLOOD_REFUSED of $FLOOD_TOTAL refused; audit rows added: $added over $windows windows of ${FLOOD_WINDOW} s (one source)"
 echo "$RSS_LINE"
+if [ -n "$PROFILE_LINE" ]; then
+  echo
+  echo "profile of the machine during datakey at 64 connections (perf, cpu-clock), by process and object:"
+  cat "$WORK/profile-dso.txt"
+  echo
+  echo "hottest symbols:"
+  cat "$WORK/profile-sym.txt"
+fi

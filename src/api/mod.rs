@@ -173,6 +173,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static("max-age=31536000"),
         ))
+        // Outermost of the layers that use it: the source address is worked out once here.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            resolve_source,
+        ))
         .with_state(state)
 }
 
@@ -683,8 +688,36 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
+/// The request's source address as [`resolve_source`] worked it out, for the layers and
+/// extractors inside it (the request log, the audit scope, the limiter, `Caller`, `Source`).
 fn request_source(parts: &Parts, state: &AppState) -> std::net::IpAddr {
-    source_of(peer_of(parts), &parts.headers, state)
+    // Worked out here only for a request that did not pass the layer (never, when served).
+    resolved_source(&parts.extensions)
+        .unwrap_or_else(|| source_of(peer_of(parts), &parts.headers, state))
+}
+
+/// The source address, once per request: `X-Forwarded-For` parsing against the trusted proxies
+/// is done here, and every later reader gets the same answer from the request's extensions.
+async fn resolve_source(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let source = source_of(peer, request.headers(), &state);
+    request.extensions_mut().insert(ResolvedSource(source));
+    next.run(request).await
+}
+
+/// What [`resolve_source`] leaves in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+struct ResolvedSource(std::net::IpAddr);
+
+fn resolved_source(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions.get::<ResolvedSource>().map(|r| r.0)
 }
 
 fn peer_of(parts: &Parts) -> Option<std::net::IpAddr> {
@@ -1350,6 +1383,28 @@ impl utoipa::Modify for BearerAuth {
                     .description(Some("An ES256 access token from POST /v1/oauth/token"))
                     .build(),
             ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_resolved_source_is_read_back_not_worked_out_again() {
+        let mut extensions = axum::http::Extensions::new();
+        assert_eq!(resolved_source(&extensions), None);
+        // The peer says one thing, the resolved source another: readers take the resolved one.
+        extensions.insert(ConnectInfo(std::net::SocketAddr::from((
+            [10, 0, 0, 1],
+            443,
+        ))));
+        extensions.insert(ResolvedSource(std::net::IpAddr::from([192, 0, 2, 7])));
+        assert_eq!(
+            resolved_source(&extensions),
+            Some(std::net::IpAddr::from([192, 0, 2, 7]))
         );
     }
 }

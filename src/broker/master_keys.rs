@@ -168,7 +168,7 @@ impl Broker {
     /// Seal under the new active version from the next call on (on this node at once; other
     /// nodes within the active-version refresh interval).
     async fn expire_seal_budget(&self) {
-        self.budget.lock().await.fetched = std::time::Instant::now() - super::ACTIVE_VERSION_TTL;
+        self.budget.expire();
     }
 
     /// Every version recorded in Postgres or present on the token, ascending, with its state,

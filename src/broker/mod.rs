@@ -3,6 +3,7 @@
 //! readiness. It orders calls to the token (`hsm`) and the database (`store`) and knows nothing
 //! of HTTP.
 
+mod budget;
 mod custody_gauges;
 mod keys;
 mod maintenance;
@@ -23,20 +24,17 @@ pub use usage::Operation;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use crate::crypto::{Aad, DEK_LEN, EncryptionContext, KeyMaterial, MasterKeyVersion, WrappedBlob};
 use crate::hsm::{Hsm, HsmError, InitReport, TokenSession};
 use crate::store::{Store, StoreError};
+use budget::{Load, Refreshed, SealBudget};
 
 /// How long a broker keeps sealing under the active version it last read before asking Postgres
 /// again. Another node's rotation takes effect here within this time; a seal made under the
 /// previous version in between stays valid (that version is decrypt-only, not gone).
 const ACTIVE_VERSION_TTL: Duration = Duration::from_secs(1);
-/// Bounds of the adaptive seal reservation block (see [`SealBudget`]).
-const MIN_SEAL_BLOCK: u64 = 16;
-const MAX_SEAL_BLOCK: u64 = 65_536;
 
 /// What a use case can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -203,15 +201,27 @@ pub struct Readiness {
     pub database: Result<(), BrokerError>,
 }
 
-/// The active master-key version this broker seals under, with seals reserved in Postgres.
-/// Seals are reserved in blocks so that counting them costs one query per block or per
-/// [`ACTIVE_VERSION_TTL`], not one per request; the block grows while traffic drains it early
-/// and shrinks while it goes unused, and unused seals are handed back at each refresh.
-struct SealBudget {
-    version: Option<MasterKeyVersion>,
-    remaining: u64,
-    fetched: Instant,
-    block: u64,
+/// Reads the destroyed master-key versions and drops this process's copies of them.
+struct DestroyedVersions {
+    store: Store,
+    hsm: Hsm,
+}
+
+impl Load for DestroyedVersions {
+    type Value = Vec<MasterKeyVersion>;
+
+    async fn load(&self) -> Result<Vec<MasterKeyVersion>, StoreError> {
+        let versions: Vec<MasterKeyVersion> = self
+            .store
+            .master_keys()
+            .await?
+            .into_iter()
+            .filter(|row| row.state == "destroyed")
+            .map(|row| row.version)
+            .collect();
+        self.hsm.forget_master_keys(&versions);
+        Ok(versions)
+    }
 }
 
 /// The use cases. Cheap to share behind an `Arc`.
@@ -219,11 +229,13 @@ pub struct Broker {
     hsm: Hsm,
     store: Store,
     limits: Limits,
-    budget: Mutex<SealBudget>,
+    /// The active master-key version this broker seals under, with seals reserved in Postgres
+    /// (see [`SealBudget`]); re-read at least every [`ACTIVE_VERSION_TTL`].
+    budget: Arc<SealBudget<Store>>,
     usage: usage::UsageCounter,
     master_key_policy: MasterKeyPolicy,
     /// The destroyed master-key versions, as last read (at most [`ACTIVE_VERSION_TTL`] ago).
-    destroyed: Mutex<(Option<Instant>, Arc<Vec<MasterKeyVersion>>)>,
+    destroyed: Arc<Refreshed<DestroyedVersions>>,
     /// What `/metrics` shows of key custody, kept fresh in the background.
     custody: Arc<custody_gauges::CustodyGauges>,
 }
@@ -233,18 +245,19 @@ impl Broker {
     pub fn new(hsm: Hsm, store: Store, limits: Limits) -> Self {
         crate::audit::install(&store, &hsm);
         Self {
+            budget: Arc::new(SealBudget::new(store.clone(), ACTIVE_VERSION_TTL)),
+            destroyed: Arc::new(Refreshed::new(
+                DestroyedVersions {
+                    store: store.clone(),
+                    hsm: hsm.clone(),
+                },
+                ACTIVE_VERSION_TTL,
+            )),
             hsm,
             store,
             limits,
-            budget: Mutex::new(SealBudget {
-                version: None,
-                remaining: 0,
-                fetched: Instant::now(),
-                block: MIN_SEAL_BLOCK,
-            }),
             usage: usage::UsageCounter::default(),
             master_key_policy: MasterKeyPolicy::default(),
-            destroyed: Mutex::new((None, Arc::new(Vec::new()))),
             custody: Arc::default(),
         }
     }
@@ -520,52 +533,13 @@ impl Broker {
     /// officer's `destroy-master` on any broker takes effect on this one within that time, and
     /// its copies of the key are dropped.
     async fn destroyed_master_keys(&self) -> Result<Arc<Vec<MasterKeyVersion>>, BrokerError> {
-        let mut cached = self.destroyed.lock().await;
-        if let (Some(read_at), versions) = &*cached
-            && read_at.elapsed() < ACTIVE_VERSION_TTL
-        {
-            return Ok(versions.clone());
-        }
-        let versions: Vec<MasterKeyVersion> = self
-            .store
-            .master_keys()
-            .await?
-            .into_iter()
-            .filter(|row| row.state == "destroyed")
-            .map(|row| row.version)
-            .collect();
-        self.hsm.forget_master_keys(&versions);
-        let versions = Arc::new(versions);
-        *cached = (Some(Instant::now()), versions.clone());
-        Ok(versions)
+        Ok(self.destroyed.get(Instant::now()).await?)
     }
 
     /// Reserves `n` seals and returns the version to seal under (see [`SealBudget`]).
     async fn reserve_seals(&self, n: usize) -> Result<MasterKeyVersion, BrokerError> {
-        let n = n as u64;
-        let mut budget = self.budget.lock().await;
-        let fresh = budget.fetched.elapsed() < ACTIVE_VERSION_TTL;
-        if let Some(version) = budget.version
-            && fresh
-            && budget.remaining >= n
-        {
-            budget.remaining -= n;
-            return Ok(version);
-        }
-        budget.block = if fresh {
-            (budget.block * 2).min(MAX_SEAL_BLOCK)
-        } else if budget.remaining > budget.block / 2 {
-            (budget.block / 2).max(MIN_SEAL_BLOCK)
-        } else {
-            budget.block
-        };
-        let want = budget.block.max(n);
-        let unused = budget.version.map(|v| (v, budget.remaining));
-        let version = self.store.reserve_seals(unused, want).await?;
-        budget.version = Some(version);
-        budget.remaining = want - n;
-        budget.fetched = Instant::now();
-        Ok(version)
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        Ok(self.budget.reserve(n, Instant::now()).await?)
     }
 }
 

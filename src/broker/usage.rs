@@ -2,8 +2,10 @@
 //! statement per flush (the background worker flushes every tick, and readers flush first), so
 //! counting costs no query per request. A crash loses at most one tick of counts.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use uuid::Uuid;
 
@@ -54,17 +56,43 @@ impl Operation {
 
 type Counts = HashMap<(Uuid, Uuid, Operation, i64), i64>;
 
-/// Counts not yet in Postgres.
-#[derive(Default)]
-pub(super) struct UsageCounter(Mutex<Counts>);
+/// How many stripes the counts are spread over: more than the worker threads of any machine we
+/// expect, so two threads rarely share one.
+const STRIPES: usize = 32;
+
+thread_local! {
+    /// This thread's stripe, handed out round-robin on first use.
+    static STRIPE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+fn my_stripe() -> usize {
+    STRIPE.with(|stripe| {
+        stripe.get().unwrap_or_else(|| {
+            let mine = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            stripe.set(Some(mine));
+            mine
+        })
+    })
+}
+
+/// Counts not yet in Postgres, striped by thread: each worker thread adds to its own stripe, so
+/// a hot client or key is never one lock every request waits on; a flush takes every stripe.
+pub(super) struct UsageCounter([Mutex<Counts>; STRIPES]);
+
+impl Default for UsageCounter {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| Mutex::default()))
+    }
+}
+
+fn lock(counts: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
+    counts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 impl UsageCounter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Counts one operation (`key` nil for stateless calls) on the day of `now`.
     pub(super) fn record(&self, client: Uuid, key: Uuid, op: Operation, now: i64) {
         self.add(client, key, op, now, 1);
@@ -72,15 +100,21 @@ impl UsageCounter {
 
     /// Counts `n` operations.
     pub(super) fn add(&self, client: Uuid, key: Uuid, op: Operation, now: i64, n: i64) {
-        *self
-            .lock()
+        *lock(&self.0[my_stripe()])
             .entry((client, key, op, now - now.rem_euclid(DAY)))
             .or_default() += n;
     }
 
     fn take(&self) -> Vec<UsageRow> {
-        std::mem::take(&mut *self.lock())
-            .into_iter()
+        let mut all = Counts::new();
+        for stripe in &self.0 {
+            // Swapped out under the stripe's lock, merged outside it.
+            let counts = std::mem::take(&mut *lock(stripe));
+            for (key, n) in counts {
+                *all.entry(key).or_default() += n;
+            }
+        }
+        all.into_iter()
             .map(|((client_id, key_id, op, day), count)| UsageRow {
                 client_id,
                 key_id,
@@ -92,7 +126,7 @@ impl UsageCounter {
     }
 
     fn give_back(&self, rows: Vec<UsageRow>) {
-        let mut counts = self.lock();
+        let mut counts = lock(&self.0[my_stripe()]);
         for row in rows {
             let op = ALL_OPERATIONS
                 .iter()
@@ -161,5 +195,65 @@ impl Broker {
             .store
             .usage(client, key, now - i64::from(days) * DAY)
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn counts_from_many_threads_add_up_exactly() {
+        let counter = std::sync::Arc::new(UsageCounter::default());
+        let clients: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let counter = counter.clone();
+                let clients = clients.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5_000_i64 {
+                        let client = clients[(i as usize + t) % clients.len()];
+                        // Two days, so the day bucket is part of the key.
+                        counter.record(client, Uuid::nil(), Operation::Datakey, i % 2 * DAY);
+                        counter.add(client, Uuid::nil(), Operation::Unwrap, 0, 2);
+                    }
+                })
+            })
+            .collect();
+        // A flush in the middle takes what is there; what comes later is in the next one.
+        let mut rows = counter.take();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        rows.extend(counter.take());
+        let total = |op: &str| -> i64 {
+            rows.iter()
+                .filter(|r| r.operation == op)
+                .map(|r| r.count)
+                .sum()
+        };
+        assert_eq!(total("datakey"), 8 * 5_000);
+        assert_eq!(total("unwrap"), 8 * 5_000 * 2);
+        let per_day: i64 = rows
+            .iter()
+            .filter(|r| r.operation == "datakey" && r.day == DAY)
+            .map(|r| r.count)
+            .sum();
+        assert_eq!(per_day, 8 * 2_500);
+        assert!(counter.take().is_empty());
+    }
+
+    #[test]
+    fn counts_handed_back_are_flushed_again_once() {
+        let counter = UsageCounter::default();
+        let client = Uuid::new_v4();
+        counter.add(client, Uuid::nil(), Operation::Wrap, 10, 3);
+        let rows = counter.take();
+        counter.give_back(rows);
+        counter.add(client, Uuid::nil(), Operation::Wrap, 20, 4);
+        let rows = counter.take();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].count, 7);
     }
 }

@@ -933,12 +933,18 @@ async fn the_cli_lockdown_with_block_disables_the_client_and_blocks_its_addresse
     assert!(stdout.contains("disabled"), "{stdout}");
     assert!(stdout.contains("127.0.0.3"), "{stdout}");
 
-    // The live token fails at its next request (the state is in Postgres).
-    refused(
-        &usage(&server, &three, &token).await,
-        403,
-        "client_disabled",
-    );
+    // The live token fails from the moment the broker hears of the change (the CLI is another
+    // process: Postgres notifies the broker when the lockdown commits, within milliseconds).
+    let start = Instant::now();
+    loop {
+        let reply = usage(&server, &three, &token).await;
+        if reply.status != 200 {
+            refused(&reply, 403, "client_disabled");
+            break;
+        }
+        assert!(start.elapsed() < common::PATIENCE, "never refused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(client_state(&server, &id).await, "disabled");
     let items = audit_api(&server, &format!("event=client.lockdown&client_id={id}")).await;
     assert_eq!(items.len(), 1, "{items:?}");
