@@ -1119,8 +1119,9 @@ pub struct Authenticator {
     last_kid_refresh: std::sync::atomic::AtomicI64,
     /// Tokens whose signature and claims verified, by SHA-256 of the token. A signature stays
     /// valid, so this needs no coherence between nodes; expiry is checked again on every hit,
-    /// and everything that can change (client state, revocation, address, scope) is checked in
-    /// Postgres on every request regardless. It saves an ECDSA verification per request.
+    /// and everything that can change (client state, revocation, address, scope) is checked on
+    /// every request regardless, against [`AuthCache`]. It saves an ECDSA verification per
+    /// request.
     verified: VerifiedCache,
     /// Refusals before authentication, audited coalesced (see [`audit::RefusalTally`]).
     refusals: Arc<audit::RefusalTally>,
