@@ -1,6 +1,6 @@
 //! `hsm::worker` serves the session pool: one thread per session, fed by one queue. A worker
-//! takes every job queued when it wakes (up to [`BATCH`]) and runs them in one pass on its
-//! session, drawing the pass's random bytes with as few `C_GenerateRandom` calls as it can (one,
+//! takes the jobs queued when it wakes (all of them, up to [`BATCH`], when no other worker
+//! waits idle; a fair share otherwise) and runs them in one pass on its session, drawing the pass's random bytes with as few `C_GenerateRandom` calls as it can (one,
 //! once it has seen what a job needs), so concurrent calls become batches instead of contention
 //! for sessions. It keeps the fault model of a call: a retry on a fresh session, a last one after
 //! re-initialising the module, the caller's deadline, the token's session cap, and officer
@@ -102,6 +102,8 @@ struct State {
     jobs: VecDeque<Box<dyn Job>>,
     /// Set when the last [`super::Hsm`] is dropped: the workers end.
     closed: bool,
+    /// Workers waiting for work that may serve it.
+    idle: usize,
 }
 
 impl Queue {
@@ -110,6 +112,7 @@ impl Queue {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 closed: false,
+                idle: 0,
             }),
             work: Condvar::new(),
             spare: Condvar::new(),
@@ -250,17 +253,22 @@ impl Worker {
                 continue;
             }
             if !state.jobs.is_empty() {
-                let take = state.jobs.len().min(BATCH);
+                // A fair share when other workers wait idle: a token that answers slowly but in
+                // parallel (a network HSM) still overlaps its sessions; when all are busy, a
+                // worker back from its pass takes all that queued meanwhile.
+                let take = state.jobs.len().div_ceil(state.idle + 1).min(BATCH);
                 let batch: Vec<Box<dyn Job>> = state.jobs.drain(..take).collect();
                 if !state.jobs.is_empty() {
                     queue.work.notify_one();
                 }
                 return Some(batch);
             }
+            state.idle += 1;
             state = queue
                 .work
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.idle -= 1;
         }
     }
 
