@@ -1,9 +1,9 @@
 //! `hsm` owns the PKCS#11 token and is the only user of `cryptoki`: module loading, login, a
-//! bounded pool of sessions served by worker threads off the async executor (see `worker`;
-//! shrunk to the token's session limit if it has one), object templates, cached handles, the operations keybroker needs (random,
-//! AES-GCM seal/unseal storing the IV the token used, whoever chose it), the self-test that
-//! refuses a token whose seals would not open, and `probe` (what a token offers). It knows
-//! nothing of HTTP or SQL.
+//! bounded pool of sessions served by worker threads off the async executor (`worker`; shrunk
+//! to the token's session limit if it has one), object templates, cached handles, the
+//! operations keybroker needs (random, AES-GCM seal/unseal storing the IV the token used,
+//! whoever chose it), the self-test that refuses a token whose seals would not open, and `probe`
+//! (what a token offers). It knows nothing of HTTP or SQL.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -128,7 +128,7 @@ pub enum HsmError {
     /// The token answered with something impossible (e.g. a ciphertext of the wrong size).
     #[error("unexpected answer from the token: {0}")]
     Unexpected(&'static str),
-    /// The blocking worker that ran the call panicked or was cancelled.
+    /// The worker that ran the call panicked, or the pool's workers are gone.
     #[error("the token worker stopped")]
     Worker,
     /// Sealing a random value and opening it again failed: blobs sealed on this token could not
@@ -477,6 +477,11 @@ impl Hsm {
                         attempt += 1;
                         *lock(&inner.slot) = None;
                         std::thread::sleep(Duration::from_millis(100 * attempt));
+                        // SoftHSM2 that once saw our token as gone (its files half-rewritten
+                        // by another process) does not see it again until re-initialised.
+                        if matches!(e, HsmError::TokenNotFound(_) | HsmError::Unavailable(_)) {
+                            inner.module.reinitialize();
+                        }
                     }
                     Err(e) => return Err(e),
                 }

@@ -7,6 +7,7 @@
 //! commands that need a session at that cap. It knows nothing of what a job does.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -352,8 +353,20 @@ impl Worker {
                 pooled,
                 random: &mut *random,
             };
-            let Some(fault) = job.attempt(&mut session) else {
-                return true;
+            // A panicking call must not take its worker (and a place in the pool) with it.
+            let attempted =
+                std::panic::catch_unwind(AssertUnwindSafe(|| job.attempt(&mut session)));
+            let fault = match attempted {
+                Ok(None) => return true,
+                Ok(Some(fault)) => fault,
+                Err(_) => {
+                    tracing::error!(target: "keybroker::hsm", "a token call panicked; closing its session");
+                    // The session may be left in the middle of an operation.
+                    self.session = None;
+                    random.discard();
+                    job.fail(HsmError::Worker);
+                    return true;
+                }
             };
             tracing::warn!(target: "keybroker::hsm", error = %fault, attempt, "token call failed; reopening the session");
             self.session = None;
