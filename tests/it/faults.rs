@@ -534,6 +534,7 @@ async fn concurrent_data_keys_on_one_worker_become_batches_that_share_one_random
     }
     let calls = counted_calls(&token.control);
     let data_keys = (CLIENTS * ROUNDS) as u64;
+    println!("{calls} C_GenerateRandom calls for {data_keys} data keys");
     assert!(calls >= 1, "the token saw no C_GenerateRandom");
     // One draw per data key (two, when the broker also draws the IV) without batching; with it,
     // about two passes per round of the clients.
