@@ -97,6 +97,8 @@ pub(super) struct Queue {
     work: Condvar,
     /// Where workers without a session wait while the token allows no more sessions.
     spare: Condvar,
+    /// Signalled as each worker ends.
+    ended: Condvar,
 }
 
 struct State {
@@ -105,6 +107,8 @@ struct State {
     closed: bool,
     /// Workers waiting for work that may serve it.
     idle: usize,
+    /// Workers not yet ended.
+    live: usize,
 }
 
 impl Queue {
@@ -114,9 +118,11 @@ impl Queue {
                 jobs: VecDeque::new(),
                 closed: false,
                 idle: 0,
+                live: 0,
             }),
             work: Condvar::new(),
             spare: Condvar::new(),
+            ended: Condvar::new(),
         }
     }
 
@@ -148,10 +154,36 @@ impl Queue {
         self.spare.notify_all();
     }
 
-    /// Ends the workers once they finish their pass.
-    pub(super) fn close(&self) {
-        lock(&self.state).closed = true;
+    /// Ends the workers once they finish their pass, and waits until `deadline` for them to
+    /// close their sessions: a process that exits while a worker is inside the module tears the
+    /// module down under it (SoftHSM2 crashes). A hung worker is not waited for past `deadline`.
+    pub(super) fn close(&self, deadline: Instant) {
+        let mut state = lock(&self.state);
+        state.closed = true;
         self.wake_all();
+        while state.live > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(target: "keybroker::hsm", workers = state.live, "token workers still busy at shutdown");
+                return;
+            }
+            state = self
+                .ended
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Counts a worker as live until its thread ends, however it ends.
+struct Live(Arc<Inner>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let queue = &self.0.queue;
+        lock(&queue.state).live -= 1;
+        queue.ended.notify_all();
     }
 }
 
@@ -161,7 +193,7 @@ pub(super) struct Shutdown(pub(super) Arc<Inner>);
 
 impl Drop for Shutdown {
     fn drop(&mut self) {
-        self.0.queue.close();
+        self.0.queue.close(Instant::now() + self.0.op_timeout);
     }
 }
 
@@ -181,10 +213,14 @@ pub(super) fn spawn(
             session: first.take(),
             per_job: RANDOM_PER_JOB_GUESS,
         };
+        lock(&inner.queue.state).live += 1;
+        let live = Live(inner.clone());
         match std::thread::Builder::new()
             .name(format!("keybroker-hsm-{index}"))
-            .spawn(move || worker.serve())
-        {
+            .spawn(move || {
+                let _live = live;
+                worker.serve();
+            }) {
             Ok(_) => started += 1,
             Err(e) => {
                 tracing::warn!(target: "keybroker::hsm", error = %e, "cannot start a token worker thread");
