@@ -1,15 +1,15 @@
 //! `hsm` owns the PKCS#11 token and is the only user of `cryptoki`: module loading, login, a
-//! bounded pool of sessions used off the async executor (shrunk to the token's session limit if
-//! it has one), object templates, cached handles, the operations keybroker needs (random,
-//! AES-GCM seal/unseal storing the IV the token used, whoever chose it), the self-test that
-//! refuses a token whose seals would not open, and `probe` (what a token offers). It knows
-//! nothing of HTTP or SQL.
+//! bounded pool of sessions served by worker threads off the async executor (`worker`; shrunk
+//! to the token's session limit if it has one), object templates, cached handles, the
+//! operations keybroker needs (random, AES-GCM seal/unseal storing the IV the token used,
+//! whoever chose it), the self-test that refuses a token whose seals would not open, and `probe`
+//! (what a token offers). It knows nothing of HTTP or SQL.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -20,12 +20,13 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
 
 mod probe;
+mod worker;
 
 pub use probe::{GcmIv, MechanismReport, ProbeReport, SessionReport, probe};
 
@@ -127,7 +128,7 @@ pub enum HsmError {
     /// The token answered with something impossible (e.g. a ciphertext of the wrong size).
     #[error("unexpected answer from the token: {0}")]
     Unexpected(&'static str),
-    /// The blocking worker that ran the call panicked or was cancelled.
+    /// The worker that ran the call panicked, or the pool's workers are gone.
     #[error("the token worker stopped")]
     Worker,
     /// Sealing a random value and opening it again failed: blobs sealed on this token could not
@@ -304,11 +305,12 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A logged-in pool of sessions on one token. Cheap to clone.
+/// A logged-in pool of sessions on one token, each served by its own worker thread. Cheap to
+/// clone; the workers end when the last clone is dropped.
 #[derive(Clone)]
 pub struct Hsm {
     inner: Arc<Inner>,
-    permits: Arc<Semaphore>,
+    _shutdown: Arc<worker::Shutdown>,
     op_timeout: Duration,
 }
 
@@ -326,7 +328,15 @@ struct Inner {
     pin: SecretString,
     /// The slot holding our token; re-resolved after a fault (a re-inserted token may move).
     slot: Mutex<Option<Slot>>,
-    idle: Mutex<Vec<PooledSession>>,
+    /// The calls waiting for a worker (see [`worker`]).
+    queue: worker::Queue,
+    /// Held while a worker opens a session, so that the check against the cap holds.
+    opening: Mutex<()>,
+    /// Officer commands holding (or waiting for) a session of their own at the token's
+    /// session limit: the workers keep that many places under the cap free for them.
+    officers: AtomicUsize,
+    /// Officer commands that asked a worker to close its session for them, not yet taken up.
+    release_requests: AtomicUsize,
     /// Bumped on every fault: sessions opened before it are discarded instead of reused.
     generation: AtomicU64,
     /// Token-object handles of master keys, looked up once and dropped on a fault.
@@ -350,8 +360,6 @@ struct Inner {
     /// The most sessions the token lets us open: the configured pool size until the token
     /// answers `CKR_SESSION_COUNT`, then the number that were open at that moment.
     session_cap: AtomicUsize,
-    /// Signalled when a session comes back to `idle`.
-    session_freed: Condvar,
     /// The configured number of sessions.
     pool_size: usize,
     /// How long a caller waits, for a session or for the token.
@@ -377,6 +385,22 @@ enum IvSource {
 struct Control {
     sealed: Vec<u8>,
     plain: Zeroizing<Vec<u8>>,
+}
+
+/// A place under the token's session cap kept for one officer command while it runs.
+struct OfficerPlace(Arc<Inner>);
+
+impl Drop for OfficerPlace {
+    fn drop(&mut self) {
+        // A request no worker took up (a session came free otherwise) is withdrawn, so that no
+        // worker closes its session for nobody later.
+        let _ = self
+            .0
+            .release_requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.0.officers.fetch_sub(1, Ordering::AcqRel);
+        self.0.queue.wake_all();
+    }
 }
 
 /// Counts an open pooled session for as long as it lives.
@@ -415,13 +439,16 @@ impl Hsm {
     pub async fn connect(config: HsmConfig) -> Result<Self, HsmError> {
         let pool_size = config.pool_size.max(1);
         let op_timeout = config.op_timeout;
-        let inner = tokio::task::spawn_blocking(move || -> Result<Inner, HsmError> {
+        let (inner, first) = tokio::task::spawn_blocking(move || {
             let inner = Inner {
                 module: Module::shared(&config.module)?,
                 token_label: config.token_label,
                 pin: config.pin,
                 slot: Mutex::new(None),
-                idle: Mutex::new(Vec::new()),
+                queue: worker::Queue::new(),
+                opening: Mutex::new(()),
+                officers: AtomicUsize::new(0),
+                release_requests: AtomicUsize::new(0),
                 generation: AtomicU64::new(0),
                 mk_handles: Mutex::new(HashMap::new()),
                 key_handles: Mutex::new(HashMap::new()),
@@ -432,7 +459,6 @@ impl Hsm {
                 verified_epoch: AtomicU64::new(u64::MAX),
                 open_sessions: Arc::new(AtomicUsize::new(0)),
                 session_cap: AtomicUsize::new(pool_size),
-                session_freed: Condvar::new(),
                 pool_size,
                 op_timeout,
             };
@@ -451,6 +477,11 @@ impl Hsm {
                         attempt += 1;
                         *lock(&inner.slot) = None;
                         std::thread::sleep(Duration::from_millis(100 * attempt));
+                        // SoftHSM2 that once saw our token as gone (its files half-rewritten
+                        // by another process) does not see it again until re-initialised.
+                        if matches!(e, HsmError::TokenNotFound(_) | HsmError::Unavailable(_)) {
+                            inner.module.reinitialize();
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -467,44 +498,45 @@ impl Hsm {
             if !missing.is_empty() {
                 return Err(HsmError::MissingMechanisms(missing));
             }
-            inner.checkin(first);
-            Ok(inner)
+            Ok((inner, first))
         })
         .await
         .map_err(|_| HsmError::Worker)??;
+        let inner = Arc::new(inner);
+        let shutdown = Arc::new(worker::Shutdown(inner.clone()));
+        // The first session goes to the first worker; the others open theirs when work comes.
+        worker::spawn(&inner, pool_size, Some(first))?;
         Ok(Self {
-            inner: Arc::new(inner),
-            permits: Arc::new(Semaphore::new(pool_size)),
+            inner,
+            _shutdown: shutdown,
             op_timeout,
         })
     }
 
-    /// Runs `op` on a pooled, logged-in session in a blocking thread. When the session or token
-    /// fails, the pool is dropped, a fresh session is opened (logging in again if needed) and `op`
-    /// runs once more; `op` must therefore be safe to repeat, which every token operation here is.
+    /// Runs `op` on a pooled, logged-in session: queued for the pool's worker threads, which
+    /// run every call queued at the time in one pass on their session (see [`worker`]). When the
+    /// session or token fails, the pool is dropped, a fresh session is opened (logging in again
+    /// if needed) and `op` runs once more; `op` must therefore be safe to repeat, which every
+    /// token operation here is.
     ///
     /// # Errors
     /// What `op` returned, [`HsmError::Unavailable`] when the retry failed too, or
-    /// [`HsmError::Timeout`] when no session was free, or the token did not answer, in time.
+    /// [`HsmError::Timeout`] when no worker took the call, or the token did not answer, in time.
     pub async fn run<T, F>(&self, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&mut TokenSession<'_>) -> Result<T, HsmError> + Send + 'static,
     {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
-        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| HsmError::Timeout(self.op_timeout))?
-            .map_err(|_| HsmError::Worker)?;
-        let inner = self.inner.clone();
-        let wait_until = deadline.into_std();
-        let task = tokio::task::spawn_blocking(move || {
-            // The permit travels with the thread: a call that outlives its deadline still holds
-            // its place, so a hung token cannot make us open ever more sessions.
-            let _permit = permit;
-            inner.with_session(wait_until, &op)
-        });
-        match tokio::time::timeout_at(deadline, task).await {
+        let (reply, answer) = oneshot::channel();
+        self.inner.queue.push(Box::new(worker::Call {
+            op,
+            reply: Some(reply),
+            deadline: deadline.into_std(),
+        }))?;
+        // A worker skips a call whose caller has gone (its receiver dropped here on timeout):
+        // a hung token keeps its worker, never more sessions, and no backlog of dead calls.
+        match tokio::time::timeout_at(deadline, answer).await {
             Err(_) => Err(HsmError::Timeout(self.op_timeout)),
             Ok(Err(_)) => Err(HsmError::Worker),
             Ok(Ok(result)) => result,
@@ -582,21 +614,25 @@ impl Hsm {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let _shared = inner.module.enter();
-            let slot = inner.slot()?;
-            let session = match inner.module.ctx.open_rw_session(slot) {
-                // At the token's session limit: give back an idle pooled session for this one.
-                Err(e @ CkError::Pkcs11(RvError::SessionCount, _)) => {
-                    let Some(freed) = lock(&inner.idle).pop() else {
-                        return Err(classify(e));
-                    };
-                    drop(freed);
-                    inner.module.ctx.open_rw_session(slot).map_err(classify)?
-                }
-                other => other.map_err(classify)?,
+            let opened = {
+                let _shared = inner.module.enter();
+                inner
+                    .slot()
+                    .map(|slot| (slot, inner.module.ctx.open_rw_session(slot)))
             };
+            let (_officer, session) = match opened? {
+                (slot, Err(refused @ CkError::Pkcs11(RvError::SessionCount, _))) => {
+                    // At the token's session limit: a worker gives up its session for this one.
+                    let officer = inner.officer_place(refused)?;
+                    (Some(officer), inner.officer_session(slot)?)
+                }
+                (_, other) => (None, other.map_err(classify)?),
+            };
+            let _shared = inner.module.enter();
             inner.login(&session)?;
-            op(&session)
+            let result = op(&session);
+            drop(session);
+            result
         })
         .await
         .map_err(|_| HsmError::Worker)?
@@ -913,92 +949,53 @@ pub struct ObjectInfo {
 }
 
 impl Inner {
-    /// One try, a retry on a fresh session, and, when the token still cannot be reached, a last
-    /// try after re-initialising the module (rate-limited; see [`Module::reinitialize`]). Before
-    /// `op`, the master keys in use are re-verified if the module was re-initialised since they
-    /// last were (see [`TokenSession::verify`]).
-    fn with_session<T>(
-        &self,
-        deadline: Instant,
-        op: &dyn Fn(&mut TokenSession<'_>) -> Result<T, HsmError>,
-    ) -> Result<T, HsmError> {
-        let mut last_fault = None;
-        for attempt in 0..3 {
-            if attempt == 2 {
-                self.module.reinitialize();
-            }
-            let _shared = self.module.enter();
-            let mut pooled = match self.checkout(deadline) {
-                Ok(pooled) => pooled,
-                Err(e) if e.is_unavailable() && !matches!(e, HsmError::Timeout(_)) => {
-                    self.invalidate();
-                    last_fault = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut session = TokenSession {
-                inner: self,
-                pooled: &mut pooled,
-            };
-            let result = session.verify_in_use().and_then(|()| op(&mut session));
-            match result {
-                Err(e) if e.is_unavailable() && !matches!(e, HsmError::SelfTest { .. }) => {
-                    tracing::warn!(target: "keybroker::hsm", error = %e, attempt, "token call failed; reopening the session");
-                    drop(pooled);
-                    self.invalidate();
-                    last_fault = Some(e);
-                }
-                other => {
-                    self.checkin(pooled);
-                    return other;
-                }
-            }
-        }
-        Err(last_fault.unwrap_or(HsmError::Worker))
+    /// Whether a worker without a session may open one: the pool is under the token's session
+    /// cap, with the places officer commands need kept free.
+    fn session_budget(&self) -> bool {
+        self.open_sessions.load(Ordering::Acquire) + self.officers.load(Ordering::Acquire)
+            < self.session_cap.load(Ordering::Acquire)
     }
 
-    /// An idle session of the current generation, or a new one. At the token's session limit
-    /// (see [`Inner::session_cap`]) it waits, until `deadline`, for a session to come back.
-    fn checkout(&self, deadline: Instant) -> Result<PooledSession, HsmError> {
-        let generation = self.generation.load(Ordering::Acquire);
+    /// Takes up one officer's request for a session, if there is one.
+    fn take_release_request(&self) -> bool {
+        self.release_requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// The token refused an officer command a session: keep a place under the cap for it and
+    /// ask a worker to close its session. Fails with the refusal when none of the sessions are
+    /// ours to give.
+    fn officer_place(self: &Arc<Self>, refused: CkError) -> Result<OfficerPlace, HsmError> {
+        if self.open_sessions.load(Ordering::Acquire) == 0 {
+            return Err(classify(refused));
+        }
+        // The token said how many sessions it allows: the ones we hold.
+        self.lower_session_cap();
+        self.officers.fetch_add(1, Ordering::AcqRel);
+        self.release_requests.fetch_add(1, Ordering::AcqRel);
+        self.queue.wake_all();
+        Ok(OfficerPlace(self.clone()))
+    }
+
+    /// Opens the officer's read-write session once a worker has closed one, until the call's
+    /// deadline.
+    fn officer_session(&self, slot: Slot) -> Result<Session, HsmError> {
+        let deadline = Instant::now() + self.op_timeout;
         loop {
-            let mut idle = lock(&self.idle);
-            match idle.pop() {
-                Some(pooled) if pooled.generation == generation => return Ok(pooled),
-                Some(stale) => {
-                    // Closed outside the lock: C_CloseSession is a round trip on a network HSM.
-                    drop(idle);
-                    drop(stale);
-                    continue;
+            std::thread::sleep(Duration::from_millis(5));
+            let opened = {
+                let _shared = self.module.enter();
+                self.module.ctx.open_rw_session(slot)
+            };
+            match opened {
+                Ok(session) => return Ok(session),
+                Err(CkError::Pkcs11(RvError::SessionCount, _)) if Instant::now() < deadline => {}
+                Err(CkError::Pkcs11(RvError::SessionCount, _)) => {
+                    return Err(HsmError::Timeout(self.op_timeout));
                 }
-                None => {}
+                Err(e) => return Err(classify(e)),
             }
-            if self.open_sessions.load(Ordering::Acquire) < self.session_cap.load(Ordering::Acquire)
-            {
-                drop(idle);
-                match self.open_session() {
-                    Ok(pooled) => return Ok(pooled),
-                    Err(HsmError::Unavailable(CkError::Pkcs11(RvError::SessionCount, _)))
-                        if self.open_sessions.load(Ordering::Acquire) > 0 =>
-                    {
-                        self.lower_session_cap();
-                    }
-                    Err(e) => return Err(e),
-                }
-                continue;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(HsmError::Timeout(self.op_timeout));
-            }
-            // Sessions that are dropped rather than returned do not signal: poll now and then.
-            let wait = (deadline - now).min(Duration::from_millis(10));
-            drop(
-                self.session_freed
-                    .wait_timeout(idle, wait)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
         }
     }
 
@@ -1018,18 +1015,12 @@ impl Inner {
         }
     }
 
-    fn checkin(&self, pooled: PooledSession) {
-        if pooled.generation == self.generation.load(Ordering::Acquire) {
-            lock(&self.idle).push(pooled);
-            self.session_freed.notify_one();
-        }
-    }
-
     /// Forgets every session, handle and the slot after a fault; the next call starts afresh.
+    /// Idle workers are woken to close their sessions now (they may hold copies of a destroyed
+    /// master key).
     fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let stale: Vec<PooledSession> = std::mem::take(&mut *lock(&self.idle));
-        drop(stale);
+        self.queue.wake_all();
         lock(&self.mk_handles).clear();
         lock(&self.key_handles).clear();
         *lock(&self.slot) = None;
@@ -1113,23 +1104,22 @@ impl Inner {
     }
 }
 
-/// A logged-in session lent to one [`Hsm::run`] call.
+/// A logged-in session lent to one [`Hsm::run`] call, in a worker's pass.
 pub struct TokenSession<'a> {
     inner: &'a Inner,
     pooled: &'a mut PooledSession,
+    /// The random bytes of the pass: every draw of the pass's calls comes from it.
+    random: &'a mut worker::PassRandom,
 }
 
 impl TokenSession<'_> {
-    /// `len` bytes from the token's RNG.
+    /// `len` bytes from the token's RNG, from the pass's draw (see [`worker::PassRandom`]).
     ///
     /// # Errors
     /// Any token failure.
     pub fn random(&mut self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let mut out = Zeroizing::new(vec![0u8; len]);
-        self.pooled
-            .session
-            .generate_random_slice(&mut out)
-            .map_err(classify)?;
+        self.random.take(&self.pooled.session, &mut out)?;
         Ok(out)
     }
 
@@ -1178,10 +1168,7 @@ impl TokenSession<'_> {
             let source = self.inner.iv_source();
             let mut iv = [0u8; GCM_IV_LEN];
             if source == IvSource::Caller {
-                self.pooled
-                    .session
-                    .generate_random_slice(&mut iv)
-                    .map_err(classify)?;
+                self.random.take(&self.pooled.session, &mut iv)?;
             }
             let passed = iv;
             let encrypted = {

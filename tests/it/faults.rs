@@ -477,3 +477,166 @@ async fn a_token_error_during_unwrap_is_an_outage_and_never_counts_against_the_c
     assert_eq!(refused(pool.clone()).await, 1);
     token.server.stop().await;
 }
+
+/// The number of calls the fault module counted (`count_calls = yes`) under the current
+/// instructions.
+fn counted_calls(control: &Path) -> u64 {
+    std::fs::read_to_string(control.with_extension("conf.calls"))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn concurrent_data_keys_on_one_worker_become_batches_that_share_one_random_draw() {
+    // One worker, and a token whose every C_GenerateRandom takes 100 ms: while a pass waits for
+    // it, the other clients' requests queue, and the next pass takes them all. The module on the
+    // token's side counts the C_GenerateRandom calls it really saw.
+    let token = FaultyToken::start("faults-batching", &[("KEYBROKER_HSM_POOL_SIZE", "1")]).await;
+    let server = &token.server;
+    let context = json!({"context": {"batch": "yes"}});
+    let (status, body) = server.request("/v1/datakey", Some(&context)).await;
+    assert_eq!(status, 200, "{body}");
+    token.inject("functions = C_GenerateRandom\nlatency_ms = 100\ncount_calls = yes\n");
+
+    // Clients that each ask for their next data key as soon as the last one came: a closed
+    // loop, so the count of passes depends on how many requests wait together, not on a clock.
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 8;
+    let (client, base) = server.endpoint();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, base, bearer, context) = (
+            client.clone(),
+            base.clone(),
+            server.token.clone(),
+            context.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut keys = Vec::new();
+            for _ in 0..ROUNDS {
+                let (status, body) = crate::common::send_json(
+                    &client,
+                    reqwest::Method::POST,
+                    format!("{base}/v1/datakey"),
+                    &bearer,
+                    Some(&context),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+                keys.push(body);
+            }
+            keys
+        }));
+    }
+    let mut keys = Vec::new();
+    for client in clients {
+        keys.extend(client.await.unwrap());
+    }
+    let calls = counted_calls(&token.control);
+    let data_keys = (CLIENTS * ROUNDS) as u64;
+    println!("{calls} C_GenerateRandom calls for {data_keys} data keys");
+    assert!(calls >= 1, "the token saw no C_GenerateRandom");
+    // One draw per data key (two, when the broker also draws the IV) without batching; with it,
+    // about two passes per round of the clients.
+    assert!(
+        calls * 3 <= data_keys,
+        "{calls} C_GenerateRandom calls for {data_keys} data keys: the calls were not batched"
+    );
+
+    // Every key is distinct, and what was sealed in a batch opens.
+    token.heal();
+    let distinct: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .map(|k| k["plaintext"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        keys.len(),
+        "a data key was handed out twice"
+    );
+    let ivs: std::collections::BTreeSet<String> = keys
+        .iter()
+        .map(|k| k["wrapped"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ivs.len(), keys.len());
+    for key in keys.iter().step_by(17) {
+        let (status, opened) = server
+            .request(
+                "/v1/unwrap",
+                Some(&json!({"wrapped": key["wrapped"], "context": {"batch": "yes"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{opened}");
+        assert_eq!(opened["plaintext"], key["plaintext"]);
+    }
+    token.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_hung_token_holds_its_workers_and_never_gets_more_sessions_than_the_pool() {
+    // Two workers, a 1 s deadline, and a token that lets this process open three sessions: the
+    // pool's two and one for an officer command (start-up and the maintenance pass may open
+    // one at any time). A pool that opened a session per hung call would be refused, and the
+    // module counts every refusal.
+    let limit = "max_sessions = 3\n";
+    let token = FaultyToken::start_with_control(
+        "faults-hung",
+        Some(&format!("{}\n{limit}", vendor_faults())),
+        &[
+            ("KEYBROKER_HSM_POOL_SIZE", "2"),
+            ("KEYBROKER_HSM_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    let server = &token.server;
+    let (status, body) = server.request("/v1/datakey", Some(&json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The token hangs: every draw from its RNG takes 5 s, far past the deadline.
+    token.inject(&format!(
+        "{limit}functions = C_GenerateRandom\nlatency_ms = 5000\n"
+    ));
+    let (client, base) = server.endpoint();
+    let mut calls = Vec::new();
+    for _ in 0..12 {
+        let (client, base, bearer) = (client.clone(), base.clone(), server.token.clone());
+        calls.push(tokio::spawn(async move {
+            crate::common::send_json(
+                &client,
+                reqwest::Method::POST,
+                format!("{base}/v1/datakey"),
+                &bearer,
+                Some(&json!({})),
+            )
+            .await
+        }));
+    }
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!((status, error_code(&body)), (503, "hsm_timeout"), "{body}");
+    }
+    // While the workers wait on the token, the process answers.
+    let (status, body) = server.request("/healthz", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The token answers again: the broker serves, by itself, once its workers are back (the
+    // calls that timed out meanwhile are skipped, not run).
+    token.inject(limit);
+    let start = std::time::Instant::now();
+    loop {
+        let (status, body) = server.request("/v1/datakey", Some(&json!({}))).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(error_code(&body), "hsm_timeout", "{body}");
+        assert!(start.elapsed() < PATIENCE, "the broker did not recover");
+    }
+    // No session beyond the pool was ever asked for: the module refused none.
+    assert_eq!(
+        token.injected(),
+        0,
+        "a C_OpenSession past the pool's two and an officer's"
+    );
+    let log = token.server.stop().await;
+    assert!(!log.contains("the token allows no more sessions"), "{log}");
+}

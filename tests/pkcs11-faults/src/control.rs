@@ -76,6 +76,8 @@ pub(crate) struct Plan {
     pub(crate) gcm_iv: Option<GcmIv>,
     /// `C_OpenSession` answers `CKR_SESSION_COUNT` while this many sessions are open.
     pub(crate) max_sessions: Option<u64>,
+    /// Write the number of matching calls so far to `<control path>.calls` at every one.
+    pub(crate) count_calls: bool,
 }
 
 /// An emulated vendor habit for AES-GCM IVs (the `gcm_iv` key).
@@ -125,6 +127,7 @@ impl Default for Plan {
             hidden_mechanisms: Vec::new(),
             gcm_iv: None,
             max_sessions: None,
+            count_calls: false,
         }
     }
 }
@@ -189,6 +192,13 @@ pub(crate) fn parse_plan(text: &str) -> Result<Plan, String> {
                         .ok_or_else(|| bad_value("a whole number of at least 1"))?,
                 );
             }
+            "count_calls" => {
+                plan.count_calls = match value {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(bad_value("yes or no")),
+                };
+            }
             "hide_mechanisms" => {
                 plan.hidden_mechanisms = value
                     .split(',')
@@ -200,7 +210,7 @@ pub(crate) fn parse_plan(text: &str) -> Result<Plan, String> {
                 return Err(format!(
                     "line {line_number}: unknown key {key:?} \
                      (known: functions, rv, every, times, latency_ms, hide_mechanisms, gcm_iv, \
-                     max_sessions)"
+                     max_sessions, count_calls)"
                 ));
             }
         }
@@ -425,6 +435,13 @@ impl FaultState {
         if decision.fail_with.is_some() {
             self.write_evidence();
         }
+        if self
+            .plan
+            .as_ref()
+            .is_some_and(|plan| plan.count_calls && plan.functions.matches(function))
+        {
+            self.write_calls();
+        }
         decision
     }
 
@@ -440,6 +457,22 @@ impl FaultState {
     fn inject_one(&mut self) {
         self.injected = self.injected.saturating_add(1);
         self.write_evidence();
+    }
+
+    /// Writes the number of matching calls to `<control path>.calls` (`count_calls`).
+    fn write_calls(&self) {
+        if let Some(path) = self.control.path() {
+            let mut target = path.as_os_str().to_owned();
+            target.push(".calls");
+            let target = PathBuf::from(target);
+            let mut temporary = target.clone().into_os_string();
+            temporary.push(format!(".tmp-{}", std::process::id()));
+            let written = fs::write(&temporary, self.matching_calls.to_string())
+                .and_then(|()| fs::rename(&temporary, &target));
+            if let Err(error) = written {
+                warn(&format!("cannot write {}: {error}", target.display()));
+            }
+        }
     }
 
     /// Writes the injected count to the evidence file.
@@ -608,9 +641,15 @@ mod tests {
                 hidden_mechanisms: vec![CKM_AES_GCM, CKM_SHA256_HMAC],
                 gcm_iv: None,
                 max_sessions: None,
+                count_calls: false,
             })
         );
         assert!(parse_plan("hide_mechanisms = CKM_NOT_A_THING").is_err());
+        assert_eq!(
+            parse_plan("count_calls = yes").map(|p| p.count_calls),
+            Ok(true)
+        );
+        assert!(parse_plan("count_calls = 1").is_err());
     }
 
     #[test]

@@ -41,6 +41,7 @@
 //! | `hide_mechanisms` | mechanisms `C_GetMechanismInfo` answers `CKR_MECHANISM_INVALID` for (names such as `CKM_AES_GCM`, or numbers) | none |
 //! | `gcm_iv`     | `token`, `reject` or `corrupt`: how `C_EncryptInit` with `CKM_AES_GCM` treats the caller's IV (below) | the real token's way |
 //! | `max_sessions` | `C_OpenSession` answers `CKR_SESSION_COUNT` while this many sessions are open (at least 1) | no limit |
+//! | `count_calls` | `yes`: write the number of matching calls so far to `<control path>.calls` at each one (decimal, no newline, through a rename) | `no` |
 //!
 //! * `functions = *` means every function except the library lifecycle ones: `C_Initialize`,
 //!   `C_Finalize` and `C_GetInfo`. Those three can be named explicitly. `C_GetFunctionList` is never
