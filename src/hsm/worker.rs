@@ -1,7 +1,8 @@
 //! `hsm::worker` serves the session pool: one thread per session, fed by one queue. A worker
 //! takes the jobs queued when it wakes (all of them, up to [`BATCH`], when no other worker
-//! waits idle; a fair share otherwise) and runs them in one pass on its session, drawing the pass's random bytes with as few `C_GenerateRandom` calls as it can (one,
-//! once it has seen what a job needs), so concurrent calls become batches instead of contention
+//! waits idle; a fair share otherwise) and runs them in one pass on its session, drawing the
+//! pass's random bytes with as few `C_GenerateRandom` calls as it can (one, once it has seen what
+//! a job needs), so concurrent calls become batches instead of contention
 //! for sessions. It keeps the fault model of a call: a retry on a fresh session, a last one after
 //! re-initialising the module, the caller's deadline, the token's session cap, and officer
 //! commands that need a session at that cap. It knows nothing of what a job does.
