@@ -514,10 +514,10 @@ impl Hsm {
     }
 
     /// Runs `op` on a pooled, logged-in session: queued for the pool's worker threads, which
-    /// run every call queued at the time in one pass on their session (see [`worker`]). When the
-    /// session or token fails, the pool is dropped, a fresh session is opened (logging in again
-    /// if needed) and `op` runs once more; `op` must therefore be safe to repeat, which every
-    /// token operation here is.
+    /// run every call queued at the time in one pass on their session (see the `worker`
+    /// module). When the session or token fails, the pool is dropped, a fresh session is opened
+    /// (logging in again if needed) and `op` runs once more; `op` must therefore be safe to
+    /// repeat, which every token operation here is.
     ///
     /// # Errors
     /// What `op` returned, [`HsmError::Unavailable`] when the retry failed too, or
@@ -1113,7 +1113,7 @@ pub struct TokenSession<'a> {
 }
 
 impl TokenSession<'_> {
-    /// `len` bytes from the token's RNG, from the pass's draw (see [`worker::PassRandom`]).
+    /// `len` bytes from the token's RNG, from the pass's draw (see `worker::PassRandom`).
     ///
     /// # Errors
     /// Any token failure.
@@ -1124,7 +1124,7 @@ impl TokenSession<'_> {
     }
 
     /// AES-256-GCM under master key `version` with a 128-bit tag and a fresh 96-bit IV: drawn
-    /// from the token's RNG, or made by the token itself if it insists (see [`IvSource`]).
+    /// from the token's RNG, or made by the token itself if it insists (see `IvSource`).
     /// Returns `iv || ciphertext || tag`, with the IV the token says it used. The first seal
     /// under a version (per module initialisation) is preceded by its self-test.
     ///
