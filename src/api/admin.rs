@@ -28,7 +28,7 @@ pub struct RegisterClientBody {
     /// mode no two active clients may share an address.
     #[serde(default)]
     pub ips: Vec<String>,
-    /// Scopes: `datakey`, `wrap`, `unwrap`, `rewrap`, `keys:create`, `keys:read`,
+    /// Scopes: `datakey`, `wrap`, `unwrap`, `rewrap`, `random`, `keys:create`, `keys:read`,
     /// `keys:rotate`, `keys:manage`, `secrets:read`, `secrets:write`, `admin`, or the families
     /// `keys:*`, `secrets:*`.
     pub scopes: Vec<String>,

@@ -34,6 +34,7 @@ mod keys;
 pub mod limits;
 mod metrics;
 mod oauth;
+mod random;
 mod request_log;
 
 pub use request_log::RequestLog;
@@ -71,6 +72,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/unwrap/batch", post(unwrap_batch))
         .route("/v1/rewrap", post(rewrap))
         .route("/v1/rewrap/batch", post(rewrap_batch))
+        .route("/v1/random", post(random::random))
+        .route("/v1/random/batch", post(random::random_batch))
         .route("/v1/oauth/token", post(oauth_token))
         .route("/v1/oauth/introspect", post(oauth_introspect))
         .route("/v1/oauth/revoke", post(oauth_revoke))
@@ -1340,6 +1343,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     ),
     paths(
         datakey, datakey_batch, wrap, wrap_batch, unwrap, unwrap_batch, rewrap, rewrap_batch,
+        random::random, random::random_batch,
         oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
         admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
         admin::disable_client, admin::enable_client, admin::delete_client,

@@ -59,6 +59,8 @@ pub enum Scope {
     Unwrap,
     /// `POST /v1/rewrap`.
     Rewrap,
+    /// `POST /v1/random`.
+    Random,
     /// Create managed keys.
     KeysCreate,
     /// Read managed keys.
@@ -77,11 +79,12 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Scope; 11] = [
+    pub const ALL: [Scope; 12] = [
         Scope::Datakey,
         Scope::Wrap,
         Scope::Unwrap,
         Scope::Rewrap,
+        Scope::Random,
         Scope::KeysCreate,
         Scope::KeysRead,
         Scope::KeysRotate,
@@ -98,6 +101,7 @@ impl Scope {
             Scope::Wrap => "wrap",
             Scope::Unwrap => "unwrap",
             Scope::Rewrap => "rewrap",
+            Scope::Random => "random",
             Scope::KeysCreate => "keys:create",
             Scope::KeysRead => "keys:read",
             Scope::KeysRotate => "keys:rotate",
@@ -2114,12 +2118,13 @@ mod tests {
 
     #[test]
     fn scopes_parse_expand_and_print() {
-        let s = Scopes::parse("wrap  keys:* datakey").unwrap();
+        let s = Scopes::parse("wrap  keys:* random datakey").unwrap();
         assert!(s.contains(Scope::KeysRotate) && s.contains(Scope::Wrap));
+        assert!(s.contains(Scope::Random));
         assert!(!s.contains(Scope::Admin));
         assert_eq!(
             s.to_string(),
-            "datakey wrap keys:create keys:read keys:rotate keys:manage"
+            "datakey wrap random keys:create keys:read keys:rotate keys:manage"
         );
         assert_eq!(
             Scopes::parse("wrap bogus"),

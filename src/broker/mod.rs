@@ -1,5 +1,5 @@
-//! `broker` holds the use cases: data keys, wrap, unwrap, rewrap (single and batch), managed
-//! keys, secrets, background maintenance, usage counts, master-key set-up and rotation,
+//! `broker` holds the use cases: data keys, wrap, unwrap, rewrap, random (single and batch),
+//! managed keys, secrets, background maintenance, usage counts, master-key set-up and rotation,
 //! readiness. It orders calls to the token (`hsm`) and the database (`store`) and knows nothing
 //! of HTTP.
 
@@ -8,6 +8,7 @@ mod custody_gauges;
 mod keys;
 mod maintenance;
 mod master_keys;
+mod random;
 mod secrets;
 mod usage;
 
@@ -18,6 +19,7 @@ pub use maintenance::MaintenanceReport;
 pub use master_keys::{
     MasterKeyPolicy, MasterKeyView, REWRAP_BATCH, RewrapProgress, RotationReason,
 };
+pub use random::{RandomMaterial, RandomRequest};
 pub use secrets::{SecretName, StoredSecret};
 pub use usage::Operation;
 

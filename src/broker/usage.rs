@@ -25,6 +25,8 @@ pub enum Operation {
     Unwrap,
     /// `rewrap` (per item).
     Rewrap,
+    /// `random` (per item).
+    Random,
     /// Managed key created.
     KeyCreate,
     /// Managed key plaintext read.
@@ -45,6 +47,7 @@ impl Operation {
             Self::Wrap => "wrap",
             Self::Unwrap => "unwrap",
             Self::Rewrap => "rewrap",
+            Self::Random => "random",
             Self::KeyCreate => "key.create",
             Self::KeyRead => "key.read",
             Self::KeyRotate => "key.rotate",
@@ -141,11 +144,12 @@ impl UsageCounter {
     }
 }
 
-const ALL_OPERATIONS: [Operation; 9] = [
+const ALL_OPERATIONS: [Operation; 10] = [
     Operation::Datakey,
     Operation::Wrap,
     Operation::Unwrap,
     Operation::Rewrap,
+    Operation::Random,
     Operation::KeyCreate,
     Operation::KeyRead,
     Operation::KeyRotate,
