@@ -326,7 +326,7 @@ pub struct UsageItem {
     pub client_id: Uuid,
     /// Managed key or secret id; nil for stateless calls.
     pub key_id: Uuid,
-    /// `datakey`, `wrap`, `unwrap`, `rewrap`, `key.create`, `key.read`, `key.rotate`,
+    /// `datakey`, `wrap`, `unwrap`, `rewrap`, `random`, `key.create`, `key.read`, `key.rotate`,
     /// `secret.write`, `secret.read`.
     pub operation: String,
     /// The day, unix seconds at 00:00 UTC.

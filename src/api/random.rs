@@ -213,4 +213,3 @@ pub(super) async fn random_batch(
     count_batch(&state, &caller, Operation::Random, &items);
     Ok(Json(RandomBatchResponse { items }))
 }
-

@@ -107,7 +107,9 @@ mod tests {
     #[test]
     fn formats_take_the_managed_key_lengths() {
         assert_eq!(
-            RandomRequest::formatted(KeyFormat::Hex, None).unwrap().length,
+            RandomRequest::formatted(KeyFormat::Hex, None)
+                .unwrap()
+                .length,
             64
         );
         assert_eq!(

@@ -87,6 +87,21 @@ async fn a_whole_session_log_holds_no_key_material_and_no_pin() {
             &crate::common::unb64(item["plaintext"].as_str().unwrap()),
         );
     }
+    // Random material, raw and formatted, single and batched (the bootstrap admin holds
+    // `random`): none of it may reach the log.
+    for body in [json!({"bytes": 48}), json!({"format": "hex", "length": 48})] {
+        let (status, random) = server.request("/v1/random", Some(&body)).await;
+        assert_eq!(status, 200, "{random}");
+        secrets.push(random["plaintext"].as_str().unwrap().to_owned());
+    }
+    let (status, random) = server
+        .request(
+            "/v1/random/batch",
+            Some(&json!({"items": [{"format": "alphanumeric", "length": 48}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{random}");
+    secrets.push(random["items"][0]["plaintext"].as_str().unwrap().to_owned());
     // Refused requests that carry key material in the wrong place.
     let odd: Vec<u8> = (1u8..=20).map(|b| b * 11).collect();
     remember(&mut secrets, &odd);

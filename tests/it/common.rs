@@ -262,7 +262,7 @@ impl TestServer {
             .register(
                 "main",
                 IpPolicy::Any,
-                "datakey wrap unwrap rewrap keys:* secrets:* admin",
+                "datakey wrap unwrap rewrap random keys:* secrets:* admin",
             )
             .await;
         this

@@ -23,6 +23,7 @@ mod managed;
 mod metrics;
 mod oauth;
 mod openapi;
+mod random;
 mod request_log;
 mod request_path;
 mod rotation;

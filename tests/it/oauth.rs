@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::common::{self, TEST_ISSUER, TestClient, TestServer, b64, error_code, unb64};
 
 /// Every scope main holds, in the order the broker prints scopes.
-const ALL_SCOPES: &str = "datakey wrap unwrap rewrap keys:create keys:read keys:rotate keys:manage secrets:read secrets:write admin";
+const ALL_SCOPES: &str = "datakey wrap unwrap rewrap random keys:create keys:read keys:rotate keys:manage secrets:read secrets:write admin";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

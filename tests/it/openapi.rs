@@ -3,7 +3,7 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 52] = [
+const ENDPOINTS: [(&str, &str); 54] = [
     ("/metrics", "get"),
     ("/v1/admin/master-keys", "get"),
     ("/v1/admin/master-keys/rotate", "post"),
@@ -42,6 +42,8 @@ const ENDPOINTS: [(&str, &str); 52] = [
     ("/v1/unwrap/batch", "post"),
     ("/v1/rewrap", "post"),
     ("/v1/rewrap/batch", "post"),
+    ("/v1/random", "post"),
+    ("/v1/random/batch", "post"),
     ("/v1/oauth/token", "post"),
     ("/v1/oauth/introspect", "post"),
     ("/v1/oauth/revoke", "post"),
@@ -58,7 +60,7 @@ const ENDPOINTS: [(&str, &str); 52] = [
     ("/openapi.json", "get"),
 ];
 
-const CRYPTO: [&str; 8] = [
+const CRYPTO: [&str; 10] = [
     "/v1/datakey",
     "/v1/datakey/batch",
     "/v1/wrap",
@@ -67,6 +69,8 @@ const CRYPTO: [&str; 8] = [
     "/v1/unwrap/batch",
     "/v1/rewrap",
     "/v1/rewrap/batch",
+    "/v1/random",
+    "/v1/random/batch",
 ];
 
 fn schema_ref(response: &serde_json::Value) -> Option<&str> {
@@ -198,6 +202,13 @@ async fn the_document_describes_every_endpoint_and_error() {
         "BlockBody",
         "LockdownResultBody",
         "SecuritySettings",
+        "RandomBody",
+        "RandomBytesBody",
+        "RandomFormatBody",
+        "RandomFormat",
+        "RandomResponse",
+        "RandomBatchBody",
+        "RandomBatchResponse",
     ] {
         assert!(
             schemas.contains_key(name),
@@ -231,6 +242,38 @@ async fn the_document_describes_every_endpoint_and_error() {
     assert!(throttled.contains("rate_limited"), "{throttled}");
     assert!(
         paths["/v1/oauth/token"]["post"]["responses"]["429"]["headers"]["Retry-After"].is_object()
+    );
+    // The random calls: both request shapes with their bounds, and every refusal a client meets.
+    for path in ["/v1/random", "/v1/random/batch"] {
+        for code in ["429"] {
+            assert_eq!(
+                schema_ref(&paths[path]["post"]["responses"][code]),
+                Some("#/components/schemas/ErrorBody"),
+                "{path} {code}"
+            );
+        }
+    }
+    let shapes: Vec<&str> = schemas["RandomBody"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["$ref"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            "#/components/schemas/RandomBytesBody",
+            "#/components/schemas/RandomFormatBody"
+        ]
+    );
+    let bytes = &schemas["RandomBytesBody"];
+    assert_eq!(bytes["properties"]["bytes"]["minimum"], 1, "{bytes}");
+    assert_eq!(bytes["properties"]["bytes"]["maximum"], 1024, "{bytes}");
+    assert_eq!(bytes["additionalProperties"], false, "{bytes}");
+    assert_eq!(schemas["RandomFormatBody"]["additionalProperties"], false);
+    assert_eq!(
+        schemas["RandomFormat"]["enum"],
+        serde_json::json!(["raw", "base64", "hex", "uuid", "alphanumeric", "numeric"])
     );
     let settings = &schemas["SecuritySettings"]["properties"];
     for field in [
