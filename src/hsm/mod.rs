@@ -477,11 +477,12 @@ impl Hsm {
                         attempt += 1;
                         *lock(&inner.slot) = None;
                         std::thread::sleep(Duration::from_millis(100 * attempt));
-                        // SoftHSM2 that once saw our token as gone (its files half-rewritten
-                        // by another process) does not see it again until re-initialised.
-                        if matches!(e, HsmError::TokenNotFound(_) | HsmError::Unavailable(_)) {
-                            inner.module.reinitialize();
-                        }
+                        // SoftHSM2 that once read our token half-rewritten by another process
+                        // keeps what it read until re-initialised: the token gone, or its user
+                        // PIN "not initialised" (CKR_USER_PIN_NOT_INITIALIZED at login).
+                        tracing::debug!(target: "keybroker::hsm", error = %e, attempt,
+                            "the token's first session failed; re-initialising the module and trying again");
+                        inner.module.reinitialize();
                     }
                     Err(e) => return Err(e),
                 }
