@@ -8,9 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -51,7 +52,11 @@ pub struct AuthCache {
     /// kept, since it may hold what the change replaced.
     changes: AtomicU64,
     clients: [Shard; SHARDS],
-    revoked: RwLock<HashSet<Uuid>>,
+    /// Revoked `jti`s, read without a lock by every request; replaced whole by its writers.
+    revoked: ArcSwap<HashSet<Uuid>>,
+    /// Serialises the writers of `revoked`, and counts the revocations applied one by one, so
+    /// that a re-read that began before one of them merges with it instead of dropping it.
+    revocations: Mutex<u64>,
     /// Bumped on every change of the security settings or the blocked sources.
     limits: watch::Sender<u64>,
 }
@@ -68,7 +73,8 @@ impl AuthCache {
             refreshed_ms: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             clients: std::array::from_fn(|_| RwLock::new(HashMap::new())),
-            revoked: RwLock::new(HashSet::new()),
+            revoked: ArcSwap::default(),
+            revocations: Mutex::new(0),
             limits: watch::channel(0).0,
         });
         let sink: Weak<dyn AuthChangeSink> = Arc::downgrade(&cache) as Weak<dyn AuthChangeSink>;
@@ -107,7 +113,7 @@ impl AuthCache {
         if !self.is_live() {
             return self.read_through(client_id, jti).await;
         }
-        let revoked = read(&self.revoked).contains(&jti);
+        let revoked = self.revoked.load().contains(&jti);
         if let Some(client) = read(self.shard(client_id)).get(&client_id) {
             return Ok(ClientState {
                 client: client.clone(),
@@ -173,8 +179,9 @@ impl AuthCache {
     /// request) and reloads the revoked ids, then serves from memory again.
     async fn reload(&self) -> Result<(), StoreError> {
         self.forget_everything();
+        let seen = *lock(&self.revocations);
         let revoked = self.store.revoked_token_ids().await?;
-        *write(&self.revoked) = revoked.into_iter().collect();
+        self.replace_revoked(revoked, seen);
         self.refreshed_ms.store(self.now_ms(), Ordering::Release);
         self.listening.store(true, Ordering::Release);
         Ok(())
@@ -182,8 +189,14 @@ impl AuthCache {
 
     /// The backstop: re-reads every cached client and the revoked ids. Runs on the listener's
     /// task, so a notification heard meanwhile is applied after it, never overwritten by it.
+    ///
+    /// A client this process changed meanwhile (its own write, applied at once) is not
+    /// overwritten with what was read before it; the re-read then does not count as complete,
+    /// and the next one tries again.
     async fn refresh(&self) -> Result<(), StoreError> {
         let started = self.now_ms();
+        let seen_changes = self.changes.load(Ordering::Acquire);
+        let seen_revocations = *lock(&self.revocations);
         let ids: Vec<Uuid> = self
             .clients
             .iter()
@@ -206,20 +219,49 @@ impl AuthCache {
                 // Not kept: its next request reads it again (and fails the same way there).
                 Err(_) => {
                     fresh.remove(&id);
-                    self.forget_client(id);
+                    write(self.shard(id)).remove(&id);
                 }
             }
         }
+        let mut complete = true;
         for (id, client) in fresh {
             let mut shard = write(self.shard(id));
+            // Checked under the shard's lock, which a change takes to drop its entry.
+            if self.changes.load(Ordering::Acquire) != seen_changes {
+                complete = false;
+                break;
+            }
             // An entry dropped meanwhile stays dropped; one read since is as fresh as ours.
             if let Some(entry) = shard.get_mut(&id) {
                 *entry = client;
             }
         }
-        *write(&self.revoked) = revoked.into_iter().collect();
-        self.refreshed_ms.store(started, Ordering::Release);
+        self.replace_revoked(revoked, seen_revocations);
+        if complete {
+            self.refreshed_ms.store(started, Ordering::Release);
+        }
         Ok(())
+    }
+
+    /// Applies one revocation at once.
+    fn note_revoked(&self, jti: Uuid) {
+        let mut applied = lock(&self.revocations);
+        let mut set = HashSet::clone(&self.revoked.load());
+        set.insert(jti);
+        self.revoked.store(Arc::new(set));
+        *applied += 1;
+    }
+
+    /// Puts in place the revoked ids read from Postgres, merged with any revocation applied
+    /// since the read began (`seen` revocations had been applied then): a revocation is never
+    /// undone, only forgotten once its token expired, at a later re-read.
+    fn replace_revoked(&self, read: Vec<Uuid>, seen: u64) {
+        let applied = lock(&self.revocations);
+        let mut set: HashSet<Uuid> = read.into_iter().collect();
+        if *applied != seen {
+            set.extend(self.revoked.load().iter().copied());
+        }
+        self.revoked.store(Arc::new(set));
     }
 
     fn lost_listener(&self) {
@@ -232,9 +274,7 @@ impl AuthChangeSink for AuthCache {
         tracing::debug!(target: "keybroker::auth", ?change, "auth cache: change applied");
         match change {
             AuthChange::Client(id) => self.forget_client(id),
-            AuthChange::Revoked(jti) => {
-                write(&self.revoked).insert(jti);
-            }
+            AuthChange::Revoked(jti) => self.note_revoked(jti),
             AuthChange::Settings | AuthChange::Blocks => {
                 self.limits.send_modify(|n| *n = n.wrapping_add(1));
             }
@@ -345,7 +385,63 @@ fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A cache whose store never connects: these tests touch memory only.
+    fn cache() -> Arc<AuthCache> {
+        let store = Store::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+        AuthCache::new(store, DEFAULT_MAX_AGE)
+    }
+
+    fn revoked(cache: &AuthCache) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = cache.revoked.load().iter().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_reread_replaces_the_revoked_ids_but_keeps_a_revocation_applied_meanwhile() {
+        let cache = cache();
+        let (expired, listed, meanwhile) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        cache.changed(AuthChange::Revoked(expired));
+        // A re-read with no revocation applied while it ran: what Postgres listed, no more
+        // (the expired token's row was purged there).
+        let seen = *lock(&cache.revocations);
+        cache.replace_revoked(vec![listed], seen);
+        assert_eq!(revoked(&cache), vec![listed]);
+        // One began before a revocation this process applied (its own write, or a notification
+        // heard by another path): the read cannot hold it, and it must not be lost.
+        let seen = *lock(&cache.revocations);
+        cache.changed(AuthChange::Revoked(meanwhile));
+        cache.replace_revoked(vec![listed], seen);
+        let mut want = vec![listed, meanwhile];
+        want.sort();
+        assert_eq!(revoked(&cache), want);
+    }
+
+    #[tokio::test]
+    async fn a_cache_is_not_used_before_its_listener_has_loaded_it() {
+        let cache = cache();
+        assert!(!cache.is_live());
+        cache.listening.store(true, Ordering::Release);
+        cache.refreshed_ms.store(cache.now_ms(), Ordering::Release);
+        assert!(cache.is_live());
+        cache.lost_listener();
+        assert!(!cache.is_live(), "fails closed once the listener is lost");
+    }
 }
