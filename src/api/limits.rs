@@ -312,28 +312,24 @@ impl Limiter {
             return;
         }
         let old = &policy.settings;
-        let per_ip = if (old.per_ip_per_second, old.per_ip_burst)
-            == (settings.per_ip_per_second, settings.per_ip_burst)
-        {
-            policy.per_ip.clone()
-        } else {
-            Arc::new(keyed_limiter(
-                settings.per_ip_per_second,
-                settings.per_ip_burst,
-                &self.clock,
-            ))
+        // The limiter in force if its quota (rate, burst) is unchanged, else a new one.
+        let kept_or_new = |current: &Arc<KeyedLimiter>, was: (f64, u32), now: (f64, u32)| {
+            if was == now {
+                current.clone()
+            } else {
+                Arc::new(keyed_limiter(now.0, now.1, &self.clock))
+            }
         };
-        let per_client = if (old.per_client_per_second, old.per_client_burst)
-            == (settings.per_client_per_second, settings.per_client_burst)
-        {
-            policy.per_client.clone()
-        } else {
-            Arc::new(keyed_limiter(
-                settings.per_client_per_second,
-                settings.per_client_burst,
-                &self.clock,
-            ))
-        };
+        let per_ip = kept_or_new(
+            &policy.per_ip,
+            (old.per_ip_per_second, old.per_ip_burst),
+            (settings.per_ip_per_second, settings.per_ip_burst),
+        );
+        let per_client = kept_or_new(
+            &policy.per_client,
+            (old.per_client_per_second, old.per_client_burst),
+            (settings.per_client_per_second, settings.per_client_burst),
+        );
         *policy = Arc::new(Policy {
             settings: Arc::new(settings),
             per_ip,
