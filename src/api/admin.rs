@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody, schema};
 use crate::auth::{
     AuthError, BlockRequest, Caller, Client, ClientSpec, DEFAULT_BLOCK_SECS, Scope,
     SecuritySettings,
@@ -21,16 +21,20 @@ use crate::store::AdminGuard;
 #[serde(deny_unknown_fields)]
 pub struct RegisterClientBody {
     /// Display name, 1 to 200 characters.
+    #[schema(schema_with = schema::client_name)]
     pub name: String,
     /// `strict`: only from `ips`; `none`: from anywhere.
+    #[schema(value_type = IpMode)]
     pub ip_mode: String,
     /// Addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`, `::1`); required in strict mode. In strict
     /// mode no two active clients may share an address.
     #[serde(default)]
+    #[schema(schema_with = strict_networks)]
     pub ips: Vec<String>,
     /// Scopes: `datakey`, `wrap`, `unwrap`, `rewrap`, `random`, `keys:create`, `keys:read`,
     /// `keys:rotate`, `keys:manage`, `secrets:read`, `secrets:write`, `admin`, or the families
     /// `keys:*`, `secrets:*`.
+    #[schema(schema_with = schema::scope_list)]
     pub scopes: Vec<String>,
     /// A P-256 public key (SPKI PEM) for `private_key_jwt`.
     #[serde(default)]
@@ -42,15 +46,73 @@ pub struct RegisterClientBody {
 #[serde(deny_unknown_fields)]
 pub struct UpdateClientBody {
     /// New display name.
+    #[schema(schema_with = schema::client_name_or_null)]
     pub name: Option<String>,
     /// New address mode.
+    #[schema(value_type = Option<IpMode>)]
     pub ip_mode: Option<String>,
     /// New addresses or CIDRs (replace the old ones).
+    #[schema(schema_with = strict_networks_or_null)]
     pub ips: Option<Vec<String>>,
     /// New scopes (replace the old ones); live tokens lose what is taken away at once.
+    #[schema(schema_with = schema::scope_list_or_null)]
     pub scopes: Option<Vec<String>>,
     /// New public key; an empty string removes it.
     pub public_key: Option<String>,
+}
+
+/// Where a client may call from. Only the schema uses it; the body keeps the text.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum IpMode {
+    /// Only from the client's `ips`.
+    Strict,
+    /// From anywhere.
+    None,
+}
+
+fn strict_networks() -> utoipa::openapi::schema::Array {
+    networks(false)
+}
+
+fn strict_networks_or_null() -> utoipa::openapi::schema::Array {
+    networks(true)
+}
+
+fn networks(nullable: bool) -> utoipa::openapi::schema::Array {
+    schema::network_list(
+        Some(crate::auth::MAX_CLIENT_NETWORKS),
+        nullable,
+        "Addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`, `::1`), at most 64; required in strict \
+         mode, where no two active clients may share an address and no network may be wider \
+         than a /8 (IPv4) or /32 (IPv6).",
+    )
+}
+
+fn lockdown_networks() -> utoipa::openapi::schema::Array {
+    schema::network_list(
+        None,
+        true,
+        "Networks to block, each within one of the client's registered networks and no wider \
+         than the `block_min_prefix_v4`/`_v6` security settings; default: all of the client's.",
+    )
+}
+
+/// The scopes of a request body as the space-separated list `ClientSpec` parses: each item
+/// must be one scope word, as the schema's enum says (a space inside an item would otherwise
+/// smuggle in a second scope).
+fn scope_text(items: &[String]) -> Result<String, ApiError> {
+    if items
+        .iter()
+        .any(|s| s.is_empty() || s.contains(char::is_whitespace))
+    {
+        return Err(AuthError::InvalidClientSpec(
+            "each scope is one word, e.g. \"datakey\" or \"keys:*\"".to_owned(),
+        )
+        .into());
+    }
+    Ok(items.join(" "))
 }
 
 /// A client as the API shows it. There is no secret in it.
@@ -115,10 +177,13 @@ pub struct ClientListBody {
 /// `GET /v1/admin/clients` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1 to 500 (default 100).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_after` of the previous page.
+    #[param(nullable = false)]
     pub after: Option<Uuid>,
 }
 
@@ -145,7 +210,7 @@ pub(super) async fn register_client(
         body.name,
         &body.ip_mode,
         &body.ips,
-        &body.scopes.join(" "),
+        &scope_text(&body.scopes)?,
         body.public_key,
     )?;
     let (client, secret) = state.auth.register(spec).await?;
@@ -235,7 +300,7 @@ pub(super) async fn update_client(
         body.name.unwrap_or(current.name),
         &body.ip_mode.unwrap_or(current.ip_mode),
         &body.ips.unwrap_or(current.ips),
-        &body.scopes.unwrap_or(current.scopes).join(" "),
+        &scope_text(&body.scopes.unwrap_or(current.scopes))?,
         public_key,
     )?;
     Ok(Json(
@@ -338,23 +403,47 @@ pub(super) enum AdminErrorResponses {
 /// `GET /v1/admin/audit` query. Times are unix seconds.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// From (inclusive).
+    #[param(nullable = false)]
     pub from: Option<i64>,
     /// Until (exclusive).
+    #[param(nullable = false)]
     pub to: Option<i64>,
     /// Events concerning this client.
+    #[param(nullable = false)]
     pub client_id: Option<Uuid>,
     /// Events concerning this key or secret.
+    #[param(nullable = false)]
     pub key_id: Option<Uuid>,
     /// One event name, e.g. `key.rotated`.
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub event: Option<String>,
     /// `info`, `warning`, `error` or `critical`.
+    #[param(nullable = false, value_type = Option<AuditSeverity>, inline)]
     pub severity: Option<String>,
     /// The `next_after_seq` of the previous page.
+    #[param(nullable = false)]
     pub after_seq: Option<i64>,
     /// Page size 1-1000 (100).
+    #[param(nullable = false, minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
+}
+
+/// The severities of audit events. Only the schema uses it; the query keeps the text.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum AuditSeverity {
+    /// Routine.
+    Info,
+    /// Worth a look.
+    Warning,
+    /// Something failed.
+    Error,
+    /// Needs action now.
+    Critical,
 }
 
 /// One audit event.
@@ -512,6 +601,7 @@ pub(super) async fn audit_verify(
 #[serde(deny_unknown_fields)]
 pub struct LockdownBody {
     /// Why, for the audit trail.
+    #[schema(pattern = "^[^\\u0000]*$")]
     pub reason: Option<String>,
     /// Also block addresses (a separate choice: by default a lockdown blocks none). Only the
     /// client's own registered networks, or parts of them, for a limited time.
@@ -524,8 +614,10 @@ pub struct LockdownBody {
 pub struct BlockBody {
     /// Networks to block, each within one of the client's registered networks and no wider
     /// than the `block_min_prefix_v4`/`_v6` security settings; default: all of the client's.
+    #[schema(schema_with = lockdown_networks)]
     pub cidrs: Option<Vec<String>>,
     /// For how long, 1 to 604800 seconds; default 3600.
+    #[schema(minimum = 1, maximum = 604800)]
     pub secs: Option<u64>,
 }
 

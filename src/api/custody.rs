@@ -228,7 +228,7 @@ pub(super) async fn get_rewrap(
 /// blobs that clients hold (so they can rewrap them) until an officer destroys it with
 /// `keybroker hsm destroy-master`.
 #[utoipa::path(post, path = "/v1/admin/master-keys/{version}/retire", tag = "custody",
-    params(("version" = u32, Path, description = "Master-key version")),
+    params(("version" = u32, Path, minimum = 1, description = "Master-key version")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Retired; the versions after it", body = MasterKeysBody),

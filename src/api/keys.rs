@@ -206,15 +206,37 @@ pub struct KeyListBody {
 /// `GET /v1/keys` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct KeyListQuery {
     /// Only keys in this state.
+    #[param(nullable = false, value_type = Option<KeyStateName>, inline)]
     pub state: Option<String>,
     /// Only the key of this name.
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub name: Option<String>,
     /// Page size 1-500 (100).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_after` of the previous page.
+    #[param(nullable = false)]
     pub after: Option<Uuid>,
+}
+
+/// The states of a managed key. Only the schema uses it; the query keeps the text.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum KeyStateName {
+    /// In use.
+    Active,
+    /// Refused until enabled.
+    Disabled,
+    /// Past its expiry.
+    Expired,
+    /// Scheduled for destruction.
+    PendingDeletion,
+    /// Material erased.
+    Destroyed,
 }
 
 /// `POST /v1/keys/{id}/plaintext` request.
@@ -255,8 +277,10 @@ pub struct RefreshKeyBody {
 /// Pending window of a deletion.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeletionQuery {
     /// Days before destruction, 1 to 30 (default 7).
+    #[param(nullable = false, minimum = 1, maximum = 30)]
     pub pending_window_days: Option<u32>,
 }
 
@@ -265,6 +289,7 @@ pub struct DeletionQuery {
 #[serde(deny_unknown_fields)]
 pub struct PutSecretBody {
     /// The value, standard base64 (at most 64 KiB decoded).
+    #[schema(schema_with = super::schema::secret_value)]
     pub value: String,
     /// Bound into both layers' AAD: reads must give the same map.
     pub context: Option<ContextMap>,
@@ -350,23 +375,42 @@ fn usage_body(rows: Vec<UsageRow>) -> UsageBody {
     }
 }
 
-/// Usage query.
+/// `GET /v1/usage` query: the caller's own counts.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct UsageQuery {
+#[into_params(parameter_in = Query)]
+pub struct OwnUsageQuery {
     /// Days back, 1 to 366 (30).
+    #[param(nullable = false, minimum = 1, maximum = 366)]
     pub days: Option<u32>,
     /// One key or secret id (nil UUID: stateless calls).
+    #[param(nullable = false)]
     pub key_id: Option<Uuid>,
-    /// One client (admin only).
+}
+
+/// `GET /v1/admin/usage` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Days back, 1 to 366 (30).
+    #[param(nullable = false, minimum = 1, maximum = 366)]
+    pub days: Option<u32>,
+    /// One key or secret id (nil UUID: stateless calls).
+    #[param(nullable = false)]
+    pub key_id: Option<Uuid>,
+    /// One client.
+    #[param(nullable = false)]
     pub client_id: Option<Uuid>,
 }
 
 /// Report query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DueQuery {
     /// Horizon in days, 0 to 366 (30).
+    #[param(nullable = false, minimum = 0, maximum = 366)]
     pub within_days: Option<u32>,
 }
 
@@ -453,17 +497,19 @@ fn key_spec(body: CreateKeyBody, now: i64) -> Result<KeySpec, ApiError> {
 }
 
 /// `?context.<key>=<value>` pairs of a query string, as an encryption context.
+/// The entry name in a `context[<name>]` query parameter (OpenAPI's `deepObject` style).
+fn context_entry_name(parameter: &str) -> Option<&str> {
+    parameter.strip_prefix("context[")?.strip_suffix(']')
+}
+
 fn query_context(
     params: &HashMap<String, String>,
 ) -> Result<crate::crypto::EncryptionContext, ApiError> {
     let map: BTreeMap<String, String> = params
         .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("context.")
-                .map(|k| (k.to_owned(), v.clone()))
-        })
+        .filter_map(|(k, v)| context_entry_name(k).map(|k| (k.to_owned(), v.clone())))
         .collect();
-    parse_context(Some(map))
+    parse_context(Some(ContextMap(map)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,7 +829,7 @@ pub(super) async fn cancel_key_deletion(
 
 /// Store a new version of a secret (envelope encryption; at most 64 KiB).
 #[utoipa::path(put, path = "/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name")), request_body = PutSecretBody,
+    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`")), request_body = PutSecretBody,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Stored; `current_version` is the new version", body = SecretBody),
@@ -818,9 +864,10 @@ pub(super) async fn put_secret(
 /// Read a secret (latest or `?version=`), with its context as `?context.<key>=<value>`.
 #[utoipa::path(get, path = "/v1/secrets/{name}", tag = "secrets",
     params(
-        ("name" = String, Path, description = "Secret name"),
-        ("version" = Option<u32>, Query, description = "A version; default the latest"),
-        ("context.<key>" = Option<String>, Query, description = "Each entry of the context the secret was stored with"),
+        ("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`"),
+        ("version" = Option<u32>, Query, nullable = false, minimum = 1, description = "A version; default the latest"),
+        ("context" = Option<ContextMap>, Query, style = DeepObject, explode, nullable = false,
+            description = "The context the secret was stored with, one `context[<key>]=<value>` parameter per entry"),
     ),
     security(("bearer" = [])),
     responses(
@@ -841,7 +888,7 @@ pub(super) async fn get_secret(
     let params = query(q)?;
     if let Some(bad) = params
         .keys()
-        .find(|k| k.as_str() != "version" && !k.starts_with("context."))
+        .find(|k| k.as_str() != "version" && context_entry_name(k).is_none())
     {
         return Err(ApiError::InvalidQuery(format!(
             "unknown query parameter {bad:?}"
@@ -868,7 +915,7 @@ pub(super) async fn get_secret(
 
 /// Schedule a secret's destruction (every version) after a pending window (1-30 days, default 7).
 #[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name"), DeletionQuery),
+    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`"), DeletionQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Pending deletion", body = SecretBody),
@@ -895,7 +942,7 @@ pub(super) async fn delete_secret(
 
 /// Cancel a secret's scheduled destruction.
 #[utoipa::path(post, path = "/v1/secrets/{name}/cancel-deletion", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name")), security(("bearer" = [])),
+    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`")), security(("bearer" = [])),
     responses(
         (status = 200, description = "Active again", body = SecretBody),
         (status = 404, description = "`secret_not_found`", body = ErrorBody),
@@ -919,8 +966,8 @@ pub(super) async fn cancel_secret_deletion(
 // ---------------------------------------------------------------------------------------------
 // Usage and reports
 
-fn usage_days(q: &UsageQuery) -> Result<u32, ApiError> {
-    let days = q.days.unwrap_or(30);
+fn usage_days(days: Option<u32>) -> Result<u32, ApiError> {
+    let days = days.unwrap_or(30);
     if (1..=366).contains(&days) {
         Ok(days)
     } else {
@@ -929,7 +976,7 @@ fn usage_days(q: &UsageQuery) -> Result<u32, ApiError> {
 }
 
 /// Your own operation counts per key and day.
-#[utoipa::path(get, path = "/v1/usage", tag = "keys", params(UsageQuery),
+#[utoipa::path(get, path = "/v1/usage", tag = "keys", params(OwnUsageQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Counts", body = UsageBody),
@@ -939,20 +986,15 @@ fn usage_days(q: &UsageQuery) -> Result<u32, ApiError> {
 pub(super) async fn own_usage(
     State(state): State<AppState>,
     caller: Caller,
-    q: Result<Query<UsageQuery>, QueryRejection>,
+    q: Result<Query<OwnUsageQuery>, QueryRejection>,
 ) -> Result<Json<UsageBody>, ApiError> {
     let q = query(q)?;
-    if q.client_id.is_some_and(|c| c != caller.client_id) {
-        return Err(ApiError::InvalidQuery(
-            "client_id is for /v1/admin/usage".to_owned(),
-        ));
-    }
     let rows = state
         .broker
         .usage(
             Some(caller.client_id),
             q.key_id,
-            usage_days(&q)?,
+            usage_days(q.days)?,
             unix_now(),
         )
         .await?;
@@ -976,7 +1018,7 @@ pub(super) async fn admin_usage(
     let q = query(q)?;
     let rows = state
         .broker
-        .usage(q.client_id, q.key_id, usage_days(&q)?, unix_now())
+        .usage(q.client_id, q.key_id, usage_days(q.days)?, unix_now())
         .await?;
     Ok(Json(usage_body(rows)))
 }

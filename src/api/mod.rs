@@ -34,8 +34,10 @@ mod keys;
 pub mod limits;
 mod metrics;
 mod oauth;
+mod openapi;
 mod random;
 mod request_log;
+mod schema;
 
 pub use request_log::RequestLog;
 
@@ -143,7 +145,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(self::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -564,7 +566,8 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         // Every request body is a JSON object: serde would otherwise fill a struct from an
         // array by position, which no client means.
-        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        let Json(mut value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        integral_numbers_as_integers(&mut value);
         if !value.is_object() {
             return Err(ApiError::InvalidRequest(
                 "the request body must be a JSON object".to_owned(),
@@ -579,6 +582,30 @@ where
                     "body",
                 ))
             })
+    }
+}
+
+/// JSON has one kind of number: `34.0` is the integer 34, as JSON Schema's `integer` says. serde
+/// would refuse it for an integer field, so a number with no fractional part that fits a 64-bit
+/// integer is made one before the body is read into its type (a float field takes it either way).
+fn integral_numbers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::{Number, Value};
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let Some(f) = n.as_f64() else { return };
+            if f.fract() != 0.0 {
+                return;
+            }
+            // 2^64 and -2^63: the bounds of u64 and i64, exactly representable as f64.
+            if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                *n = Number::from(f as u64);
+            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                *n = Number::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers_as_integers),
+        _ => {}
     }
 }
 
@@ -782,7 +809,35 @@ pub struct ErrorDetail {
 }
 
 /// Encryption context: a string map bound into the blob's AAD; keys are sorted before binding.
-pub(crate) type ContextMap = BTreeMap<String, String>;
+/// Its schema (`EncryptionContext`) states the limits `crypto::EncryptionContext` enforces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(transparent)]
+pub struct ContextMap(pub BTreeMap<String, String>);
+
+/// One item of a batch request. Items are JSON objects, as the schema says: serde alone would
+/// also fill a struct from an array by position, which no client means.
+#[derive(Debug)]
+pub struct BatchRequestItem<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for BatchRequestItem<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                // The item's own fields are read through the same map access, so an error
+                // keeps its path (`items[2].context`).
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(ObjectOnly(std::marker::PhantomData))
+            .map(Self)
+    }
+}
 
 /// `POST /v1/datakey` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -814,6 +869,7 @@ pub struct DataKeyResponse {
 #[serde(deny_unknown_fields)]
 pub struct WrapBody {
     /// 16 to 64 bytes of key material, standard base64 with padding.
+    #[schema(schema_with = schema::wrappable_base64)]
     pub plaintext: String,
     /// Bound as AAD.
     #[serde(default)]
@@ -833,7 +889,8 @@ pub struct WrappedResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlobBody {
-    /// A blob from `datakey`, `wrap` or `rewrap`.
+    /// A blob from `datakey`, `wrap` or `rewrap`: `kb:v1:<mk_version>:<base64url payload>`.
+    #[schema(schema_with = schema::blob)]
     pub wrapped: String,
     /// The context the blob was sealed with.
     #[serde(default)]
@@ -852,7 +909,8 @@ pub struct UnwrapResponse {
 #[serde(deny_unknown_fields)]
 pub struct DataKeyBatchBody {
     /// 1 to the configured maximum (default 1000) requests.
-    pub items: Vec<DataKeyBody>,
+    #[schema(value_type = Vec<DataKeyBody>)]
+    pub items: Vec<BatchRequestItem<DataKeyBody>>,
 }
 
 /// `POST /v1/wrap/batch` request.
@@ -860,7 +918,8 @@ pub struct DataKeyBatchBody {
 #[serde(deny_unknown_fields)]
 pub struct WrapBatchBody {
     /// 1 to the configured maximum (default 1000) requests.
-    pub items: Vec<WrapBody>,
+    #[schema(value_type = Vec<WrapBody>)]
+    pub items: Vec<BatchRequestItem<WrapBody>>,
 }
 
 /// `POST /v1/unwrap/batch` and `POST /v1/rewrap/batch` request.
@@ -868,7 +927,8 @@ pub struct WrapBatchBody {
 #[serde(deny_unknown_fields)]
 pub struct BlobBatchBody {
     /// 1 to the configured maximum (default 1000) requests.
-    pub items: Vec<BlobBody>,
+    #[schema(value_type = Vec<BlobBody>)]
+    pub items: Vec<BatchRequestItem<BlobBody>>,
 }
 
 /// One result of a batch: the single call's response, or its error.
@@ -950,7 +1010,7 @@ enum CryptoErrorResponses {
 // Parsing at the edge
 
 fn parse_context(map: Option<ContextMap>) -> Result<EncryptionContext, ApiError> {
-    EncryptionContext::new(map.unwrap_or_default()).map_err(ApiError::InvalidContext)
+    EncryptionContext::new(map.unwrap_or_default().0).map_err(ApiError::InvalidContext)
 }
 
 fn parse_datakey(body: DataKeyBody) -> Result<DataKeyRequest, ApiError> {
@@ -1008,7 +1068,7 @@ fn unwrap_response(plaintext: Zeroizing<Vec<u8>>) -> UnwrapResponse {
 /// Runs a batch: items that fail to parse get their error in place, the rest go to the broker
 /// in one call, and the results come back in request order.
 async fn run_batch<B, R, O, W, Fut>(
-    bodies: Vec<B>,
+    bodies: Vec<BatchRequestItem<B>>,
     parse: impl Fn(B) -> Result<R, ApiError>,
     call: impl FnOnce(Vec<R>) -> Fut,
     respond: impl Fn(O) -> W,
@@ -1016,7 +1076,10 @@ async fn run_batch<B, R, O, W, Fut>(
 where
     Fut: std::future::Future<Output = Result<Vec<Result<O, BrokerError>>, BrokerError>>,
 {
-    let parsed: Vec<Result<R, ApiError>> = bodies.into_iter().map(parse).collect();
+    let parsed: Vec<Result<R, ApiError>> = bodies
+        .into_iter()
+        .map(|BatchRequestItem(body)| parse(body))
+        .collect();
     let mut valid = Vec::new();
     let mut slots = Vec::with_capacity(parsed.len());
     for item in parsed {
@@ -1330,8 +1393,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(openapi::document(openapi::DocumentLimits {
+        max_batch: state.broker.max_batch(),
+    }))
 }
 
 /// The OpenAPI document of every endpoint, request, response and error shape.

@@ -19,8 +19,8 @@ use crate::auth::{
     AuthError, Caller, ClientCredentials, Introspection, JWT_BEARER_ASSERTION, unix_now,
 };
 
-/// `POST /v1/oauth/token` form fields.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+/// `POST /v1/oauth/token` form fields. Its schema (below) says which fields go together.
+#[derive(Debug, Default, Deserialize)]
 pub struct TokenForm {
     /// Must be `client_credentials`.
     pub grant_type: Option<String>,
@@ -35,6 +35,53 @@ pub struct TokenForm {
     /// The ES256 client assertion for `private_key_jwt`.
     pub client_assertion: Option<String>,
 }
+
+/// The token form as one of three shapes, one per client authentication method (RFC 6749
+/// §2.3: exactly one): `client_secret_post`, `private_key_jwt`, or none in the form (HTTP Basic,
+/// or no credentials at all, which is answered 401).
+impl utoipa::PartialSchema for TokenForm {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let scope = serde_json::json!({
+            "type": "string",
+            "pattern": super::schema::scope_sentence_pattern(),
+            "description": "Space-separated scopes the client holds; default: all of them",
+        });
+        let grant_type = serde_json::json!({"type": "string", "enum": ["client_credentials"]});
+        let shape = |name: &str, required: &[&str], extra: serde_json::Value| {
+            let mut properties = serde_json::json!({
+                "grant_type": grant_type,
+                "scope": scope,
+                "client_id": {"type": "string", "description": "The client id"},
+            });
+            if let (Some(all), Some(more)) = (properties.as_object_mut(), extra.as_object()) {
+                all.extend(more.clone());
+            }
+            serde_json::json!({
+                "title": name,
+                "type": "object",
+                "required": required,
+                "properties": properties,
+                "additionalProperties": false,
+            })
+        };
+        super::schema::from_json(serde_json::json!({
+            "description": "`POST /v1/oauth/token` form fields: `grant_type=client_credentials` \
+                and exactly one client authentication method.",
+            "oneOf": [
+                shape("client_secret_post", &["grant_type", "client_id", "client_secret"],
+                    serde_json::json!({"client_secret": {"type": "string"}})),
+                shape("private_key_jwt", &["grant_type", "client_assertion_type", "client_assertion"],
+                    serde_json::json!({
+                        "client_assertion_type": {"type": "string", "enum": [JWT_BEARER_ASSERTION]},
+                        "client_assertion": {"type": "string", "description": "An ES256 JWT signed with the client's registered key"},
+                    })),
+                shape("client_secret_basic", &["grant_type"], serde_json::json!({})),
+            ],
+        }))
+    }
+}
+
+impl ToSchema for TokenForm {}
 
 /// A successful token response (RFC 6749 §5.1).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

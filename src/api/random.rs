@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    ApiError, ApiJson, AppState, BatchItem, ErrorBody, check_batch_size, count_batch, run_batch,
-    single,
+    ApiError, ApiJson, AppState, BatchItem, BatchRequestItem, ErrorBody, check_batch_size,
+    count_batch, run_batch, single,
 };
 use crate::auth::{Caller, Scope, unix_now};
 use crate::broker::{Operation, RandomMaterial, RandomRequest};
@@ -94,7 +94,8 @@ pub struct RandomResponse {
 #[serde(deny_unknown_fields)]
 pub struct RandomBatchBody {
     /// 1 to the configured maximum (default 1000) requests.
-    pub items: Vec<RandomBody>,
+    #[schema(value_type = Vec<RandomBody>)]
+    pub items: Vec<BatchRequestItem<RandomBody>>,
 }
 
 /// `POST /v1/random/batch` response: results in request order.

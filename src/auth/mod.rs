@@ -459,34 +459,47 @@ pub fn source_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
     /// Sustained requests per second from one source address.
+    #[schema(exclusive_minimum = 0, maximum = 1000000)]
     pub per_ip_per_second: f64,
     /// Burst allowance of one source address.
+    #[schema(minimum = 1)]
     pub per_ip_burst: u32,
     /// Sustained requests per second of one client.
+    #[schema(exclusive_minimum = 0, maximum = 1000000)]
     pub per_client_per_second: f64,
     /// Burst allowance of one client.
+    #[schema(minimum = 1)]
     pub per_client_burst: u32,
     /// Refused (rate-limited) requests within `violation_window_secs` that block the source.
+    #[schema(minimum = 1)]
     pub block_after_violations: u32,
     /// The window counting violations.
+    #[schema(minimum = 1)]
     pub violation_window_secs: u64,
     /// How long a blocked source stays blocked.
+    #[schema(minimum = 1, maximum = 604800)]
     pub block_secs: u64,
     /// Refusals of one client within `anomaly_window_secs` that disable it (0 = never).
     pub anomaly_refusals: u32,
     /// The window counting refusals.
+    #[schema(minimum = 1)]
     pub anomaly_window_secs: u64,
     /// Failed authentications at the token endpoint from one source for one client id before
     /// further attempts from there for that id are delayed (429 with `Retry-After`; the delay
     /// doubles with each further failure, from 1 s up to `auth_delay_max_secs`).
+    #[schema(minimum = 1)]
     pub auth_failures_per_client: u32,
     /// The same, counted over every client id tried from one source.
+    #[schema(minimum = 1)]
     pub auth_failures_per_source: u32,
     /// The longest such delay.
+    #[schema(minimum = 1, maximum = 86400)]
     pub auth_delay_max_secs: u64,
     /// The widest IPv4 network a lockdown may block (a prefix length).
+    #[schema(maximum = 32)]
     pub block_min_prefix_v4: u8,
     /// The widest IPv6 network a lockdown may block.
+    #[schema(maximum = 128)]
     pub block_min_prefix_v6: u8,
 }
 
@@ -1397,6 +1410,13 @@ impl Authenticator {
         }
         let scope = match requested {
             Some(text) => {
+                // RFC 6749 §3.3: scope words separated by single spaces, as the schema says.
+                if text
+                    .split(' ')
+                    .any(|w| w.is_empty() || w.contains(char::is_whitespace))
+                {
+                    return Err(AuthError::InvalidScope);
+                }
                 let asked = Scopes::parse(text).map_err(|_| AuthError::InvalidScope)?;
                 if asked.is_empty() || !asked.is_subset(&client.scopes) {
                     return Err(AuthError::InvalidScope);
@@ -1902,9 +1922,17 @@ impl ClientSpec {
         public_key_pem: Option<String>,
     ) -> Result<Self, AuthError> {
         let invalid = |m: String| AuthError::InvalidClientSpec(m);
-        let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(invalid("name must be 1 to 200 characters".to_owned()));
+        // Counted before trimming, and only ASCII whitespace trimmed: the published schema says
+        // exactly this (a length and a pattern), and a name of other characters is a name.
+        let trimmed = name.trim_matches(|c: char| c.is_ascii_whitespace());
+        if trimmed.is_empty() || name.chars().count() > 200 {
+            return Err(invalid(
+                "name must be 1 to 200 characters, not only spaces".to_owned(),
+            ));
+        }
+        let name = trimmed.to_owned();
+        if addresses.len() > MAX_CLIENT_NETWORKS {
+            return Err(invalid(IpPolicyError::TooMany.to_string()));
         }
         let ip_policy = IpPolicy::parse(ip_mode, addresses)
             .and_then(|p| p.check_registrable().map(|()| p))

@@ -20,7 +20,7 @@ pub use master_keys::{
     MasterKeyPolicy, MasterKeyView, REWRAP_BATCH, RewrapProgress, RotationReason,
 };
 pub use random::{RandomMaterial, RandomRequest};
-pub use secrets::{SecretName, StoredSecret};
+pub use secrets::{MAX_SECRET_LEN, SecretName, StoredSecret};
 pub use usage::Operation;
 
 use std::sync::Arc;
@@ -480,6 +480,11 @@ impl Broker {
             }
         }
         Ok(results)
+    }
+
+    /// The most items one batch call may carry.
+    pub fn max_batch(&self) -> usize {
+        self.limits.max_batch
     }
 
     /// Checks a batch's size against the limits.

@@ -75,6 +75,18 @@ impl KeyFormat {
         }
     }
 
+    /// The lengths a key of this format may have, in its own unit: `(min, default, max)` (see
+    /// [`KeyFormat::resolve_length`]). The API's schema publishes the same numbers.
+    pub fn lengths(self) -> (usize, usize, usize) {
+        match self {
+            KeyFormat::Raw => (16, 32, 256),
+            KeyFormat::Hex => (16, 64, 512),
+            KeyFormat::Alphanumeric => (8, 32, 256),
+            KeyFormat::Numeric => (4, 16, 64),
+            KeyFormat::Uuid => (UUID_TEXT_LEN, UUID_TEXT_LEN, UUID_TEXT_LEN),
+        }
+    }
+
     /// Validates a requested length (in the format's own unit) or picks the default.
     ///
     /// | format         | unit       | range     | default |
@@ -92,18 +104,13 @@ impl KeyFormat {
     /// [`FormatError::LengthOutOfRange`] outside the range; [`FormatError::LengthNotAllowed`] for
     /// a `uuid` with any length but 36.
     pub fn resolve_length(self, requested: Option<usize>) -> Result<usize, FormatError> {
-        let (min, default, max) = match self {
-            KeyFormat::Raw => (16, 32, 256),
-            KeyFormat::Hex => (16, 64, 512),
-            KeyFormat::Alphanumeric => (8, 32, 256),
-            KeyFormat::Numeric => (4, 16, 64),
-            KeyFormat::Uuid => {
-                return match requested {
-                    None | Some(UUID_TEXT_LEN) => Ok(UUID_TEXT_LEN),
-                    Some(_) => Err(FormatError::LengthNotAllowed),
-                };
-            }
-        };
+        let (min, default, max) = self.lengths();
+        if self == KeyFormat::Uuid {
+            return match requested {
+                None | Some(UUID_TEXT_LEN) => Ok(UUID_TEXT_LEN),
+                Some(_) => Err(FormatError::LengthNotAllowed),
+            };
+        }
         match requested {
             None => Ok(default),
             Some(n) if (min..=max).contains(&n) => Ok(n),

@@ -29,9 +29,12 @@ pub const MAX_WRAP_LEN: usize = 64;
 const MAX_PAYLOAD_LEN: usize = GCM_IV_LEN + MAX_WRAP_LEN + GCM_TAG_LEN;
 /// Smallest payload: IV, the smallest wrappable key, tag.
 const MIN_PAYLOAD_LEN: usize = GCM_IV_LEN + MIN_WRAP_LEN + GCM_TAG_LEN;
-/// Limits on an encryption context, so that AAD stays small and bounded.
-const MAX_CONTEXT_ENTRIES: usize = 32;
-const MAX_CONTEXT_FIELD_LEN: usize = 256;
+/// The payload lengths a v1 blob may have, in bytes (for the API's published pattern).
+pub const BLOB_PAYLOAD_LEN: (usize, usize) = (MIN_PAYLOAD_LEN, MAX_PAYLOAD_LEN);
+/// The most entries an encryption context may have (AAD stays small and bounded).
+pub const MAX_CONTEXT_ENTRIES: usize = 32;
+/// The longest key or value of an encryption context, in characters.
+pub const MAX_CONTEXT_FIELD_LEN: usize = 256;
 
 /// Why a string is not a blob this build can read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,9 +198,9 @@ pub enum ContextError {
     /// More entries than we bind.
     #[error("the encryption context has more than {MAX_CONTEXT_ENTRIES} entries")]
     TooManyEntries,
-    /// A key that is empty, or a key or value that is too long.
+    /// A key that is empty, a key or value that is too long, or one with a NUL character.
     #[error(
-        "encryption context keys must be 1 to {MAX_CONTEXT_FIELD_LEN} bytes and values at most {MAX_CONTEXT_FIELD_LEN} bytes"
+        "encryption context keys must be 1 to {MAX_CONTEXT_FIELD_LEN} characters and values at most {MAX_CONTEXT_FIELD_LEN}, without NUL characters"
     )]
     BadField,
 }
@@ -216,8 +219,12 @@ impl EncryptionContext {
         if map.len() > MAX_CONTEXT_ENTRIES {
             return Err(ContextError::TooManyEntries);
         }
+        // Characters, not bytes, as the published schema's `maxLength` counts them; no NUL,
+        // which the contexts Postgres keeps (managed keys, secrets) could not hold.
         let field_ok = |s: &str, allow_empty: bool| {
-            (allow_empty || !s.is_empty()) && s.len() <= MAX_CONTEXT_FIELD_LEN
+            (allow_empty || !s.is_empty())
+                && s.chars().count() <= MAX_CONTEXT_FIELD_LEN
+                && !s.contains('\0')
         };
         if !map
             .iter()
@@ -508,6 +515,15 @@ mod tests {
             EncryptionContext::new(BTreeMap::from([("k".into(), "v".repeat(257))])),
             Err(ContextError::BadField)
         );
+        // Characters count, not bytes: 256 three-byte characters fit, as the schema says.
+        assert!(EncryptionContext::new(BTreeMap::from([("k".into(), "€".repeat(256))])).is_ok());
+        assert!(EncryptionContext::new(BTreeMap::from([("€".repeat(256), "v".into())])).is_ok());
+        for (k, v) in [("a\0", "v"), ("k", "x\0y")] {
+            assert_eq!(
+                EncryptionContext::new(BTreeMap::from([(k.into(), v.into())])),
+                Err(ContextError::BadField)
+            );
+        }
     }
 
     #[test]

@@ -351,7 +351,7 @@ async fn every_event_is_recorded_with_who_what_where_and_which_request() {
         &server,
         Method::GET,
         &app_token,
-        "/v1/secrets/db-password?context.app=billing",
+        "/v1/secrets/db-password?context[app]=billing",
         None,
     )
     .await;
@@ -1665,7 +1665,7 @@ async fn no_audit_or_log_row_holds_secret_material() {
             &server,
             Method::GET,
             &admin,
-            &format!("/v1/secrets/{name}?context.tenant=acme&version=1"),
+            &format!("/v1/secrets/{name}?context[tenant]=acme&version=1"),
             None,
         )
         .await;

@@ -1658,50 +1658,50 @@ async fn secrets_keep_versions_bound_to_their_context_and_owner() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["current_version"], 2);
 
-    let (status, body) = server.get(&format!("{path}?context.env=prod")).await;
+    let (status, body) = server.get(&format!("{path}?context[env]=prod")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 2);
     assert_eq!(body["name"], "stripe.api-key");
     assert_eq!(unb64(body["value"].as_str().unwrap()), second);
     let (status, body) = server
-        .get(&format!("{path}?version=1&context.env=prod"))
+        .get(&format!("{path}?version=1&context[env]=prod"))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 1);
     assert_eq!(unb64(body["value"].as_str().unwrap()), first);
     let (_, body) = server
-        .get(&format!("{path}?context.env=prod&version=2"))
+        .get(&format!("{path}?context[env]=prod&version=2"))
         .await;
     assert_eq!(unb64(body["value"].as_str().unwrap()), second);
 
     for (query, status, code) in [
-        ("?context.env=dev", 422, "context_mismatch"),
-        ("?version=1&context.env=dev", 422, "context_mismatch"),
+        ("?context[env]=dev", 422, "context_mismatch"),
+        ("?version=1&context[env]=dev", 422, "context_mismatch"),
         (
-            "?context.env=prod&context.region=eu",
+            "?context[env]=prod&context[region]=eu",
             422,
             "context_mismatch",
         ),
         ("", 422, "context_mismatch"),
         ("?version=1", 422, "context_mismatch"),
-        ("?version=3&context.env=prod", 404, "secret_not_found"),
-        ("?version=0&context.env=prod", 404, "secret_not_found"),
-        ("?version=x&context.env=prod", 422, "invalid_request"),
-        ("?context.env=prod&env=prod", 422, "invalid_request"),
-        ("?context.env=prod&verbose=1", 422, "invalid_request"),
+        ("?version=3&context[env]=prod", 404, "secret_not_found"),
+        ("?version=0&context[env]=prod", 404, "secret_not_found"),
+        ("?version=x&context[env]=prod", 422, "invalid_request"),
+        ("?context[env]=prod&env=prod", 422, "invalid_request"),
+        ("?context[env]=prod&verbose=1", 422, "invalid_request"),
         ("?context.=prod", 422, "invalid_context"),
     ] {
         let answer = server.get(&format!("{path}{query}")).await;
         assert_error(&answer, status, code, query);
     }
-    let answer = server.get("/v1/secrets/missing?context.env=prod").await;
+    let answer = server.get("/v1/secrets/missing?context[env]=prod").await;
     assert_error(&answer, 404, "secret_not_found", "no such secret");
 
     // Another client (with every secret scope) has no such secret, and its own of the same
     // name is another secret.
     let other = server.register("other", IpPolicy::Any, "secrets:*").await;
     let answer = server
-        .get_as(&other.token, &format!("{path}?context.env=prod"))
+        .get_as(&other.token, &format!("{path}?context[env]=prod"))
         .await;
     assert_error(&answer, 404, "secret_not_found", "another client's read");
     let answer = delete_as(&server, &other.token, path).await;
@@ -1718,14 +1718,14 @@ async fn secrets_keep_versions_bound_to_their_context_and_owner() {
         (200, &json!(1)),
         "{body}"
     );
-    let (_, body) = server.get(&format!("{path}?context.env=prod")).await;
+    let (_, body) = server.get(&format!("{path}?context[env]=prod")).await;
     assert_eq!(
         unb64(body["value"].as_str().unwrap()),
         second,
         "main's secret untouched"
     );
     let (_, body) = server
-        .get_as(&other.token, &format!("{path}?context.env=prod"))
+        .get_as(&other.token, &format!("{path}?context[env]=prod"))
         .await;
     assert_eq!(unb64(body["value"].as_str().unwrap()), b"theirs");
 
@@ -1821,7 +1821,7 @@ async fn secret_deletion_can_be_cancelled_and_destruction_erases_every_version()
     let server = TestServer::start().await;
     let token = server.main.token.clone();
     let path = "/v1/secrets/db-password";
-    let get = format!("{path}?context.env=prod");
+    let get = format!("{path}?context[env]=prod");
     for value in [b"hunter2-v1".as_slice(), b"hunter2-v2"] {
         let (status, body) = put_as(
             &server,
@@ -2426,7 +2426,7 @@ async fn a_session_of_managed_keys_and_secrets_logs_no_plaintext_and_no_secret_v
         assert_eq!(status, 200, "{body}");
         hidden.extend(forms(value, value.as_bytes()));
     }
-    for query in ["context.tenant=acme", "version=1&context.tenant=acme"] {
+    for query in ["context[tenant]=acme", "version=1&context[tenant]=acme"] {
         let (status, body) = server
             .send(
                 Method::GET,
