@@ -69,6 +69,7 @@ export KB_CONTRACT_ADMIN_ID SCHEMATHESIS_HOOKS="$KB_ROOT/scripts/schemathesis_ho
 
 kb_log "schemathesis $SCHEMATHESIS_VERSION against $URL/openapi.json: every check, $EXAMPLES examples per operation, seed $SEED"
 status=0
+cd "$WORK"   # schemathesis keeps a cache in the working directory
 schemathesis --config-file "$KB_ROOT/scripts/schemathesis.toml" run "$URL/openapi.json" --tls-verify "$WORK/tls/ca.pem" \
   -H "Authorization: Bearer $TOKEN" --checks all --max-examples "$EXAMPLES" --seed "$SEED" \
   --workers 2 --report ndjson --report-dir "$WORK/report" ${KB_CONTRACT_ARGS:-} 2>&1 | tee "$WORK/schemathesis.log" || status=$?

@@ -81,10 +81,11 @@ fn strict_networks_or_null() -> utoipa::openapi::schema::Array {
 }
 
 fn networks(nullable: bool) -> utoipa::openapi::schema::Array {
+    // At most 64 distinct networks once repeats and networks inside others are dropped: a
+    // rule on the list's meaning, not its length, so no `maxItems`.
     schema::network_list(
-        Some(crate::auth::MAX_CLIENT_NETWORKS),
         nullable,
-        "Addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`, `::1`), at most 64; required in strict \
+        "Addresses or CIDRs (`127.0.0.1`, `10.0.0.0/8`, `::1`), at most 64 distinct; required in strict \
          mode, where no two active clients may share an address and no network may be wider \
          than a /8 (IPv4) or /32 (IPv6).",
     )
@@ -92,7 +93,6 @@ fn networks(nullable: bool) -> utoipa::openapi::schema::Array {
 
 fn lockdown_networks() -> utoipa::openapi::schema::Array {
     schema::network_list(
-        None,
         true,
         "Networks to block, each within one of the client's registered networks and no wider \
          than the `block_min_prefix_v4`/`_v6` security settings; default: all of the client's.",

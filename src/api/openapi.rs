@@ -107,31 +107,25 @@ fn complete_responses(path: &str, operation: &mut Map<String, Value>) {
             "`database_unavailable` (the client could not be checked)",
         );
     }
-    match body_type.as_deref() {
-        Some("application/json") => {
-            add_error(responses, "400", "`invalid_json`: the body is not JSON");
-            add_error(
-                responses,
-                "413",
-                "`payload_too_large`: the body is over the configured limit",
-            );
-            add_error(
-                responses,
-                "415",
-                "`unsupported_media_type`: the body is not sent as `application/json`",
-            );
-            add_error(
-                responses,
-                "422",
-                "`invalid_request`: JSON that does not fit the request's schema",
-            );
-        }
-        Some(_) => add_error(
+    // A form endpoint answers a bad form itself, in its own shape (the token endpoint's is
+    // OAuth's), and lists that answer.
+    if body_type.as_deref() == Some("application/json") {
+        add_error(responses, "400", "`invalid_json`: the body is not JSON");
+        add_error(
             responses,
-            "400",
-            "`invalid_request`: not a form of this schema",
-        ),
-        None => {}
+            "413",
+            "`payload_too_large`: the body is over the configured limit",
+        );
+        add_error(
+            responses,
+            "415",
+            "`unsupported_media_type`: the body is not sent as `application/json`",
+        );
+        add_error(
+            responses,
+            "422",
+            "`invalid_request`: JSON that does not fit the request's schema",
+        );
     }
     if parameters.iter().any(|(place, _)| place == "path") {
         add_error(

@@ -167,12 +167,12 @@ fn scopes(nullable: bool) -> Array {
 
 /// The schema of a list of addresses or networks (`10.0.0.0/8`, `::1`): the pattern admits
 /// every address the broker parses, which also checks that it is one (422 otherwise).
-pub(super) fn network_list(max_items: Option<usize>, nullable: bool, description: &str) -> Array {
+pub(super) fn network_list(nullable: bool, description: &str) -> Array {
     array(
         ObjectBuilder::new()
             .schema_type(Type::String)
             .pattern(Some("^[0-9A-Fa-f.:]{2,45}(/[0-9]+)?$")),
-        (None, max_items),
+        (None, None),
         nullable,
         description,
     )

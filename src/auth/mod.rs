@@ -1931,9 +1931,6 @@ impl ClientSpec {
             ));
         }
         let name = trimmed.to_owned();
-        if addresses.len() > MAX_CLIENT_NETWORKS {
-            return Err(invalid(IpPolicyError::TooMany.to_string()));
-        }
         let ip_policy = IpPolicy::parse(ip_mode, addresses)
             .and_then(|p| p.check_registrable().map(|()| p))
             .map_err(|e| invalid(e.to_string()))?;

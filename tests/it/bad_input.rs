@@ -345,7 +345,8 @@ async fn expiry_times_beyond_any_calendar_are_refused_not_failed() {
 #[tokio::test]
 async fn text_postgres_cannot_store_and_odd_path_segments_get_a_4xx_not_a_500() {
     let server = TestServer::start().await;
-    // A NUL character in a context that is stored (jsonb refuses `\u0000`): refused, nothing kept.
+    // A NUL character in a context (no context may hold one; jsonb could not store it):
+    // refused, nothing kept.
     let (status, body) = server
         .post(
             "/v1/keys",
@@ -354,7 +355,7 @@ async fn text_postgres_cannot_store_and_odd_path_segments_get_a_4xx_not_a_500() 
         .await;
     assert_eq!(
         (status, error_code(&body)),
-        (422, "invalid_request"),
+        (422, "invalid_context"),
         "{body}"
     );
     assert!(
@@ -374,7 +375,7 @@ async fn text_postgres_cannot_store_and_odd_path_segments_get_a_4xx_not_a_500() 
     .await;
     assert_eq!(
         (status, error_code(&body)),
-        (422, "invalid_request"),
+        (422, "invalid_context"),
         "{body}"
     );
     // In a query filter (text refuses a NUL byte).

@@ -146,7 +146,7 @@ async fn assert_all_readable(api: &Api, stored: &Stored) {
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, v)| format!("&context.{k}={}", v.as_str().unwrap()))
+            .map(|(k, v)| format!("&context[{k}]={}", v.as_str().unwrap()))
             .collect();
         for (version, value) in versions {
             let (status, body) = api
