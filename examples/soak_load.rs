@@ -68,7 +68,8 @@ const MIX: [Op; 20] = {
     ]
 };
 
-/// Secret names the writes spread over, so two writes to one name rarely overlap.
+/// Secret names the writes spread over, so two writes to one name rarely overlap (a broker that
+/// has retried a write racing another for the same name answers 409 `concurrent_update`).
 const WRITE_NAMES: u64 = 64;
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;
@@ -212,7 +213,12 @@ impl Target {
             Op::SecretRead => self.http.get(format!("{base}/v1/secrets/soak-read")),
             Op::SecretWrite => self
                 .http
-                .put(format!("{base}/v1/secrets/soak-{}", n % WRITE_NAMES))
+                // One write in every 20 requests: by round, not by `n`, or the 20 would share
+                // a quarter of the names (gcd(20, 64) = 4).
+                .put(format!(
+                    "{base}/v1/secrets/soak-{}",
+                    (n / MIX.len() as u64) % WRITE_NAMES
+                ))
                 .json(&json!({"value": b64(format!("value {n}").as_bytes())})),
         }
     }

@@ -261,7 +261,7 @@ async fn send(
         Err(e) => return Answer::Dropped(format!("{status}, then {e:?}")),
     };
     let text = |field: &Value| field.as_str().map(str::to_owned);
-    let success = match (kind, status) {
+    let understood = match (kind, status) {
         (Kind::DataKey, 200) => {
             text(&body["wrapped"])
                 .zip(text(&body["plaintext"]))
@@ -289,12 +289,13 @@ async fn send(
             .map(|code| Answer::Outage(code.to_owned())),
         _ => None,
     };
-    success.unwrap_or_else(|| Answer::Unexpected(format!("{status}: {body}")))
+    understood.unwrap_or_else(|| Answer::Unexpected(format!("{status}: {body}")))
 }
 
 /// A Postgres cluster of this test's own, which it may restart: the suite's shared cluster
 /// serves every other test at the same time. Made and run by `scripts/lib.sh`, as
-/// `scripts/test.sh` makes the shared one; stopped when dropped.
+/// `scripts/test.sh` makes the shared one, but by the test itself: it costs only the runs that
+/// include this test, and lives and dies with it (stopped when dropped, a failed test too).
 struct PrivatePostgres {
     dir: PathBuf,
     url: String,
