@@ -22,9 +22,8 @@ kb_install_deps wrk curl
 
 WORK=$(mktemp -d /tmp/keybroker-bench.XXXXXX)
 chmod 755 "$WORK"
-SERVER=
 cleanup() {
-  [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  [ -n "${KB_SERVER_PID:-}" ] && kill -TERM "$KB_SERVER_PID" 2>/dev/null && wait "$KB_SERVER_PID" 2>/dev/null
   kb_stop_postgres "$WORK/pg"
   rm -rf "$WORK"
 }
@@ -36,13 +35,7 @@ cargo build --release --quiet -p pkcs11-faults
 BIN="$KB_ROOT/target/release/keybroker"
 FAULTS="$KB_ROOT/target/release/libkb_pkcs11_faults.so"
 
-kb_setup_softhsm "$WORK/softhsm"
-kb_secret_file "$WORK/secrets/so.pin"
-kb_secret_file "$WORK/secrets/user.pin"
-export KEYBROKER_SO_PIN_FILE="$WORK/secrets/so.pin" KEYBROKER_PIN_FILE="$WORK/secrets/user.pin"
-kb_setup_postgres "$WORK/pg" keybroker
-kb_init_token "$BIN" keybroker-bench --admin-credentials-out "$WORK/admin.json" >/dev/null
-"$BIN" dev-cert --dir "$WORK/tls" >/dev/null
+kb_setup_throwaway_broker "$BIN" "$WORK" keybroker-bench
 
 # (c) a network HSM: every PKCS#11 call costs 2 ms (the fault module sleeps before forwarding),
 # as a token across a LAN does. One caller per pool session; the seal is what `datakey` asks:
@@ -90,13 +83,8 @@ done
 # (b) the server over HTTPS, every rate next to the server's own floor in the same run: `/healthz`
 # (no authentication, no token, no database) at the same number of connections.
 FLOOD_WINDOW=10
-PORT=$(kb_free_port)
-KEYBROKER_TLS_CERT="$WORK/tls/server.pem" KEYBROKER_TLS_KEY="$WORK/tls/server-key.pem" \
-  KEYBROKER_LISTEN="127.0.0.1:$PORT" KEYBROKER_REFUSAL_AUDIT_SECS=$FLOOD_WINDOW RUST_LOG=warn \
-  "$BIN" serve 2>"$WORK/server.log" &
-SERVER=$!
-URL="https://127.0.0.1:$PORT"
-for _ in $(seq 100); do curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev/null && break; sleep 0.1; done
+KEYBROKER_REFUSAL_AUDIT_SECS=$FLOOD_WINDOW RUST_LOG=warn kb_serve_background "$BIN" "$WORK"
+SERVER=$KB_SERVER_PID URL=$KB_URL
 
 # One token for the whole run: the default lifetime (5 min) outlasts the measurements.
 TOKEN=$(kb_access_token "$WORK/admin.json" "$URL" "$WORK/tls/ca.pem")
@@ -104,12 +92,8 @@ TOKEN=$(kb_access_token "$WORK/admin.json" "$URL" "$WORK/tls/ca.pem")
 # sake), never on a command line.
 umask 077
 printf 'authorization: Bearer %s\n' "$TOKEN" >"$WORK/auth.header"
-# The benchmark measures the broker, not its rate limits: lift them for this throwaway
-# instance (the defaults would turn most requests into 429s after the first seconds).
-curl -sf --cacert "$WORK/tls/ca.pem" -X PUT -H 'content-type: application/json' \
-  -H @"$WORK/auth.header" "$URL/v1/admin/security-settings" \
-  -d '{"per_ip_per_second": 1000000, "per_ip_burst": 1000000, "per_client_per_second": 1000000,
-       "per_client_burst": 1000000, "block_after_violations": 1000000, "anomaly_refusals": 0}' >/dev/null
+# The benchmark measures the broker, not its rate limits: lifted for this throwaway instance.
+kb_lift_rate_limits "$URL" "$WORK/tls/ca.pem" "$WORK/auth.header"
 CONTEXT='{"tenant":"bench","purpose":"datakey"}'
 BLOB=$(curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' -H @"$WORK/auth.header" \
   -d "{\"context\":$CONTEXT,\"plaintext\":false}" "$URL/v1/datakey" | sed 's/.*"wrapped":"\([^"]*\)".*/\1/')

@@ -188,3 +188,45 @@ kb_access_token() {
     | curl -sf --cacert "$ca" -K - -d grant_type=client_credentials "$url/v1/oauth/token" \
     | sed 's/.*"access_token":"\([^"]*\)".*/\1/'
 }
+
+# A throwaway broker set-up in DIR for measurements (scripts/bench.sh, scripts/soak.sh): a
+# SoftHSM2 token labelled LABEL with keybroker's keys, a Postgres cluster, the bootstrap admin's
+# credentials in DIR/admin.json and a dev certificate in DIR/tls. BIN is the keybroker binary.
+kb_setup_throwaway_broker() {
+  local bin=$1 dir=$2 label=$3
+  kb_setup_softhsm "$dir/softhsm"
+  kb_secret_file "$dir/secrets/so.pin"
+  kb_secret_file "$dir/secrets/user.pin"
+  export KEYBROKER_SO_PIN_FILE="$dir/secrets/so.pin" KEYBROKER_PIN_FILE="$dir/secrets/user.pin"
+  kb_setup_postgres "$dir/pg" keybroker
+  kb_init_token "$bin" "$label" --admin-credentials-out "$dir/admin.json" >/dev/null
+  "$bin" dev-cert --dir "$dir/tls" >/dev/null
+}
+
+# `BIN serve` in the background on a free port with the certificate of DIR/tls, its log in
+# DIR/server.log, once it is ready: sets KB_SERVER_PID and KB_URL. More settings for the server
+# go in the environment of the call (e.g. `RUST_LOG=warn kb_serve_background ...`).
+kb_serve_background() {
+  local bin=$1 dir=$2 port
+  port=$(kb_free_port)
+  KEYBROKER_TLS_CERT="$dir/tls/server.pem" KEYBROKER_TLS_KEY="$dir/tls/server-key.pem" \
+    KEYBROKER_LISTEN="127.0.0.1:$port" "$bin" serve 2>"$dir/server.log" &
+  KB_SERVER_PID=$!
+  KB_URL="https://127.0.0.1:$port"
+  for _ in $(seq 100); do
+    curl -sf --cacert "$dir/tls/ca.pem" "$KB_URL/readyz" >/dev/null && return 0
+    sleep 0.1
+  done
+  kb_die "the broker did not get ready; its log: $dir/server.log"
+}
+
+# Lifts the rate limits and the anomaly check of the broker at URL (for measuring the broker,
+# not its limits; the defaults would turn most of a load into 429s), as the client whose
+# `authorization:` header line is in HEADER_FILE.
+kb_lift_rate_limits() {
+  local url=$1 ca=$2 header=$3
+  curl -sf --cacert "$ca" -X PUT -H 'content-type: application/json' \
+    -H @"$header" "$url/v1/admin/security-settings" \
+    -d '{"per_ip_per_second": 1000000, "per_ip_burst": 1000000, "per_client_per_second": 1000000,
+         "per_client_burst": 1000000, "block_after_violations": 1000000, "anomaly_refusals": 0}' >/dev/null
+}

@@ -81,7 +81,18 @@ impl ChildServer {
         log: PathBuf,
         extra: &[(&str, &str)],
     ) -> Self {
-        Self::launch(token, log, extra, None).await
+        Self::launch(token, log, extra, None, None).await
+    }
+
+    /// As [`ChildServer::start_with_env`], on the database at `database_url` (which exists and
+    /// may be on another cluster than the suite's).
+    pub async fn start_on_database(
+        token: (&str, String),
+        log: PathBuf,
+        extra: &[(&str, &str)],
+        database_url: &str,
+    ) -> Self {
+        Self::launch(token, log, extra, None, Some(database_url)).await
     }
 
     /// A second broker on `first`'s database (and the token `token` names, which must be the
@@ -92,7 +103,7 @@ impl ChildServer {
         log: PathBuf,
         extra: &[(&str, &str)],
     ) -> Self {
-        Self::launch(token, log, extra, Some(first)).await
+        Self::launch(token, log, extra, Some(first), None).await
     }
 
     async fn launch(
@@ -100,10 +111,12 @@ impl ChildServer {
         log: PathBuf,
         extra: &[(&str, &str)],
         beside: Option<&ChildServer>,
+        database: Option<&str>,
     ) -> Self {
-        let database_url = match beside {
-            Some(first) => first.database_url.clone(),
-            None => fresh_database().await,
+        let database_url = match (beside, database) {
+            (Some(first), _) => first.database_url.clone(),
+            (None, Some(url)) => url.to_owned(),
+            (None, None) => fresh_database().await,
         };
         let cert = dev_certificate();
         let mut port = free_port();

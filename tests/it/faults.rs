@@ -35,6 +35,25 @@ impl FaultyToken {
         control_text: Option<&str>,
         extra: &[(&str, &str)],
     ) -> Self {
+        Self::launch(name, control_text, extra, None).await
+    }
+
+    /// As [`FaultyToken::start`], on the database at `database_url` (e.g. on a Postgres
+    /// cluster of the test's own, which it may restart).
+    pub(crate) async fn start_on_database(
+        name: &str,
+        database_url: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(name, None, extra, Some(database_url)).await
+    }
+
+    async fn launch(
+        name: &str,
+        control_text: Option<&str>,
+        extra: &[(&str, &str)],
+        database_url: Option<&str>,
+    ) -> Self {
         let dir = scratch_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let control = dir.join("faults.conf");
@@ -46,7 +65,11 @@ impl FaultyToken {
             Some(text) => write_exact(&control, text),
             None => heal_control(&control),
         }
-        let server = ChildServer::start_with_env(shared_env(), dir.join("server.log"), &vars).await;
+        let log = dir.join("server.log");
+        let server = match database_url {
+            Some(url) => ChildServer::start_on_database(shared_env(), log, &vars, url).await,
+            None => ChildServer::start_with_env(shared_env(), log, &vars).await,
+        };
         Self { server, control }
     }
 

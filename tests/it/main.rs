@@ -16,6 +16,7 @@ mod custody;
 mod database_outage;
 mod examples;
 mod faults;
+mod faults_under_load;
 mod hardening;
 mod limits;
 mod listener;
