@@ -9,7 +9,8 @@
 #
 #   KB_TEST_TOKENS   the runs (default: "softhsm kryoptic", then each of them +iv-token and
 #                    +iv-reject)
-#   KB_TEST_FILTER   run only the tests whose names contain this (default: all)
+#   KB_TEST_FILTER   run only the tests whose names contain this (default: all, and then the
+#                    contract run of scripts/contract.sh too)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
@@ -101,3 +102,9 @@ for run in $TOKENS; do
   run_suite "$run"
 done
 kb_log "all runs passed: $TOKENS"
+
+# The served OpenAPI document as a contract: schemathesis against a broker on SoftHSM2 (the
+# HTTP contract does not depend on the token). Skipped when a filter picks some tests only.
+if [ -z "${KB_TEST_FILTER:-}" ]; then
+  ./scripts/contract.sh
+fi

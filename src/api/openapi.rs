@@ -1,8 +1,10 @@
-//! The served OpenAPI document, which is the API's contract: the paths and schemas the handlers
-//! declare (utoipa), completed here with what every operation shares and no handler declares on
-//! its own: the refusals of the layers in front of it (rate limits, blocked sources, bearer
-//! checks, body parsing), the configured batch size, and the links from each create operation
-//! to the operations that take its id or name. `scripts/contract.sh` holds the server to it.
+//! The served OpenAPI document, which is the API's contract. It is what the handlers and wire
+//! types declare (utoipa), completed here with what no single handler can say: the refusals of
+//! the layers in front of every operation (blocked and rate-limited sources, the bearer check,
+//! body parsing, parameters that do not parse), the configured batch limit, rules that span
+//! several declarations (a key's length by its format, names, the true bounds of unsigned
+//! integers, batch items checked one by one) and the links from each create operation to the
+//! operations that take its id or name. `scripts/contract.sh` holds the server to it.
 
 use serde_json::{Map, Value, json};
 use utoipa::OpenApi;

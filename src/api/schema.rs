@@ -1,7 +1,9 @@
 //! Schema pieces the derive cannot say: the encryption context's limits, the exact patterns of
-//! base64 key material and blobs, and the per-format lengths of managed keys and random
-//! material. Each states a rule the broker enforces elsewhere, from the same constants where
-//! there are constants, so that the published document and the server cannot drift apart.
+//! base64 key material, secrets and blobs, names, scope words and scope lists, address lists,
+//! and the per-format lengths of managed keys and random material. Each states a rule the
+//! broker enforces elsewhere, from the same constants where there are constants, and the unit
+//! tests below hold each pattern to the parser it describes, so that the published document
+//! and the server cannot drift apart.
 
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -14,7 +16,7 @@ use super::ContextMap;
 use crate::crypto::formats::KeyFormat;
 
 impl utoipa::PartialSchema for ContextMap {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    fn schema() -> RefOr<Schema> {
         use crate::crypto::{MAX_CONTEXT_ENTRIES, MAX_CONTEXT_FIELD_LEN};
         use utoipa::openapi::schema::AdditionalProperties;
         let text = |min: usize| {
