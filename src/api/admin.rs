@@ -141,13 +141,7 @@ pub(super) async fn register_client(
     ApiJson(body): ApiJson<RegisterClientBody>,
 ) -> Result<(StatusCode, Json<RegisteredClientBody>), ApiError> {
     caller.require(Scope::Admin)?;
-    let spec = ClientSpec::new(
-        body.name,
-        &body.ip_mode,
-        &body.ips,
-        &body.scopes.join(" "),
-        body.public_key,
-    )?;
+    let spec = register_spec(body)?;
     let (client, secret) = state.auth.register(spec).await?;
     Ok((
         StatusCode::CREATED,
@@ -156,6 +150,20 @@ pub(super) async fn register_client(
             client_secret: secret.expose().to_owned(),
         }),
     ))
+}
+
+/// The validated client a registration asks for.
+///
+/// # Errors
+/// [`AuthError::InvalidClientSpec`] saying what is wrong.
+pub fn register_spec(body: RegisterClientBody) -> Result<ClientSpec, AuthError> {
+    ClientSpec::new(
+        body.name,
+        &body.ip_mode,
+        &body.ips,
+        &body.scopes.join(" "),
+        body.public_key,
+    )
 }
 
 /// List clients, a page at a time.
