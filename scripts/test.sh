@@ -101,3 +101,4 @@ for run in $TOKENS; do
   run_suite "$run"
 done
 kb_log "all runs passed: $TOKENS"
+[ -n "${KB_TEST_FILTER:-}" ] || ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)

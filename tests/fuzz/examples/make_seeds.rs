@@ -82,10 +82,19 @@ fn main() {
     let blob = WrappedBlob::new(MasterKeyVersion::FIRST, vec![9; 60]).to_string();
     let bodies: Vec<(u8, serde_json::Value)> = vec![
         (0, json!({})),
-        (0, json!({"context": {"app": "billing"}, "plaintext": false})),
+        (
+            0,
+            json!({"context": {"app": "billing"}, "plaintext": false}),
+        ),
         (0, json!({"context": {"": "v"}})),
-        (1, json!({"items": [{}, {"plaintext": false}, {"context": {"k": 1}}]})),
-        (2, json!({"plaintext": b64(32), "context": {"tenant": "acme"}})),
+        (
+            1,
+            json!({"items": [{}, {"plaintext": false}, {"context": {"k": 1}}]}),
+        ),
+        (
+            2,
+            json!({"plaintext": b64(32), "context": {"tenant": "acme"}}),
+        ),
         (2, json!({"plaintext": b64(15)})),
         (2, json!({"plaintext": "not base64!"})),
         (3, json!({"items": [{"plaintext": b64(16), "extra": 1}]})),
@@ -96,19 +105,46 @@ fn main() {
         (6, json!({"format": "uuid"})),
         (6, json!({"format": "numeric", "length": 65})),
         (6, json!({"bytes": 1, "format": "hex"})),
-        (7, json!({"items": [{"bytes": 1024}, {"format": "alphanumeric", "length": 8}]})),
-        (8, json!({"name": "billing/db", "format": "hex", "ttl_days": 30, "context": {"app": "billing"}})),
-        (8, json!({"name": "r", "format": "hex", "rotation": "auto", "rotation_period_days": 90, "expires_at": NOW + 86_400})),
-        (8, json!({"name": "r", "format": "raw", "length": 257, "return_plaintext": true})),
+        (
+            7,
+            json!({"items": [{"bytes": 1024}, {"format": "alphanumeric", "length": 8}]}),
+        ),
+        (
+            8,
+            json!({"name": "billing/db", "format": "hex", "ttl_days": 30, "context": {"app": "billing"}}),
+        ),
+        (
+            8,
+            json!({"name": "r", "format": "hex", "rotation": "auto", "rotation_period_days": 90, "expires_at": NOW + 86_400}),
+        ),
+        (
+            8,
+            json!({"name": "r", "format": "raw", "length": 257, "return_plaintext": true}),
+        ),
         (9, json!({"context": {"app": "billing"}, "version": 2})),
         (10, json!({"ttl_days": 30})),
         (10, json!({"never_expires": true, "expires_at": 1})),
-        (11, json!({"value": STANDARD.encode(b"v"), "context": {"\u{0}": "x"}})),
-        (12, json!({"name": "svc", "ip_mode": "strict", "ips": ["127.0.0.1", "10.0.0.0/8", "::1"], "scopes": ["datakey", "keys:*"]})),
-        (12, json!({"name": "a\u{0}b", "ip_mode": "none", "scopes": ["datakey"], "public_key": "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n"})),
+        (
+            11,
+            json!({"value": STANDARD.encode(b"v"), "context": {"\u{0}": "x"}}),
+        ),
+        (
+            12,
+            json!({"name": "svc", "ip_mode": "strict", "ips": ["127.0.0.1", "10.0.0.0/8", "::1"], "scopes": ["datakey", "keys:*"]}),
+        ),
+        (
+            12,
+            json!({"name": "a\u{0}b", "ip_mode": "none", "scopes": ["datakey"], "public_key": "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n"}),
+        ),
         (13, json!({"scopes": ["admin"], "public_key": ""})),
-        (14, json!({"reason": "stolen", "block": {"cidrs": ["10.0.0.0/24"], "secs": 3600}})),
-        (15, json!({"anomaly_refusals": 2, "anomaly_window_secs": 300})),
+        (
+            14,
+            json!({"reason": "stolen", "block": {"cidrs": ["10.0.0.0/24"], "secs": 3600}}),
+        ),
+        (
+            15,
+            json!({"anomaly_refusals": 2, "anomaly_window_secs": 300}),
+        ),
         (15, json!({"per_ip_per_second": 0.0})),
     ];
     let mut seeds: Vec<Vec<u8>> = bodies
@@ -152,7 +188,10 @@ fn main() {
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
     tokens.push(unsigned);
-    write("bearer_token", tokens.into_iter().map(String::into_bytes).collect());
+    write(
+        "bearer_token",
+        tokens.into_iter().map(String::into_bytes).collect(),
+    );
 
     // client_assertion: assertions from the fixed client, signed with its key.
     let endpoint = auth_config().token_endpoint();

@@ -19,13 +19,17 @@ fuzz_target!(|data: &[u8]| {
         // one spelling.
         assert_eq!(blob.to_string(), text);
         let len = blob.payload().len();
-        assert!((GCM_IV_LEN + MIN_WRAP_LEN + GCM_TAG_LEN..=GCM_IV_LEN + MAX_WRAP_LEN + GCM_TAG_LEN)
-            .contains(&len));
+        assert!(
+            (GCM_IV_LEN + MIN_WRAP_LEN + GCM_TAG_LEN..=GCM_IV_LEN + MAX_WRAP_LEN + GCM_TAG_LEN)
+                .contains(&len)
+        );
     }
     let key = DataKey::from_bytes(&KEY).expect("32 bytes");
     if let Ok(plaintext) = envelope::open(&key, AAD, data) {
         // Authentic: sealing the plaintext again under the same nonce gives the same bytes.
-        let nonce: [u8; NONCE_LEN] = data[..NONCE_LEN].try_into().expect("opened, so long enough");
+        let nonce: [u8; NONCE_LEN] = data[..NONCE_LEN]
+            .try_into()
+            .expect("opened, so long enough");
         let sealed = envelope::seal(&key, nonce, AAD, &plaintext).expect("a short plaintext");
         assert_eq!(sealed, data);
     }

@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
         7 => check(body, |b: RandomBatchBody| each(b.items, parse_random)),
         8 => check(body, |b: CreateKeyBody| key_spec(b, NOW).map(drop)),
         9 => check(body, |b: ReadKeyBody| parse_context(b.context).map(drop)),
-        10 => check(body, |b: RefreshKeyBody| refreshed_expiry(&b, NOW).map(drop)),
+        10 => check(body, |b: RefreshKeyBody| {
+            refreshed_expiry(&b, NOW).map(drop)
+        }),
         11 => check(body, |b: PutSecretBody| secret_value(b).map(drop)),
         12 => check(body, |b: RegisterClientBody| {
             register_spec(b).map(drop).map_err(ApiError::from)
