@@ -108,3 +108,4 @@ kb_log "all runs passed: $TOKENS"
 if [ -z "${KB_TEST_FILTER:-}" ]; then
   ./scripts/contract.sh
 fi
+[ -n "${KB_TEST_FILTER:-}" ] || ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)

@@ -102,15 +102,14 @@ fn lockdown_networks() -> utoipa::openapi::schema::Array {
 /// The scopes of a request body as the space-separated list `ClientSpec` parses: each item
 /// must be one scope word, as the schema's enum says (a space inside an item would otherwise
 /// smuggle in a second scope).
-fn scope_text(items: &[String]) -> Result<String, ApiError> {
+fn scope_text(items: &[String]) -> Result<String, AuthError> {
     if items
         .iter()
         .any(|s| s.is_empty() || s.contains(char::is_whitespace))
     {
         return Err(AuthError::InvalidClientSpec(
             "each scope is one word, e.g. \"datakey\" or \"keys:*\"".to_owned(),
-        )
-        .into());
+        ));
     }
     Ok(items.join(" "))
 }
@@ -206,13 +205,7 @@ pub(super) async fn register_client(
     ApiJson(body): ApiJson<RegisterClientBody>,
 ) -> Result<(StatusCode, Json<RegisteredClientBody>), ApiError> {
     caller.require(Scope::Admin)?;
-    let spec = ClientSpec::new(
-        body.name,
-        &body.ip_mode,
-        &body.ips,
-        &scope_text(&body.scopes)?,
-        body.public_key,
-    )?;
+    let spec = register_spec(body)?;
     let (client, secret) = state.auth.register(spec).await?;
     Ok((
         StatusCode::CREATED,
@@ -221,6 +214,20 @@ pub(super) async fn register_client(
             client_secret: secret.expose().to_owned(),
         }),
     ))
+}
+
+/// The validated client a registration asks for.
+///
+/// # Errors
+/// [`AuthError::InvalidClientSpec`] saying what is wrong.
+pub fn register_spec(body: RegisterClientBody) -> Result<ClientSpec, AuthError> {
+    ClientSpec::new(
+        body.name,
+        &body.ip_mode,
+        &body.ips,
+        &scope_text(&body.scopes)?,
+        body.public_key,
+    )
 }
 
 /// List clients, a page at a time.

@@ -443,7 +443,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// Expiry from `expires_at` or `ttl_days` (not both).
-fn expiry(
+pub fn expiry(
     expires_at: Option<i64>,
     ttl_days: Option<u32>,
     now: i64,
@@ -461,7 +461,7 @@ fn expiry(
     }
 }
 
-fn key_spec(body: CreateKeyBody, now: i64) -> Result<KeySpec, ApiError> {
+pub fn key_spec(body: CreateKeyBody, now: i64) -> Result<KeySpec, ApiError> {
     let invalid = |m: String| ApiError::from(BrokerError::InvalidSpec(m));
     let format = KeyFormat::parse(&body.format).ok_or_else(|| {
         invalid("format must be raw, hex, uuid, alphanumeric or numeric".to_owned())
@@ -698,30 +698,34 @@ pub(super) async fn refresh_key(
 ) -> Result<Json<KeyBody>, ApiError> {
     caller.require(Scope::KeysManage)?;
     let now = unix_now();
-    let expires_at = match (
-        body.never_expires,
-        expiry(body.expires_at, body.ttl_days, now)?,
-    ) {
-        (Some(true), None) => None,
-        (Some(true), Some(_)) => {
-            return Err(BrokerError::InvalidSpec(
-                "never_expires excludes expires_at and ttl_days".into(),
-            )
-            .into());
-        }
-        (_, Some(at)) => Some(at),
-        (_, None) => {
-            return Err(BrokerError::InvalidSpec(
-                "give expires_at, ttl_days or never_expires".into(),
-            )
-            .into());
-        }
-    };
+    let expires_at = refreshed_expiry(&body, now)?;
     let key = state
         .broker
         .refresh_key(caller.client_id, key_id(&id)?, expires_at, now)
         .await?;
     Ok(Json(key.into()))
+}
+
+/// The new expiry a refresh asks for: a time, or `None` for `never_expires`.
+///
+/// # Errors
+/// `invalid_request` unless exactly one of the three is given.
+pub fn refreshed_expiry(body: &RefreshKeyBody, now: i64) -> Result<Option<i64>, ApiError> {
+    match (
+        body.never_expires,
+        expiry(body.expires_at, body.ttl_days, now)?,
+    ) {
+        (Some(true), None) => Ok(None),
+        (Some(true), Some(_)) => Err(BrokerError::InvalidSpec(
+            "never_expires excludes expires_at and ttl_days".into(),
+        )
+        .into()),
+        (_, Some(at)) => Ok(Some(at)),
+        (_, None) => Err(BrokerError::InvalidSpec(
+            "give expires_at, ttl_days or never_expires".into(),
+        )
+        .into()),
+    }
 }
 
 /// Disable a key: every use is refused until it is enabled.
@@ -846,6 +850,22 @@ pub(super) async fn put_secret(
 ) -> Result<Json<SecretBody>, ApiError> {
     caller.require(Scope::SecretsWrite)?;
     let name = SecretName::new(&name)?;
+    let (value, context) = secret_value(body)?;
+    let secret = state
+        .broker
+        .put_secret(caller.client_id, &name, value, context, unix_now())
+        .await?;
+    Ok(Json(secret.into()))
+}
+
+/// A secret's value, decoded into a zeroizing buffer (the request's base64 copy is wiped), and
+/// its context.
+///
+/// # Errors
+/// `invalid_base64` or `invalid_context`.
+pub fn secret_value(
+    body: PutSecretBody,
+) -> Result<(Zeroizing<Vec<u8>>, crate::crypto::EncryptionContext), ApiError> {
     let value = Zeroizing::new(
         STANDARD
             .decode(body.value.as_bytes())
@@ -853,12 +873,7 @@ pub(super) async fn put_secret(
     );
     let mut text = body.value;
     zeroize::Zeroize::zeroize(&mut text);
-    let context = parse_context(body.context)?;
-    let secret = state
-        .broker
-        .put_secret(caller.client_id, &name, value, context, unix_now())
-        .await?;
-    Ok(Json(secret.into()))
+    Ok((value, parse_context(body.context)?))
 }
 
 /// Read a secret (latest or `?version=`), with its context as `?context.<key>=<value>`.

@@ -28,14 +28,14 @@ use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, Operation,
 use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 use crate::hsm::HsmError;
 
-mod admin;
+pub mod admin;
 mod custody;
-mod keys;
+pub mod keys;
 pub mod limits;
 mod metrics;
-mod oauth;
+pub mod oauth;
 mod openapi;
-mod random;
+pub mod random;
 mod request_log;
 mod schema;
 
@@ -553,8 +553,9 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// `Json<T>` whose rejections are [`ApiError`]s, so malformed input gets our error shape.
-struct ApiJson<T>(T);
+/// `Json<T>` whose rejections are [`ApiError`]s, so malformed input gets our error shape. Public
+/// so the fuzz target drives this very extractor.
+pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
 where
@@ -1009,18 +1010,18 @@ enum CryptoErrorResponses {
 // ---------------------------------------------------------------------------------------------
 // Parsing at the edge
 
-fn parse_context(map: Option<ContextMap>) -> Result<EncryptionContext, ApiError> {
+pub fn parse_context(map: Option<ContextMap>) -> Result<EncryptionContext, ApiError> {
     EncryptionContext::new(map.unwrap_or_default().0).map_err(ApiError::InvalidContext)
 }
 
-fn parse_datakey(body: DataKeyBody) -> Result<DataKeyRequest, ApiError> {
+pub fn parse_datakey(body: DataKeyBody) -> Result<DataKeyRequest, ApiError> {
     Ok(DataKeyRequest {
         context: parse_context(body.context)?,
         with_plaintext: body.plaintext.unwrap_or(true),
     })
 }
 
-fn parse_wrap(body: WrapBody) -> Result<WrapRequest, ApiError> {
+pub fn parse_wrap(body: WrapBody) -> Result<WrapRequest, ApiError> {
     // Decode into a zeroizing buffer: the caller's key must not linger in freed memory.
     let bytes = Zeroizing::new(
         STANDARD
@@ -1037,7 +1038,7 @@ fn parse_wrap(body: WrapBody) -> Result<WrapRequest, ApiError> {
     })
 }
 
-fn parse_blob(body: BlobBody) -> Result<BlobRequest, ApiError> {
+pub fn parse_blob(body: BlobBody) -> Result<BlobRequest, ApiError> {
     Ok(BlobRequest {
         wrapped: WrappedBlob::parse(&body.wrapped).map_err(ApiError::InvalidBlob)?,
         context: parse_context(body.context)?,

@@ -290,14 +290,7 @@ pub(super) async fn oauth_token(
     let basic = basic_credentials(&headers);
     let used_basic = basic.is_some();
     let result = async {
-        let Form(form) =
-            form.map_err(|_| AuthError::InvalidRequest("the body must be a form with grant_type"))?;
-        match form.grant_type.as_deref() {
-            Some("client_credentials") => {}
-            None => return Err(AuthError::InvalidRequest("grant_type is required")),
-            Some(_) => return Err(AuthError::UnsupportedGrantType),
-        }
-        let credentials = credentials(basic, &form)?;
+        let (form, credentials) = token_request(basic, form)?;
         let claimed = credentials.claimed_id();
         // Too many failures from here for this id (or from here at all): refused before the
         // credentials are looked at, known id or not alike.
@@ -335,8 +328,28 @@ pub(super) async fn oauth_token(
     }
 }
 
+/// A token request's form and its one client authentication, checked before any credential
+/// is: a form, `grant_type=client_credentials`, exactly one authentication method.
+///
+/// # Errors
+/// `invalid_request`, `unsupported_grant_type` or `invalid_client`, as RFC 6749 §5.2 names them.
+pub fn token_request(
+    basic: Option<Result<(String, SecretString), AuthError>>,
+    form: Result<Form<TokenForm>, FormRejection>,
+) -> Result<(TokenForm, ClientCredentials), AuthError> {
+    let Form(form) =
+        form.map_err(|_| AuthError::InvalidRequest("the body must be a form with grant_type"))?;
+    match form.grant_type.as_deref() {
+        Some("client_credentials") => {}
+        None => return Err(AuthError::InvalidRequest("grant_type is required")),
+        Some(_) => return Err(AuthError::UnsupportedGrantType),
+    }
+    let credentials = credentials(basic, &form)?;
+    Ok((form, credentials))
+}
+
 /// `Authorization: Basic base64(client_id:client_secret)`, if sent.
-fn basic_credentials(headers: &HeaderMap) -> Option<Result<(String, SecretString), AuthError>> {
+pub fn basic_credentials(headers: &HeaderMap) -> Option<Result<(String, SecretString), AuthError>> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

@@ -140,7 +140,7 @@ enum RandomErrorResponses {
     Unavailable(ErrorBody),
 }
 
-fn parse_random(body: RandomBody) -> Result<RandomRequest, ApiError> {
+pub fn parse_random(body: RandomBody) -> Result<RandomRequest, ApiError> {
     let request = match body {
         RandomBody::Bytes(RandomBytesBody { bytes }) => {
             RandomRequest::bytes(usize::try_from(bytes).unwrap_or(usize::MAX))

@@ -1100,6 +1100,70 @@ impl AssertionClaims {
     }
 }
 
+/// A `private_key_jwt` client assertion (RFC 7523), parsed but not yet trusted: the token
+/// endpoint parses it, looks up the client its `sub` names, then [`ClientAssertion::verify`]s it
+/// with that client's key. Neither step does I/O, so the fuzz target drives both.
+pub struct ClientAssertion {
+    jws: CompactJws,
+    claims: AssertionClaims,
+    client: Uuid,
+}
+
+impl ClientAssertion {
+    /// Parses a compact JWS whose header says ES256 and whose payload has the claims RFC 7523
+    /// requires, with `sub` a client id equal to `client_id` when that was sent.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidClient`] saying what is wrong.
+    pub fn parse(client_id: Option<&str>, assertion: &str) -> Result<Self, AuthError> {
+        let jws = CompactJws::parse(assertion)
+            .ok_or(AuthError::InvalidClient("assertion is not a compact JWS"))?;
+        if jws.header.alg != "ES256" {
+            return Err(AuthError::InvalidClient("assertion algorithm is not ES256"));
+        }
+        let claims: AssertionClaims = serde_json::from_slice(&jws.payload)
+            .map_err(|_| AuthError::InvalidClient("assertion lacks iss/sub/aud/exp/jti"))?;
+        let client = Uuid::parse_str(&claims.sub)
+            .map_err(|_| AuthError::InvalidClient("assertion sub is not a client id"))?;
+        if client_id.is_some_and(|c| c != claims.sub) {
+            return Err(AuthError::InvalidClient(
+                "client_id differs from assertion sub",
+            ));
+        }
+        Ok(Self {
+            jws,
+            claims,
+            client,
+        })
+    }
+
+    /// The client the assertion claims to come from (its `sub`).
+    pub fn client(&self) -> Uuid {
+        self.client
+    }
+
+    /// Checks the signature with the client's registered key, then the claims at `now`.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidClient`] saying which check failed.
+    pub fn verify(
+        &self,
+        key: &p256::ecdsa::VerifyingKey,
+        token_endpoint: &str,
+        now: i64,
+        leeway: i64,
+    ) -> Result<(), AuthError> {
+        if !verify_es256(key, self.jws.signing_input.as_bytes(), &self.jws.signature) {
+            return Err(AuthError::InvalidClient(
+                "assertion signature does not verify",
+            ));
+        }
+        self.claims
+            .check(&self.claims.sub, token_endpoint, now, leeway)
+            .map_err(AuthError::InvalidClient)
+    }
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -1503,20 +1567,8 @@ impl Authenticator {
         assertion: &str,
         now: i64,
     ) -> Result<Client, AuthError> {
-        let jws = CompactJws::parse(assertion)
-            .ok_or(AuthError::InvalidClient("assertion is not a compact JWS"))?;
-        if jws.header.alg != "ES256" {
-            return Err(AuthError::InvalidClient("assertion algorithm is not ES256"));
-        }
-        let claims: AssertionClaims = serde_json::from_slice(&jws.payload)
-            .map_err(|_| AuthError::InvalidClient("assertion lacks iss/sub/aud/exp/jti"))?;
-        let id = Uuid::parse_str(&claims.sub)
-            .map_err(|_| AuthError::InvalidClient("assertion sub is not a client id"))?;
-        if client_id.is_some_and(|c| c != claims.sub) {
-            return Err(AuthError::InvalidClient(
-                "client_id differs from assertion sub",
-            ));
-        }
+        let assertion = ClientAssertion::parse(client_id, assertion)?;
+        let id = assertion.client();
         let client: Client = self
             .store
             .client(id)
@@ -1530,18 +1582,11 @@ impl Authenticator {
         let key =
             <p256::ecdsa::VerifyingKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(pem)
                 .map_err(|_| AuthError::InvalidClient("registered key does not parse"))?;
-        if !verify_es256(&key, jws.signing_input.as_bytes(), &jws.signature) {
-            return Err(AuthError::InvalidClient(
-                "assertion signature does not verify",
-            ));
-        }
         let leeway = i64::try_from(self.config.leeway).unwrap_or(0);
-        claims
-            .check(&claims.sub, &self.config.token_endpoint(), now, leeway)
-            .map_err(AuthError::InvalidClient)?;
+        assertion.verify(&key, &self.config.token_endpoint(), now, leeway)?;
         if !self
             .store
-            .use_assertion(id, &claims.jti, claims.exp)
+            .use_assertion(id, &assertion.claims.jti, assertion.claims.exp)
             .await?
         {
             return Err(AuthError::InvalidClient("assertion replayed"));
@@ -1686,33 +1731,17 @@ impl Authenticator {
     }
 
     fn verify_uncached(&self, token: &str) -> Result<AccessClaims, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken("not a JWT"))?;
-        // Pinned: only ES256, whatever the header says, so `none` and HS256-with-our-public-key
-        // tricks fail here.
-        if header.alg != Algorithm::ES256 {
-            return Err(AuthError::InvalidToken("algorithm is not ES256"));
-        }
-        let kid = header.kid.ok_or(AuthError::InvalidToken("no kid"))?;
         let now = unix_now();
         let keys = read(&self.keys);
-        let key = keys
-            .iter()
-            .find(|k| k.key.kid == kid && k.live_at(now))
-            .map(|k| &k.key)
-            .ok_or(AuthError::InvalidToken("unknown kid"))?;
-        let mut validation = Validation::new(Algorithm::ES256);
-        validation.set_issuer(&[&self.config.issuer]);
-        validation.set_audience(&[&self.config.audience]);
-        validation.leeway = self.config.leeway;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub", "jti"]);
-        jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
-            .map(|data| data.claims)
-            .map_err(|e| {
-                tracing::debug!(target: "keybroker::auth", error = %e, "access token refused");
-                AuthError::InvalidToken("signature or claims do not verify")
-            })
+        verify_access_token(
+            token,
+            |kid| {
+                keys.iter()
+                    .find(|k| k.key.kid == kid && k.live_at(now))
+                    .map(|k| &k.key.decoding)
+            },
+            &self.config,
+        )
     }
 
     /// RFC 7662: what `token` is, for an admin or for the client it was issued to; inactive
@@ -1965,7 +1994,45 @@ fn fields(spec: &ClientSpec) -> ClientFields {
     }
 }
 
-fn parse_ids(claims: &AccessClaims) -> Result<(Uuid, Uuid), AuthError> {
+/// Verifies an access token's signature and standard claims, with no cache and no I/O: ES256
+/// only, with the key `key_for` gives for the token's `kid` (none: `unknown kid`), and `exp`,
+/// `nbf`, `iss`, `aud` as `config` says. Public so the fuzz target drives this very path.
+///
+/// # Errors
+/// [`AuthError::InvalidToken`] saying which check failed.
+pub fn verify_access_token<'k>(
+    token: &str,
+    key_for: impl FnOnce(&str) -> Option<&'k DecodingKey>,
+    config: &AuthConfig,
+) -> Result<AccessClaims, AuthError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken("not a JWT"))?;
+    // Pinned: only ES256, whatever the header says, so `none` and HS256-with-our-public-key
+    // tricks fail here.
+    if header.alg != Algorithm::ES256 {
+        return Err(AuthError::InvalidToken("algorithm is not ES256"));
+    }
+    let kid = header.kid.ok_or(AuthError::InvalidToken("no kid"))?;
+    let key = key_for(&kid).ok_or(AuthError::InvalidToken("unknown kid"))?;
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    validation.leeway = config.leeway;
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub", "jti"]);
+    jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
+        .map(|data| data.claims)
+        .map_err(|e| {
+            tracing::debug!(target: "keybroker::auth", error = %e, "access token refused");
+            AuthError::InvalidToken("signature or claims do not verify")
+        })
+}
+
+/// The client id (`sub`) and token id (`jti`) of verified claims.
+///
+/// # Errors
+/// [`AuthError::InvalidToken`] when either is not a UUID.
+pub fn parse_ids(claims: &AccessClaims) -> Result<(Uuid, Uuid), AuthError> {
     let client = Uuid::parse_str(&claims.sub).map_err(|_| AuthError::InvalidToken("bad sub"))?;
     let jti = Uuid::parse_str(&claims.jti).map_err(|_| AuthError::InvalidToken("bad jti"))?;
     Ok((client, jti))

@@ -59,7 +59,7 @@ impl Functions {
 
 /// A parsed control file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Plan {
+pub struct Plan {
     pub(crate) functions: Functions,
     /// The value to fail matching calls with; `None` means latency only.
     pub(crate) rv: Option<CK_RV>,
@@ -133,7 +133,7 @@ impl Default for Plan {
 }
 
 /// Parses the text of a control file. The error says what is wrong and on which line.
-pub(crate) fn parse_plan(text: &str) -> Result<Plan, String> {
+pub fn parse_plan(text: &str) -> Result<Plan, String> {
     let mut plan = Plan::default();
     let mut seen_keys: Vec<&str> = Vec::new();
     for (index, raw_line) in text.lines().enumerate() {

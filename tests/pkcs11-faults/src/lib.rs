@@ -120,7 +120,8 @@
 //! (`CKR_FUNCTION_NOT_SUPPORTED` if the real module has none). Nothing panics across the FFI
 //! boundary.
 
-mod control;
+/// Public only for the fuzz target (tests/fuzz), which feeds [`control::parse_plan`].
+pub mod control;
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
