@@ -28,7 +28,7 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, request_source};
-use crate::auth::SecuritySettings;
+use crate::auth::{MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
 use crate::store::{NewAuditEvent, Store, StoreError};
 
 /// Unix milliseconds now; tests replace it.
@@ -139,7 +139,10 @@ fn keyed_limiter(per_second: f64, burst: u32, clock: &Clock) -> KeyedLimiter {
 /// `burst` requests at once, then one every `1 / per_second` s (GCRA: a bucket of `burst` cells
 /// that refills continuously at the rate).
 fn quota(per_second: f64, burst: u32) -> Quota {
-    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    // Within the validated ranges whatever is stored (a row edited by hand): beyond them the
+    // limiter's horizon, burst / rate, would overflow its nanosecond clock.
+    let per_second = per_second.clamp(MIN_RATE, MAX_RATE);
+    let burst = NonZeroU32::new(burst.min(MAX_BURST)).unwrap_or(NonZeroU32::MIN);
     let period = Duration::try_from_secs_f64(1.0 / per_second).ok();
     match period.and_then(Quota::with_period) {
         Some(quota) => quota.allow_burst(burst),
@@ -628,6 +631,31 @@ mod tests {
             l.check(Source::Client(Uuid::from_u128(1))),
             Verdict::Allowed
         );
+    }
+
+    #[test]
+    fn extreme_stored_settings_neither_panic_nor_lift_the_limit() {
+        // A rate so small, or a burst so large, that burst / rate would overflow the limiter's
+        // nanosecond clock (a PUT of 2.2e-16/s once took a debug build down): clamped to the
+        // validated range, and the limit still holds.
+        let settings = SecuritySettings {
+            per_client_per_second: 2.2e-16,
+            per_client_burst: u32::MAX,
+            per_ip_per_second: f64::NAN,
+            per_ip_burst: 3,
+            ..SecuritySettings::default()
+        };
+        assert!(settings.validate().is_err());
+        let (l, _now) = limiter(settings);
+        let c = Source::Client(Uuid::nil());
+        for _ in 0..1000 {
+            assert_eq!(l.check(c), Verdict::Allowed);
+        }
+        let ip = Source::Ip(std::net::IpAddr::from([192, 0, 2, 1]));
+        for _ in 0..3 {
+            assert_eq!(l.check(ip), Verdict::Allowed);
+        }
+        assert!(matches!(l.check(ip), Verdict::Limited { .. }));
     }
 
     #[test]

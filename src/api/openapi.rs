@@ -452,11 +452,27 @@ fn add_links(doc: &mut Value) {
         "id",
         "$response.body#/key/id",
     );
-    // A key read or listed leads to the same operations.
+    // Reading the key just made: its current version, under the context it was made with (a
+    // version it does not have would be 404 `key_version_not_found`, not a lost key).
+    set_link_body(
+        doc,
+        ("/v1/keys", "post", "201"),
+        "ReadKey",
+        json!({
+            "context": "$request.body#/context",
+            "version": "$response.body#/key/current_version",
+        }),
+    );
+    // A key read leads to the same operations (but its material: the read has no context).
+    let key_ops_without_read: Vec<_> = key_ops
+        .iter()
+        .copied()
+        .filter(|(name, ..)| *name != "ReadKey")
+        .collect();
     link(
         doc,
         ("/v1/keys/{id}", "get", "200"),
-        &key_ops,
+        &key_ops_without_read,
         "id",
         "$response.body#/key/id",
     );
@@ -514,6 +530,22 @@ fn link(
     let links = response.entry("links").or_insert_with(|| json!({}));
     if let Some(links) = links.as_object_mut() {
         links.extend(ids);
+    }
+}
+
+/// Gives the link `name` of a response a request body (runtime expressions inside it).
+fn set_link_body(
+    doc: &mut Value,
+    (path, method, status): (&str, &str, &str),
+    name: &str,
+    body: Value,
+) {
+    let pointer = format!(
+        "/paths/{}/{method}/responses/{status}/links/{name}",
+        path.replace('~', "~0").replace('/', "~1")
+    );
+    if let Some(link) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+        link.insert("requestBody".to_owned(), body);
     }
 }
 

@@ -459,16 +459,16 @@ pub fn source_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
     /// Sustained requests per second from one source address.
-    #[schema(exclusive_minimum = 0, maximum = 1000000)]
+    #[schema(minimum = 0.001, maximum = 1000000)]
     pub per_ip_per_second: f64,
     /// Burst allowance of one source address.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 10000000)]
     pub per_ip_burst: u32,
     /// Sustained requests per second of one client.
-    #[schema(exclusive_minimum = 0, maximum = 1000000)]
+    #[schema(minimum = 0.001, maximum = 1000000)]
     pub per_client_per_second: f64,
     /// Burst allowance of one client.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 10000000)]
     pub per_client_burst: u32,
     /// Refused (rate-limited) requests within `violation_window_secs` that block the source.
     #[schema(minimum = 1)]
@@ -503,6 +503,15 @@ pub struct SecuritySettings {
     pub block_min_prefix_v6: u8,
 }
 
+/// The slowest rate a limit may have, per second: one request per 1000 s.
+pub const MIN_RATE: f64 = 0.001;
+/// The fastest rate a limit may have, per second.
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// The largest burst. With [`MIN_RATE`] it keeps the limiter's horizon (burst / rate, 10^10 s)
+/// within its nanosecond clock (u64, about 1.8 * 10^19 ns); a tinier rate or a larger burst
+/// would overflow it.
+pub const MAX_BURST: u32 = 10_000_000;
+
 impl Default for SecuritySettings {
     fn default() -> Self {
         Self {
@@ -530,12 +539,13 @@ impl SecuritySettings {
     /// # Errors
     /// A message saying which does not.
     pub fn validate(&self) -> Result<(), String> {
-        let rate_ok = |r: f64| r.is_finite() && r > 0.0 && r <= 1_000_000.0;
+        let rate_ok = |r: f64| (MIN_RATE..=MAX_RATE).contains(&r);
         if !rate_ok(self.per_ip_per_second) || !rate_ok(self.per_client_per_second) {
-            return Err("rates must be above 0 and at most 1000000 per second".into());
+            return Err("rates must be 0.001 to 1000000 per second".into());
         }
-        if self.per_ip_burst == 0 || self.per_client_burst == 0 {
-            return Err("bursts must be at least 1".into());
+        let burst_ok = |b: u32| (1..=MAX_BURST).contains(&b);
+        if !burst_ok(self.per_ip_burst) || !burst_ok(self.per_client_burst) {
+            return Err("bursts must be 1 to 10000000".into());
         }
         if self.block_after_violations == 0 || self.violation_window_secs == 0 {
             return Err(

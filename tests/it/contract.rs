@@ -245,3 +245,78 @@ async fn the_server_keeps_to_the_rules_the_document_states() {
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_still_gets_its_answer() {
+    // A bad token refuses a request before its handler reads the body. The server reads the
+    // body anyway, so the connection is not reset under a client that sends its whole body and
+    // only then reads (as Python's requests does over HTTP/1.1): each of these gets its 401, none
+    // a transport error. (An HTTP/2 client, or one that reads while it sends, never saw this.)
+    let server = TestServer::start().await;
+    let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    for attempt in 0..10 {
+        let answer = tokio::task::spawn_blocking(move || send_then_read(port, 200_000))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("attempt {attempt}: {e}"));
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "attempt {attempt}: {}",
+            answer.lines().next().unwrap_or_default()
+        );
+        assert!(
+            answer.contains("invalid_token"),
+            "attempt {attempt}: {answer}"
+        );
+    }
+    server.stop().await;
+}
+
+/// One HTTP/1.1 request over TLS with a bad token and `padding` bytes of body, written whole
+/// before the answer is read.
+fn send_then_read(port: u16, padding: usize) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    keybroker::tls::install_crypto_provider();
+    let ca_pem = std::fs::read(crate::common::dev_certificate().ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let socket = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    socket.set_read_timeout(Some(crate::common::PATIENCE))?;
+    let mut tls = rustls::StreamOwned::new(connection, socket);
+    let body = json!({"context": {"k": "v"}, "padding": "x".repeat(padding)}).to_string();
+    let head = format!(
+        "POST /v1/datakey HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer not-a-token\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes())?;
+    tls.write_all(body.as_bytes())?;
+    tls.flush()?;
+    // A client that takes its time to read, as a busy one does. Had the server closed the
+    // connection over the unread body, the reset would by now have discarded its answer (on
+    // Linux, a reset drops what the socket had received); a server that read the body keeps
+    // the connection, and the answer waits however long the client takes.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A keep-alive request, as clients send them: read until the error body is in.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"request_id\"") {
+        match tls.read(&mut chunk)? {
+            0 => break,
+            n => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
