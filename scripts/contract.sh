@@ -13,10 +13,16 @@ EXAMPLES=${KB_CONTRACT_EXAMPLES:-50}
 SEED=${KB_CONTRACT_SEED:-$RANDOM$RANDOM}
 SCHEMATHESIS_VERSION=4.32.5
 kb_install_deps python3 curl
-if ! schemathesis --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
-  kb_log "installing schemathesis $SCHEMATHESIS_VERSION (PyPI)"
-  python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+# In a virtual environment of its own (kept in the cache), so neither the system's Python nor
+# another project's packages are touched.
+VENV="$KB_CACHE_DIR/schemathesis-$SCHEMATHESIS_VERSION"
+if [ ! -x "$VENV/bin/schemathesis" ]; then
+  kb_log "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
+schemathesis() { "$VENV/bin/schemathesis" "$@"; }
 
 WORK=$(mktemp -d /tmp/keybroker-contract.XXXXXX)
 chmod 755 "$WORK"
