@@ -100,6 +100,12 @@ pub(super) struct Queue {
     spare: Condvar,
     /// Signalled as each worker ends.
     ended: Condvar,
+    /// The worker threads, joined at close: a worker's count drops as its work ends, but its
+    /// thread still runs its thread-local destructors after that (a PKCS#11 module's own, and
+    /// OpenSSL's under Kryoptic and SoftHSM2). A process that exits meanwhile runs the module's
+    /// exit-time clean-up under them: "double free or corruption" once, at the end of `hsm
+    /// init` on Kryoptic.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 struct State {
@@ -124,6 +130,7 @@ impl Queue {
             work: Condvar::new(),
             spare: Condvar::new(),
             ended: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
         }
     }
 
@@ -174,6 +181,16 @@ impl Queue {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
+        drop(state);
+        // Every worker is past its last token call: what is left of each thread is its exit.
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        let me = std::thread::current().id();
+        for thread in threads {
+            // Never the calling thread itself (joining oneself would never return).
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -222,7 +239,10 @@ pub(super) fn spawn(
                 let _live = live;
                 worker.serve();
             }) {
-            Ok(_) => started += 1,
+            Ok(thread) => {
+                lock(&inner.queue.threads).push(thread);
+                started += 1;
+            }
             Err(e) => {
                 tracing::warn!(target: "keybroker::hsm", error = %e, "cannot start a token worker thread");
             }
