@@ -24,9 +24,8 @@ pub fn document(limits: DocumentLimits) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
     set_format_lengths(&mut doc);
     set_item_name_patterns(&mut doc);
-    batch_items_structural(&mut doc);
+    batch_schemas(&mut doc, limits.max_batch);
     unsigned_integer_bounds(&mut doc);
-    set_batch_limits(&mut doc, limits.max_batch);
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
             let Some(item) = item.as_object_mut() else {
@@ -262,12 +261,13 @@ fn unsigned_integer_bounds(value: &mut Value) {
     }
 }
 
-/// A batch's items are checked one by one: one whose values break its single call's rules
-/// (lengths, patterns, ranges, context limits, a blob that does not parse) gets its error in
-/// place and the others go ahead. What refuses the whole request is only its structure: not an
-/// object, a field of the wrong type, an unknown or missing field. So each batch schema's items
-/// are its single call's schema with the value rules taken out, and say so.
-fn batch_items_structural(doc: &mut Value) {
+/// Every batch request: 1 to the configured maximum items. A batch's items are checked one by
+/// one: one whose values break its single call's rules (lengths, patterns, ranges, context
+/// limits, a blob that does not parse) gets its error in place and the others go ahead. What
+/// refuses the whole request is only its structure: not an object, a field of the wrong type,
+/// an unknown or missing field. So each batch schema's items are its single call's schema with
+/// the value rules taken out, and say so.
+fn batch_schemas(doc: &mut Value, max_batch: usize) {
     let Some(schemas) = doc.pointer("/components/schemas").cloned() else {
         return;
     };
@@ -281,7 +281,13 @@ fn batch_items_structural(doc: &mut Value) {
         if !name.ends_with("BatchBody") {
             continue;
         }
-        let Some(items) = schema.pointer_mut("/properties/items/items") else {
+        let Some(list) = schema.pointer_mut("/properties/items") else {
+            continue;
+        };
+        list["minItems"] = json!(1);
+        list["maxItems"] = json!(max_batch);
+        list["description"] = json!(format!("1 to {max_batch} requests"));
+        let Some(items) = list.get_mut("items") else {
             continue;
         };
         let single = items
@@ -305,7 +311,7 @@ fn batch_items_structural(doc: &mut Value) {
     }
 }
 
-/// The value rules a batch item is checked against one by one (see `batch_items_structural`).
+/// The value rules a batch item is checked against one by one (see `batch_schemas`).
 const VALUE_RULES: [&str; 9] = [
     "pattern",
     "minLength",
@@ -368,26 +374,6 @@ fn resolve_and_strip(value: &mut Value, schemas: &Value, depth: usize) {
             }
         }
         _ => {}
-    }
-}
-
-/// Every batch request schema: 1 to the configured maximum items.
-fn set_batch_limits(doc: &mut Value, max_batch: usize) {
-    let Some(schemas) = doc
-        .pointer_mut("/components/schemas")
-        .and_then(Value::as_object_mut)
-    else {
-        return;
-    };
-    for (name, schema) in schemas.iter_mut() {
-        if !name.ends_with("BatchBody") {
-            continue;
-        }
-        if let Some(items) = schema.pointer_mut("/properties/items") {
-            items["minItems"] = json!(1);
-            items["maxItems"] = json!(max_batch);
-            items["description"] = json!(format!("1 to {max_batch} requests"));
-        }
     }
 }
 
