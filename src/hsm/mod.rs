@@ -214,7 +214,8 @@ struct Module {
     ctx: Pkcs11,
     path: PathBuf,
     /// Token calls hold it shared; re-initialising holds it exclusively, because `C_Finalize`
-    /// while another thread is inside the module is undefined behaviour.
+    /// while another thread is inside the module is undefined behaviour, and so do officer
+    /// operations, which SoftHSM2 does not keep apart from other sessions' calls.
     lifecycle: RwLock<()>,
     last_reinit: Mutex<Option<Instant>>,
     /// Bumped by every re-initialisation: what was verified before (the self-test) is not
@@ -255,6 +256,13 @@ impl Module {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Exclusive access, for an officer operation (see [`Hsm::admin`]).
+    fn enter_alone(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.lifecycle
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Shared access for one token call.
@@ -629,7 +637,11 @@ impl Hsm {
                 }
                 (_, other) => (None, other.map_err(classify)?),
             };
-            let _shared = inner.module.enter();
+            // Alone in the module: SoftHSM2 answered CKR_GENERAL_ERROR to a C_GenerateKeyPair
+            // made while other sessions worked on the token (2 signing-key rotations in 80,
+            // beside master-key rotations and the data path they set off; found by
+            // schemathesis). Officer operations are rare and short; token calls wait for them.
+            let _alone = inner.module.enter_alone();
             inner.login(&session)?;
             let result = op(&session);
             drop(session);

@@ -1116,3 +1116,42 @@ async fn a_version_on_the_token_but_not_in_postgres_is_reported_then_adopted_nev
     assert_eq!(table[&orphan].0, "decrypt_only");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn signing_and_master_key_rotations_at_once_all_succeed() {
+    // Officer operations that create token objects, side by side: SoftHSM2 once answered
+    // CKR_GENERAL_ERROR (503 `hsm_unavailable`) to a signing key pair generated while a master
+    // key was being generated (found by schemathesis; 2 in 80 here). The broker runs them one at
+    // a time.
+    let token = PrivateToken::copy();
+    let server = ChildServer::start_with_env(
+        token.env(),
+        scratch_dir("officer-ops-at-once").join("server.log"),
+        &[("KEYBROKER_MAINTENANCE_INTERVAL_SECS", "3600")],
+    )
+    .await;
+    let api = Api::of_child(&server);
+    let mut tasks = Vec::new();
+    for path in [
+        "/v1/admin/signing-keys/rotate",
+        "/v1/admin/signing-keys/rotate",
+        "/v1/admin/master-keys/rotate",
+        "/v1/admin/master-keys/rotate",
+    ] {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..12 {
+                let (status, body) = api.post(path, &json!({})).await;
+                answers.push((path, status, body));
+            }
+            answers
+        }));
+    }
+    for task in tasks {
+        for (path, status, body) in task.await.unwrap() {
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+    }
+    server.stop().await;
+}
