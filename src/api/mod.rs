@@ -1006,26 +1006,18 @@ pub struct HealthResponse {
     pub checks: BTreeMap<String, String>,
 }
 
-/// The error answers of every crypto endpoint, all in the one error shape. Only its OpenAPI
-/// description is used.
+/// The error answers of every crypto endpoint that are its own, all in the one error shape (the
+/// refusals in front of every operation, 401, 413, 415 and 429 among them, are added to the
+/// document by `openapi`). Only its OpenAPI description is used.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum CryptoErrorResponses {
     /// `invalid_json`, `invalid_base64`, `invalid_blob` or `unsupported_blob_version`
     #[response(status = 400)]
     BadRequest(ErrorBody),
-    /// `invalid_token`: missing, expired, revoked or otherwise bad access token
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
     /// `insufficient_scope`, `ip_not_allowed` or `client_disabled`
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// `payload_too_large`: the body is over the configured limit
-    #[response(status = 413)]
-    PayloadTooLarge(ErrorBody),
-    /// `unsupported_media_type`: the body is not sent as `application/json`
-    #[response(status = 415)]
-    UnsupportedMediaType(ErrorBody),
     /// `invalid_request` (wrong types, unknown or missing fields), `invalid_key_length`,
     /// `invalid_context`, `empty_batch`, `batch_too_large`, `unknown_mk_version`,
     /// `context_mismatch` (another context, or an altered blob)

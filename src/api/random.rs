@@ -105,33 +105,23 @@ pub struct RandomBatchResponse {
     pub items: Vec<BatchItem<RandomResponse>>,
 }
 
-/// The error answers of the random endpoints. Only its OpenAPI description is used.
+/// The error answers of the random endpoints that are their own (the refusals in front of
+/// every operation are added to the document by `openapi`). Only its OpenAPI description is
+/// used.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum RandomErrorResponses {
     /// `invalid_json`: the body is not JSON
     #[response(status = 400)]
     BadRequest(ErrorBody),
-    /// `invalid_token`: missing, expired, revoked or otherwise bad access token
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
     /// `insufficient_scope` (needs `random`), `ip_not_allowed`, `client_disabled` or
     /// `source_blocked`
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// `payload_too_large`: the body is over the configured limit
-    #[response(status = 413)]
-    PayloadTooLarge(ErrorBody),
-    /// `unsupported_media_type`: the body is not sent as `application/json`
-    #[response(status = 415)]
-    UnsupportedMediaType(ErrorBody),
     /// `invalid_request` (neither or both of `bytes` and `format`, a count or length out of
     /// range, wrong types, unknown fields), `empty_batch`, `batch_too_large`
     #[response(status = 422)]
     Unprocessable(ErrorBody),
-    /// `rate_limited` or `source_blocked`, with `Retry-After` (seconds)
-    #[response(status = 429)]
-    TooManyRequests(ErrorBody),
     /// `internal_error`: a bug; the request id finds it in the server log
     #[response(status = 500)]
     Internal(ErrorBody),
