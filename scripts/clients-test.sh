@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The client libraries against a real broker: a throwaway broker on SoftHSM2 (as contract.sh
+# makes one), a client registered for them, then each library's own tests (clients/*/test.sh)
+# and the interoperability of their envelopes (one encrypts, the other decrypts). Called by
+# test.sh; runs on its own too (it builds the debug binary if needed).
+#
+# Each clients/<library>/test.sh gets, in its environment, a broker and a client with the scopes
+# datakey, wrap, unwrap, rewrap and random:
+#   KEYBROKER_URL, KEYBROKER_CA_FILE, KEYBROKER_CLIENT_ID, KEYBROKER_CLIENT_SECRET
+# and the bootstrap admin's token in KB_ADMIN_TOKEN (for tests that register clients of their own).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$KB_ROOT"
+kb_install_deps python3 curl
+
+WORK=$(mktemp -d /tmp/keybroker-clients.XXXXXX)
+chmod 755 "$WORK"
+KB_SERVER_PID=
+cleanup() {
+  set +e
+  [ -n "$KB_SERVER_PID" ] && kill -TERM "$KB_SERVER_PID" 2>/dev/null && wait "$KB_SERVER_PID" 2>/dev/null
+  kb_stop_postgres "$WORK/pg"
+  [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --quiet
+BIN="$KB_ROOT/target/debug/keybroker"
+unset SOFTHSM2_CONF KRYOPTIC_CONF KEYBROKER_PIN KB_FAULTS_MODULE KB_FAULTS_CONTROL PKCS11_MODULE
+kb_setup_throwaway_broker "$BIN" "$WORK" keybroker-clients
+RUST_LOG=${RUST_LOG:-warn} kb_serve_background "$BIN" "$WORK"
+
+ADMIN_TOKEN=$(kb_access_token "$WORK/admin.json" "$KB_URL" "$WORK/tls/ca.pem")
+[ -n "$ADMIN_TOKEN" ] || kb_die "no access token for the bootstrap admin"
+install -m 600 /dev/null "$WORK/client.json"
+curl -sf --cacert "$WORK/tls/ca.pem" -H 'content-type: application/json' -K - \
+  "$KB_URL/v1/admin/clients" >"$WORK/client.json" \
+  -d '{"name": "client-libraries", "ip_mode": "none", "scopes": ["datakey", "wrap", "unwrap", "rewrap", "random"]}' \
+  <<<"header = \"authorization: Bearer $ADMIN_TOKEN\""
+export KEYBROKER_URL=$KB_URL KEYBROKER_CA_FILE="$WORK/tls/ca.pem" KB_ADMIN_TOKEN=$ADMIN_TOKEN
+KEYBROKER_CLIENT_ID=$(sed -n 's/.*"client_id": *"\([^"]*\)".*/\1/p' "$WORK/client.json")
+KEYBROKER_CLIENT_SECRET=$(sed -n 's/.*"client_secret": *"\([^"]*\)".*/\1/p' "$WORK/client.json")
+[ -n "$KEYBROKER_CLIENT_ID" ] && [ -n "$KEYBROKER_CLIENT_SECRET" ] || kb_die "registering the libraries' client failed"
+export KEYBROKER_CLIENT_ID KEYBROKER_CLIENT_SECRET
+
+for lib in clients/*/test.sh; do
+  [ -f "$lib" ] || continue
+  kb_log "client library tests: $lib against $KB_URL"
+  bash "$lib" || kb_die "$lib failed"
+done
+kb_log "client libraries passed"
