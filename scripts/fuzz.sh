@@ -11,6 +11,7 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (default 30 s, every target)
 #   KB_FUZZ_JOBS     targets run at a time (default 2, one per core of the CI machine)
 #   KB_FUZZ_FLAGS    extra libFuzzer flags, e.g. "-max_len=8192"
+#   KB_FUZZ_BUILD_ONLY=1  build the targets and stop (test.sh builds them in the background)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
@@ -39,6 +40,7 @@ kb_log "building the fuzz targets (nightly, release + debug assertions, AddressS
 start=$(date +%s)
 cargo +nightly fuzz build --fuzz-dir "$FUZZ_DIR" --target-dir "$TARGET_DIR" >&2
 kb_log "built in $(($(date +%s) - start)) s"
+[ -z "${KB_FUZZ_BUILD_ONLY:-}" ] || exit 0
 BIN_DIR="$TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 
 LOGS="$TARGET_DIR/logs"

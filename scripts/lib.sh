@@ -72,6 +72,9 @@ kb_setup_softhsm() {
   export PKCS11_MODULE="$KB_SOFTHSM_MODULE"
 }
 
+# What building Kryoptic needs from Debian (test.sh installs them up front, so that the build
+# can run in the background without a second apt beside another).
+KB_KRYOPTIC_BUILD_PACKAGES="libssl-dev pkg-config libsqlite3-dev libclang-dev"
 # Kryoptic's PKCS#11 module (libkryoptic_pkcs11.so), built once with the system OpenSSL (Debian
 # 12's 3.0 is too old for its default features) and kept in KB_CACHE_DIR; exports
 # KB_KRYOPTIC_MODULE.
@@ -79,7 +82,7 @@ kb_build_kryoptic() {
   local dest="$KB_CACHE_DIR/kryoptic-$KB_KRYOPTIC_VERSION"
   export KB_KRYOPTIC_MODULE="$dest/libkryoptic_pkcs11.so"
   [ -f "$KB_KRYOPTIC_MODULE" ] && return 0
-  kb_install_packages libssl-dev pkg-config libsqlite3-dev libclang-dev
+  kb_install_packages $KB_KRYOPTIC_BUILD_PACKAGES
   kb_log "building Kryoptic $KB_KRYOPTIC_VERSION (once; cached in $dest)"
   local build
   build=$(mktemp -d /tmp/kryoptic-build.XXXXXX)

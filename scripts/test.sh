@@ -7,25 +7,55 @@
 # mode; `+iv-reject`). Fault tests reach the real token through the same module. Before each
 # run, `keybroker hsm probe` prints what the token offers. .ci/run calls exactly this.
 #
-#   KB_TEST_TOKENS   the runs (default: "softhsm kryoptic", then each of them +iv-token and
-#                    +iv-reject)
+#   KB_TEST_TOKENS   the runs (default: softhsm, softhsm+iv-token, softhsm+iv-reject, then the
+#                    same three on kryoptic)
 #   KB_TEST_FILTER   run only the tests whose names contain this (default: all, and then the
 #                    contract run of scripts/contract.sh too)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 
-TOKENS=${KB_TEST_TOKENS:-softhsm kryoptic softhsm+iv-token softhsm+iv-reject kryoptic+iv-token kryoptic+iv-reject}
+TOKENS=${KB_TEST_TOKENS:-softhsm softhsm+iv-token softhsm+iv-reject kryoptic kryoptic+iv-token kryoptic+iv-reject}
 kb_install_deps python3 openssl
-case " $TOKENS " in *" kryoptic"*) kb_build_kryoptic ;; esac
+WHOLE=${KB_TEST_FILTER:-whole}   # "whole" when no filter picks some tests only
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)
 chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg
+BACKGROUND=()
 cleanup() {
+  local pid
+  # (each in a process group of its own, by setsid: the group goes, cargo and rustc with it)
+  for pid in "${BACKGROUND[@]}"; do kill -- "-$pid" 2>/dev/null; done
   kb_stop_postgres "$WORK/pg"
   [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# Two long builds the first runs do not need, Kryoptic (once per cache) and the fuzz targets,
+# run in the background at the lowest priority: they take the cores the suite leaves idle
+# (waiting on Postgres, the token and its own deadlines) and hardly slow it. What they install
+# from Debian is installed first, so that no two apt runs meet.
+KRYOPTIC_BUILD= FUZZ_BUILD=
+case " $TOKENS " in
+  *" kryoptic"*)
+    kb_install_packages $KB_KRYOPTIC_BUILD_PACKAGES
+    setsid nice -n 19 bash -c 'source scripts/lib.sh && kb_build_kryoptic' >"$WORK/kryoptic-build.log" 2>&1 &
+    KRYOPTIC_BUILD=$!
+    BACKGROUND+=("$KRYOPTIC_BUILD")
+    ;;
+esac
+if [ "$WHOLE" = whole ]; then
+  KB_FUZZ_BUILD_ONLY=1 setsid nice -n 19 ./scripts/fuzz.sh >"$WORK/fuzz-build.log" 2>&1 &
+  FUZZ_BUILD=$!
+  BACKGROUND+=("$FUZZ_BUILD")
+fi
+# Waits for the background build with pid PID (its log in LOG), and fails with its log if it did.
+wait_for_build() {
+  local pid=$1 log=$2 what=$3 status=0
+  kb_log "waiting for the background build of $what"
+  wait "$pid" || status=$?
+  [ "$status" -eq 0 ] || { cat "$log" >&2; kb_die "building $what failed"; }
+}
 
 kb_log "building keybroker, its tests and the fault-injecting PKCS#11 module (debug)"
 cargo build --all-targets --quiet
@@ -99,13 +129,23 @@ run_suite() {
 }
 
 for run in $TOKENS; do
+  case "$run" in
+    kryoptic*)
+      if [ -n "$KRYOPTIC_BUILD" ]; then
+        wait_for_build "$KRYOPTIC_BUILD" "$WORK/kryoptic-build.log" Kryoptic
+        KRYOPTIC_BUILD=
+      fi
+      kb_build_kryoptic   # built: only sets KB_KRYOPTIC_MODULE
+      ;;
+  esac
   run_suite "$run"
 done
 kb_log "all runs passed: $TOKENS"
 
 # The served OpenAPI document as a contract: schemathesis against a broker on SoftHSM2 (the
 # HTTP contract does not depend on the token). Skipped when a filter picks some tests only.
-if [ -z "${KB_TEST_FILTER:-}" ]; then
-  ./scripts/contract.sh
+[ "$WHOLE" != whole ] || ./scripts/contract.sh
+if [ -n "$FUZZ_BUILD" ]; then
+  wait_for_build "$FUZZ_BUILD" "$WORK/fuzz-build.log" "the fuzz targets"
+  ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)
 fi
-[ -n "${KB_TEST_FILTER:-}" ] || ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)

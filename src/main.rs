@@ -1,11 +1,12 @@
-//! The `keybroker` command: `serve`, the officer's `hsm …` commands, `dev-cert` and `bench`.
+//! The `keybroker` command: `serve`, the officer's `hsm …` commands, `dev-cert`, `bench`, and
+//! its own shell completions and man pages.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use keybroker::api::{AppState, RequestLog, error_chain};
 use keybroker::auth::{
@@ -85,6 +86,18 @@ enum Command {
         /// Concurrent callers of the HSM layer; 0 runs every seal inside one blocking call.
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+    },
+    /// Print a shell completion script, e.g. `keybroker completions bash >
+    /// /etc/bash_completion.d/keybroker`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, or write one page per command into a folder.
+    Man {
+        /// Write keybroker.1 and a page for every subcommand (keybroker-hsm-init.1, ...) here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -286,19 +299,88 @@ fn admin_guard(allow_no_admin: bool) -> AdminGuard {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How log lines are written, from `KEYBROKER_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    /// Readable lines (the default).
+    Text,
+    /// One JSON object per line, for log shippers: timestamp, level, target, the event's fields
+    /// (the access line's request id, client id, route, status and latency among them) and the
+    /// request span's fields under `span`.
+    Json,
+}
+
+impl LogFormat {
+    fn from_env() -> Result<Self, String> {
+        match std::env::var("KEYBROKER_LOG_FORMAT") {
+            Err(std::env::VarError::NotPresent) => Ok(Self::Text),
+            Ok(v) if v.eq_ignore_ascii_case("text") => Ok(Self::Text),
+            Ok(v) if v.eq_ignore_ascii_case("json") => Ok(Self::Json),
+            Ok(v) => Err(format!(
+                "KEYBROKER_LOG_FORMAT must be `text` or `json`, not `{}`",
+                v.escape_debug()
+            )),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err("KEYBROKER_LOG_FORMAT must be `text` or `json`".to_owned())
+            }
+        }
+    }
+}
+
+/// Logs go to standard error, filtered by `RUST_LOG` (default `info,sqlx=warn`), as text or JSON.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let text = (format == LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        // After the level filter: only warnings that would be written use up its minute.
+        .with(tls::PeerWarningThrottle::default())
+        .with(text)
+        .with(json)
+        .init();
+}
+
+/// `keybroker completions SHELL`: the completion script clap makes from the CLI definitions.
+fn print_completions(shell: clap_complete::Shell) {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "keybroker",
+        &mut std::io::stdout(),
+    );
+}
+
+/// `keybroker man [--dir DIR]`: the man page from the CLI definitions, or every page into DIR.
+fn write_man(dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(Cli::command(), dir)
+        }
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+    }
+}
+
 fn main() -> ExitCode {
-    {
-        use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::util::SubscriberInitExt;
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-            )
-            // After the level filter: only warnings that would be written use up its minute.
-            .with(tls::PeerWarningThrottle::default())
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init();
+    match LogFormat::from_env() {
+        Ok(format) => init_logging(format),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
     tls::install_crypto_provider();
     let cli = Cli::parse();
@@ -361,6 +443,11 @@ async fn run(command: Command) -> Result<(), BoxError> {
             seconds,
             concurrency,
         } => bench_token(token, seconds, concurrency).await,
+        Command::Completions { shell } => {
+            print_completions(shell);
+            Ok(())
+        }
+        Command::Man { dir } => Ok(write_man(dir.as_deref())?),
     }
 }
 

@@ -1,6 +1,9 @@
 //! The request log: a layer that records one row per HTTP request (refused ones included), and
 //! counts it in the `/metrics` request counters and latency histograms with the same timing,
-//! and the background writer that stores those rows in batches. Requests never wait for Postgres:
+//! and the background writer that stores those rows in batches. The same layer opens each
+//! request's `request` span (request id, method, route, then the client once authenticated), so
+//! every log line written while the request runs carries them, and writes one access line per
+//! request (target `keybroker::access`, level INFO) with its status and latency. Requests never wait for Postgres:
 //! rows go through a bounded queue, and when it is full a row is dropped and counted rather
 //! than the request slowed or failed. [`RequestLog::shutdown`] writes whatever is queued.
 
@@ -14,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::metrics::{HttpMetrics, UNMATCHED, method_label};
@@ -33,6 +37,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// How long [`RequestLog::shutdown`] waits for the writer: its own limit, plus one slow insert.
 const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(15);
+
+/// The target of the access lines and request spans (for routing them apart, or off).
+pub const ACCESS: &str = "keybroker::access";
 
 const MAX_USER_AGENT: usize = 512;
 const MAX_HOST: usize = 255;
@@ -266,9 +273,12 @@ impl Backoff {
 pub(super) struct RequestFacts(Arc<OnceLock<Uuid>>);
 
 impl RequestFacts {
-    /// Records the authenticated client (the first one set stays).
+    /// Records the authenticated client (the first one set stays), in the row and in the
+    /// request's span.
     pub(super) fn set_client(&self, id: Uuid) {
-        let _ = self.0.set(id);
+        if self.0.set(id).is_ok() {
+            tracing::Span::current().record("client_id", tracing::field::display(id));
+        }
     }
 
     fn client(&self) -> Option<Uuid> {
@@ -306,7 +316,18 @@ pub(super) async fn record(
         .map_or(UNMATCHED, MatchedPath::as_str)
         .to_owned();
 
-    let response = next.run(Request::from_parts(parts, body)).await;
+    let span = tracing::info_span!(
+        target: ACCESS,
+        "request",
+        request_id = %request_id,
+        method = %method,
+        route = %path,
+        client_id = tracing::field::Empty,
+    );
+    let response = next
+        .run(Request::from_parts(parts, body))
+        .instrument(span)
+        .await;
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
@@ -321,6 +342,18 @@ pub(super) async fn record(
         .get::<ErrorBody>()
         .map(|b| b.error.code.clone())
         .or_else(|| extensions.get::<ErrorCode>().map(|c| c.0.to_owned()));
+    tracing::info!(
+        target: ACCESS,
+        request_id = %request_id,
+        client_id = facts.client().map(tracing::field::display),
+        method = %method,
+        route = %path,
+        status,
+        // Microseconds, in milliseconds (a float that prints short).
+        latency_ms = elapsed.as_micros() as f64 / 1000.0,
+        error_code = error_code.as_deref(),
+        "request"
+    );
     state.request_log.submit(RequestLogRow {
         at_us,
         request_id,

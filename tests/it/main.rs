@@ -25,6 +25,7 @@ mod managed;
 mod metrics;
 mod oauth;
 mod openapi;
+mod operability;
 mod random;
 mod request_log;
 mod request_path;
