@@ -25,7 +25,7 @@ BACKGROUND=()
 cleanup() {
   local pid
   # (each in a process group of its own, by setsid: the group goes, cargo and rustc with it)
-  for pid in "${BACKGROUND[@]}"; do kill -- "-$pid" 2>/dev/null; done
+  for pid in "${BACKGROUND[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
   kb_stop_postgres "$WORK/pg"
   [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
 }
@@ -63,6 +63,9 @@ cargo build --quiet -p pkcs11-faults
 BIN="$KB_ROOT/target/debug/keybroker"
 export KB_TEST_FAULT_MODULE="$KB_ROOT/target/debug/libkb_pkcs11_faults.so"
 export RUST_LOG=${RUST_LOG:-info,keybroker=debug}
+
+# Test modules that never seal or open through the token (see run_suite).
+EMULATION_SKIPS='limits|oauth|audit|listener|request_log|contract|auth_cache|metrics|operability|openapi'
 
 # One run of the whole suite on RUN (a token, softhsm or kryoptic, optionally +iv-token or
 # +iv-reject), with its own token, PINs and database. Exits on failure; checks the run's log for
@@ -113,9 +116,15 @@ run_suite() {
   local so_pin log="$WORK/test-run-$name.log" status=0
   so_pin=$(cat "$KEYBROKER_SO_PIN_FILE")
 
-  kb_log "running the test suite on $run (log: $log)"
+  # The emulations change only how the token treats AES-GCM IVs: their runs leave out the
+  # modules whose tests never seal or open through it (HTTP, tokens, limits, audit alone).
+  local only=()
+  if [ -n "$vendor" ] && [ "$WHOLE" = whole ]; then
+    only=(-E "not test(/^($EMULATION_SKIPS)::/)")
+  fi
+  kb_log "running the test suite on $run${only:+ (without: $EMULATION_SKIPS)} (log: $log)"
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --no-fail-fast --success-output final --failure-output final ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
+    cargo nextest run --no-fail-fast --success-output final --failure-output final "${only[@]}" ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   else
     cargo test --no-fail-fast -- --nocapture ${KB_TEST_FILTER:+"$KB_TEST_FILTER"} 2>&1 | tee "$log" || status=$?
   fi
