@@ -114,7 +114,8 @@ class DataKeyCache:
             f"held={len(self._encrypt)}+{len(self._decrypt)})"
         )
 
-    def __len__(self) -> int:
+    def held(self) -> int:
+        """How many keys the cache holds now (for encryption and decryption together)."""
         with self._lock:
             return len(self._encrypt) + len(self._decrypt)
 

@@ -225,10 +225,10 @@ class Client:
         cache = self.cache
         cacheable = cache is not None and cache.fits(len(data))
         slot = env.encode_context(ctx)
-        lease = cache.lease_for_encryption(slot, len(data)) if cacheable and cache else None
+        lease = cache.lease_for_encryption(slot, len(data)) if cacheable and cache is not None else None
         if lease is None:
             key, wrapped = self._new_data_key(ctx)
-            if not (cacheable and cache):
+            if not cacheable or cache is None:
                 try:
                     return env.seal(key, os.urandom(env.NONCE_LEN), wrapped, data, ctx)
                 finally:
