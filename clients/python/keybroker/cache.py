@@ -106,6 +106,8 @@ class DataKeyCache:
         self._lock = threading.Lock()
         self._encrypt: "OrderedDict[Hashable, _Entry]" = OrderedDict()
         self._decrypt: "OrderedDict[Hashable, _Entry]" = OrderedDict()
+        # Striped locks under which one thread fetches a missing key while the others wait.
+        self._fills = [threading.Lock() for _ in range(16)]
 
     def __repr__(self) -> str:
         return (
@@ -154,7 +156,9 @@ class DataKeyCache:
             self._trim(self._encrypt)
             return self._use(self._encrypt, context_key, entry, nbytes)
 
-    def _use(self, table: "OrderedDict", context_key: Hashable, entry: _Entry, nbytes: int) -> Lease:
+    def _use(
+        self, table: "OrderedDict", context_key: Hashable, entry: _Entry, nbytes: int
+    ) -> Lease:
         entry.messages += 1
         entry.bytes += nbytes
         entry.users += 1
@@ -190,6 +194,11 @@ class DataKeyCache:
             self._trim(self._decrypt)
             entry.users += 1
             return Lease(self, entry)
+
+    def filling(self, slot: Hashable) -> threading.Lock:
+        """The lock to hold while fetching the key for ``slot``, so that threads missing the
+        same key make one broker call, not one each (re-check the cache once holding it)."""
+        return self._fills[hash(slot) % len(self._fills)]
 
     # -- housekeeping ---------------------------------------------------------------------
 

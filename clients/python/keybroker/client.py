@@ -223,19 +223,23 @@ class Client:
         ctx = _check_context(context)
         data = bytes(plaintext)
         cache = self.cache
-        cacheable = cache is not None and cache.fits(len(data))
-        slot = env.encode_context(ctx)
-        lease = cache.lease_for_encryption(slot, len(data)) if cacheable and cache is not None else None
-        if lease is None:
+        if cache is None or not cache.fits(len(data)):
             key, wrapped = self._new_data_key(ctx)
-            if not cacheable or cache is None:
-                try:
-                    return env.seal(key, os.urandom(env.NONCE_LEN), wrapped, data, ctx)
-                finally:
-                    wipe(key)
-            # The same process often reads back what it wrote: keep the key for that too.
-            cache.add_for_decryption(wrapped, slot, bytearray(key)).release()
-            lease = cache.add_for_encryption(slot, key, wrapped, len(data))
+            try:
+                return env.seal(key, os.urandom(env.NONCE_LEN), wrapped, data, ctx)
+            finally:
+                wipe(key)
+        slot = env.encode_context(ctx)
+        lease = cache.lease_for_encryption(slot, len(data))
+        if lease is None:
+            # One thread asks the broker; the others for this context wait and share its key.
+            with cache.filling(slot):
+                lease = cache.lease_for_encryption(slot, len(data))
+                if lease is None:
+                    key, wrapped = self._new_data_key(ctx)
+                    # The same process often reads back what it wrote: keep the key for that.
+                    cache.add_for_decryption(wrapped, slot, bytearray(key)).release()
+                    lease = cache.add_for_encryption(slot, key, wrapped, len(data))
         with lease:
             return env.seal(lease.key, os.urandom(env.NONCE_LEN), lease.wrapped, data, ctx)
 
@@ -250,19 +254,22 @@ class Client:
         parsed = env.parse(envelope)
         ctx = _check_context(context)
         cache = self.cache
+        if cache is None:
+            key = self._unwrap_key(parsed.wrapped, ctx)
+            try:
+                return env.open_parsed(key, parsed, ctx)
+            finally:
+                wipe(key)
         slot = env.encode_context(ctx)
-        if cache is not None:
-            lease = cache.lease_for_decryption(parsed.wrapped, slot)
-            if lease is None:
-                key = self._unwrap_key(parsed.wrapped, ctx)
-                lease = cache.add_for_decryption(parsed.wrapped, slot, key)
-            with lease:
-                return env.open_parsed(lease.key, parsed, ctx)
-        key = self._unwrap_key(parsed.wrapped, ctx)
-        try:
-            return env.open_parsed(key, parsed, ctx)
-        finally:
-            wipe(key)
+        lease = cache.lease_for_decryption(parsed.wrapped, slot)
+        if lease is None:
+            with cache.filling((parsed.wrapped, slot)):
+                lease = cache.lease_for_decryption(parsed.wrapped, slot)
+                if lease is None:
+                    key = self._unwrap_key(parsed.wrapped, ctx)
+                    lease = cache.add_for_decryption(parsed.wrapped, slot, key)
+        with lease:
+            return env.open_parsed(lease.key, parsed, ctx)
 
     def _new_data_key(self, ctx: Dict[str, str]):
         answer = self._call("/v1/datakey", self._datakey_body(ctx, True))
@@ -325,7 +332,9 @@ class Client:
         answer = self._call(path, {"items": items})
         results = answer.get("items")
         if not isinstance(results, list) or len(results) != len(items):
-            raise KeybrokerError(None, "invalid_answer", "the broker's batch answer has another length")
+            raise KeybrokerError(
+                None, "invalid_answer", "the broker's batch answer has another length"
+            )
         out: List[Any] = []
         for result in results:
             error = result.get("error") if isinstance(result, dict) else None
@@ -488,9 +497,13 @@ class Client:
         try:
             body = json.loads(answer.body)
         except ValueError:
-            raise KeybrokerError(answer.status, "invalid_answer", "the broker's answer is not JSON") from None
+            raise KeybrokerError(
+                answer.status, "invalid_answer", "the broker's answer is not JSON"
+            ) from None
         if not isinstance(body, dict):
-            raise KeybrokerError(answer.status, "invalid_answer", "the broker's answer is not an object")
+            raise KeybrokerError(
+                answer.status, "invalid_answer", "the broker's answer is not an object"
+            )
         return body
 
     @staticmethod
@@ -513,7 +526,7 @@ class Client:
                 code = error
                 message = str(body.get("error_description") or message)
         exc = from_answer(answer.status, code, message, request_id)
-        exc.retry_after = _retry_after(answer)  # type: ignore[attr-defined]
+        exc.retry_after = _retry_after(answer)
         return exc
 
 

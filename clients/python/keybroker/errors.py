@@ -17,6 +17,9 @@ from typing import Dict, Optional, Type
 class KeybrokerError(Exception):
     """Base of every error this library raises."""
 
+    #: Seconds the broker asked to wait (``Retry-After``), on the answers that carry it.
+    retry_after: Optional[float] = None
+
     def __init__(
         self,
         status: Optional[int],

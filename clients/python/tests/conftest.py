@@ -37,14 +37,18 @@ class Admin:
         self.headers = {"Authorization": "Bearer " + os.environ["KB_ADMIN_TOKEN"]}
 
     def request(self, method, path, **kw):
-        r = requests.request(method, self.url + path, headers=self.headers, verify=self.verify,
-                             timeout=30, **kw)
+        r = requests.request(
+            method, self.url + path, headers=self.headers, verify=self.verify, timeout=30, **kw
+        )
         assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
         return r.json() if r.content else None
 
     def register(self, scopes=("datakey", "wrap", "unwrap", "rewrap")):
-        body = {"name": f"pyclient-test-{uuid.uuid4().hex[:8]}", "ip_mode": "none",
-                "scopes": list(scopes)}
+        body = {
+            "name": f"pyclient-test-{uuid.uuid4().hex[:8]}",
+            "ip_mode": "none",
+            "scopes": list(scopes),
+        }
         answer = self.request("POST", "/v1/admin/clients", json=body)
         return answer["client"]["client_id"], answer["client_secret"]
 
@@ -85,10 +89,17 @@ def make_client():
     made = []
 
     def make(credentials=None, **kw):
-        client_id, secret = credentials or (os.environ["KEYBROKER_CLIENT_ID"],
-                                            os.environ["KEYBROKER_CLIENT_SECRET"])
-        c = keybroker.Client(os.environ["KEYBROKER_URL"], client_id, secret,
-                             os.environ.get("KEYBROKER_CA_FILE") or None, **kw)
+        client_id, secret = credentials or (
+            os.environ["KEYBROKER_CLIENT_ID"],
+            os.environ["KEYBROKER_CLIENT_SECRET"],
+        )
+        c = keybroker.Client(
+            os.environ["KEYBROKER_URL"],
+            client_id,
+            secret,
+            os.environ.get("KEYBROKER_CA_FILE") or None,
+            **kw,
+        )
         c.counted = Counted(c)
         made.append(c)
         return c

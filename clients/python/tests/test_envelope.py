@@ -25,7 +25,9 @@ def test_encrypt_gives_exactly_the_envelope(v):
     )
     assert base64.b64encode(envelope).decode() == v["envelope_b64"]
     # The AAD too, so a mismatch says which half is wrong.
-    assert env.header(v["wrapped"]) + env.encode_context(v["context"]) == bytes.fromhex(v["aad_hex"])
+    assert env.header(v["wrapped"]) + env.encode_context(v["context"]) == bytes.fromhex(
+        v["aad_hex"]
+    )
 
 
 @pytest.mark.parametrize("v", VECTORS["vectors"], ids=lambda v: v["name"])

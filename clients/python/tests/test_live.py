@@ -49,8 +49,15 @@ def test_batches_answer_in_order_with_per_item_errors(make_client, admin):
     sealed = c.wrap_batch([material[0], (material[1], OTHER)], context=ACME)
     assert all(isinstance(s, keybroker.Wrapped) for s in sealed)
 
-    opened = c.unwrap_batch([(keys[0].wrapped, ACME), (keys[1].wrapped, None),
-                             (keys[2].wrapped, ACME), (sealed[0], ACME), (sealed[1], OTHER)])
+    opened = c.unwrap_batch(
+        [
+            (keys[0].wrapped, ACME),
+            (keys[1].wrapped, None),
+            (keys[2].wrapped, ACME),
+            (sealed[0], ACME),
+            (sealed[1], OTHER),
+        ]
+    )
     assert opened[0] == keys[0].plaintext and opened[1] == keys[1].plaintext
     assert isinstance(opened[2], keybroker.ContextMismatch) and opened[2].status == 422
     assert opened[3:] == material
@@ -98,7 +105,7 @@ def test_decrypt_under_another_context_fails(make_client, admin):
     # Where the key does come from the cache, GCM holds the line: this envelope names the
     # cached (ACME) data key but was encrypted under another key and context. No broker call.
     foreign = writer.encrypt(b"for someone else", OTHER)
-    spliced = env.header(env.parse(envelope).wrapped) + foreign[len(env.parse(foreign).header):]
+    spliced = env.header(env.parse(envelope).wrapped) + foreign[len(env.parse(foreign).header) :]
     cached.counted.reset()
     with pytest.raises(keybroker.EnvelopeAuthenticationError):
         cached.decrypt(spliced, ACME)
@@ -202,8 +209,13 @@ def test_revoked_token_is_replaced(make_client, admin):
     # A client may revoke its own token (RFC 7009).
     import requests
 
-    r = requests.post(c.url + "/v1/oauth/revoke", data={"token": old},
-                      headers={"Authorization": "Bearer " + old}, verify=c._verify, timeout=30)
+    r = requests.post(
+        c.url + "/v1/oauth/revoke",
+        data={"token": old},
+        headers={"Authorization": "Bearer " + old},
+        verify=c._verify,
+        timeout=30,
+    )
     assert r.status_code == 200
     # Revocation reaches every node within 1 s: keep calling until the broker refuses the old
     # token and the client has fetched a new one, each call succeeding all the same.
@@ -246,8 +258,11 @@ class _rate_of_one_per_second:
 
     def __enter__(self):
         self.saved = self.admin.request("GET", "/v1/admin/security-settings")
-        self.admin.request("PUT", "/v1/admin/security-settings",
-                           json=dict(self.saved, per_client_per_second=1.0, per_client_burst=1))
+        self.admin.request(
+            "PUT",
+            "/v1/admin/security-settings",
+            json=dict(self.saved, per_client_per_second=1.0, per_client_burst=1),
+        )
 
     def __exit__(self, *exc):
         deadline = time.monotonic() + PATIENCE
@@ -266,7 +281,8 @@ def test_command_line_round_trip(tmp_path):
     import sys
 
     run = lambda *args, data: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "keybroker", *args], input=data, capture_output=True, check=False)
+        [sys.executable, "-m", "keybroker", *args], input=data, capture_output=True, check=False
+    )
     plaintext = os.urandom(5000)
     enc = run("encrypt", "--context", "tenant=acme", "--context", "table=invoices", data=plaintext)
     assert enc.returncode == 0, enc.stderr
@@ -276,4 +292,22 @@ def test_command_line_round_trip(tmp_path):
     assert dec.stdout == plaintext
     bad = run("decrypt", data=b"not an envelope")
     assert bad.returncode == 1 and b"invalid_envelope" in bad.stderr
-    assert os.environ["KEYBROKER_CLIENT_SECRET"].encode() not in enc.stderr + dec.stderr + bad.stderr
+    assert (
+        os.environ["KEYBROKER_CLIENT_SECRET"].encode() not in enc.stderr + dec.stderr + bad.stderr
+    )
+
+
+def test_threads_share_one_client_and_its_cache(make_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = make_client(cache=DataKeyCache(max_messages=100))
+    messages = [os.urandom(64) for _ in range(400)]
+    with ThreadPoolExecutor(8) as pool:
+        envelopes = list(pool.map(lambda m: c.encrypt(m, ACME), messages))
+    # Threads that miss the cache together wait for one fetch: exactly one call per 100.
+    assert c.counted.count("/v1/datakey") == 4
+    assert c.counted.count("/v1/oauth/token") == 1
+    reader = make_client(cache=DataKeyCache())
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda e: reader.decrypt(e, ACME), envelopes)) == messages
+    assert reader.counted.count("/v1/unwrap") == 4

@@ -15,13 +15,20 @@ TOKEN = "tok-never-shown"
 
 
 def answer(status, body=None, **headers):
-    return _Answer(status, {k.replace("_", "-").lower(): str(v) for k, v in headers.items()},
-                   json.dumps(body if body is not None else {}).encode())
+    return _Answer(
+        status,
+        {k.replace("_", "-").lower(): str(v) for k, v in headers.items()},
+        json.dumps(body if body is not None else {}).encode(),
+    )
 
 
 def api_error(status, code, **headers):
-    return answer(status, {"error": {"code": code, "message": f"{code} happened"}},
-                  x_request_id="req-1", **headers)
+    return answer(
+        status,
+        {"error": {"code": code, "message": f"{code} happened"}},
+        x_request_id="req-1",
+        **headers,
+    )
 
 
 class FakeBroker:
@@ -42,8 +49,15 @@ class FakeBroker:
                 assert headers["Authorization"].startswith("Basic ")
                 assert form == {"grant_type": "client_credentials"}
                 self.tokens += 1
-                return answer(200, {"access_token": f"{TOKEN}-{self.tokens}", "token_type": "Bearer",
-                                    "expires_in": self.token_life, "scope": "datakey"})
+                return answer(
+                    200,
+                    {
+                        "access_token": f"{TOKEN}-{self.tokens}",
+                        "token_type": "Bearer",
+                        "expires_in": self.token_life,
+                        "scope": "datakey",
+                    },
+                )
             self.calls.append((path, headers["Authorization"], json_body))
             step = self.script.pop(0) if self.script else answer(200, self.default)
         if isinstance(step, Exception):
@@ -70,8 +84,13 @@ def client(broker, max_retries=4, cache=None):
 
 
 def test_503_and_429_are_retried_with_backoff_and_retry_after():
-    broker = FakeBroker([api_error(503, "hsm_unavailable"), api_error(429, "rate_limited", retry_after=2),
-                         api_error(503, "hsm_timeout")])
+    broker = FakeBroker(
+        [
+            api_error(503, "hsm_unavailable"),
+            api_error(429, "rate_limited", retry_after=2),
+            api_error(503, "hsm_timeout"),
+        ]
+    )
     c = client(broker)
     assert c.unwrap("kb:v1:1:x") == b"k" * 32
     assert len(broker.calls) == 4
@@ -118,8 +137,14 @@ def test_lost_connections_are_retried_then_reported_without_secrets():
 
 
 def test_other_errors_are_not_retried_and_map_by_code_then_status():
-    broker = FakeBroker([api_error(422, "context_mismatch"), api_error(418, "teapot"),
-                         api_error(500, "internal_error"), answer(502, None)])
+    broker = FakeBroker(
+        [
+            api_error(422, "context_mismatch"),
+            api_error(418, "teapot"),
+            api_error(500, "internal_error"),
+            answer(502, None),
+        ]
+    )
     c = client(broker)
     with pytest.raises(keybroker.ContextMismatch):
         c.unwrap("kb:v1:1:x", {"a": "b"})
@@ -143,7 +168,9 @@ def test_token_is_renewed_before_it_runs_out():
     c._clock.now += 2  # 59 s left
     c.unwrap("kb:v1:1:x")
     assert broker.tokens == 2
-    assert [auth for _, auth, _ in broker.calls] == [f"Bearer {TOKEN}-1"] * 2 + [f"Bearer {TOKEN}-2"]
+    assert [auth for _, auth, _ in broker.calls] == [f"Bearer {TOKEN}-1"] * 2 + [
+        f"Bearer {TOKEN}-2"
+    ]
 
     broker = FakeBroker(token_life=100)  # 20 % is 20 s: the 30 s floor decides
     c = client(broker)
@@ -171,7 +198,9 @@ def test_a_refused_token_is_replaced_once():
 
 def test_bad_credentials_raise_invalid_client():
     def refuse(method, path, *, headers, json_body=None, form=None):
-        return answer(401, {"error": "invalid_client", "error_description": "client authentication failed"})
+        return answer(
+            401, {"error": "invalid_client", "error_description": "client authentication failed"}
+        )
 
     c = client(FakeBroker())
     c._send = refuse
@@ -183,8 +212,10 @@ def test_bad_credentials_raise_invalid_client():
 def test_one_token_for_many_threads():
     broker = FakeBroker()
     c = client(broker)
-    threads = [threading.Thread(target=lambda: [c.unwrap("kb:v1:1:x") for _ in range(20)])
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: [c.unwrap("kb:v1:1:x") for _ in range(20)])
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -194,14 +225,24 @@ def test_one_token_for_many_threads():
 
 def test_batches_give_results_and_typed_errors_in_order():
     key = base64.b64encode(b"q" * 32).decode()
-    broker = FakeBroker([answer(200, {"items": [
-        {"plaintext": key},
-        {"error": {"code": "context_mismatch", "message": "no"}},
-        {"error": {"code": "new_code", "message": "?"}},
-    ]})])
+    broker = FakeBroker(
+        [
+            answer(
+                200,
+                {
+                    "items": [
+                        {"plaintext": key},
+                        {"error": {"code": "context_mismatch", "message": "no"}},
+                        {"error": {"code": "new_code", "message": "?"}},
+                    ]
+                },
+            )
+        ]
+    )
     c = client(broker)
-    ok, mismatch, unknown = c.unwrap_batch(["kb:v1:1:a", ("kb:v1:1:b", {"t": "x"}), "kb:v1:1:c"],
-                                           context={"t": "y"})
+    ok, mismatch, unknown = c.unwrap_batch(
+        ["kb:v1:1:a", ("kb:v1:1:b", {"t": "x"}), "kb:v1:1:c"], context={"t": "y"}
+    )
     assert ok == b"q" * 32
     assert isinstance(mismatch, keybroker.ContextMismatch) and mismatch.status == 422
     assert type(unknown) is keybroker.KeybrokerError
