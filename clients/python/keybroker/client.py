@@ -9,6 +9,7 @@ them are safe to repeat.
 import base64
 import binascii
 import json
+import logging
 import os
 import random
 import threading
@@ -23,6 +24,9 @@ from .cache import DataKeyCache, wipe
 from .errors import ConnectionFailed, KeybrokerError, from_answer
 
 __version__ = "0.1.0"
+
+# Retries only, at debug level: method, path, status and wait. Never a header or a body.
+_log = logging.getLogger("keybroker")
 
 Context = Optional[Mapping[str, str]]
 
@@ -433,7 +437,11 @@ class Client:
                     raise ConnectionFailed(
                         None, None, f"{method} {path}: no answer ({type(e).__name__})"
                     ) from None
-                self._sleep(self._backoff(attempt))
+                wait = self._backoff(attempt)
+                _log.debug(
+                    "%s %s: no answer (%s); retry in %.2f s", method, path, type(e).__name__, wait
+                )
+                self._sleep(wait)
                 attempt += 1
                 continue
             if answer.status not in (429, 503) or attempt >= self.max_retries:
@@ -441,6 +449,7 @@ class Client:
             wait = self._retry_wait(answer, attempt)
             if wait is None:
                 return answer
+            _log.debug("%s %s: %d; retry in %.2f s", method, path, answer.status, wait)
             self._sleep(wait)
             attempt += 1
 

@@ -42,7 +42,10 @@ def encode_context(context: Context) -> bytes:
 
 def header(wrapped: str) -> bytes:
     """Bytes ``0 .. 6+W`` of an envelope carrying ``wrapped``."""
-    raw = wrapped.encode("ascii")
+    try:
+        raw = wrapped.encode("ascii")
+    except UnicodeEncodeError:
+        raise EnvelopeError(None, "invalid_envelope", "the wrapped key is not ASCII") from None
     if not 1 <= len(raw) <= 0xFFFF:
         raise EnvelopeError(None, "invalid_envelope", "the wrapped key must be 1 to 65535 bytes")
     return MAGIC + bytes([VERSION]) + struct.pack(">H", len(raw)) + raw

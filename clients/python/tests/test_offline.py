@@ -83,7 +83,8 @@ def client(broker, max_retries=4, cache=None):
     return c
 
 
-def test_503_and_429_are_retried_with_backoff_and_retry_after():
+def test_503_and_429_are_retried_with_backoff_and_retry_after(caplog):
+    caplog.set_level("DEBUG", logger="keybroker")
     broker = FakeBroker(
         [
             api_error(503, "hsm_unavailable"),
@@ -98,6 +99,8 @@ def test_503_and_429_are_retried_with_backoff_and_retry_after():
     assert 0 < first < 0.3  # backoff from 0.2 s, half of it random
     assert 2 <= second <= 3  # at least what Retry-After said
     assert third > first  # doubling
+    assert "POST /v1/unwrap: 429; retry in" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
 
 
 def test_when_retries_run_out_the_typed_error_reaches_the_caller():
