@@ -28,7 +28,8 @@ cargo build --quiet
 BIN="$KB_ROOT/target/debug/keybroker"
 unset SOFTHSM2_CONF KRYOPTIC_CONF KEYBROKER_PIN KB_FAULTS_MODULE KB_FAULTS_CONTROL PKCS11_MODULE
 kb_setup_throwaway_broker "$BIN" "$WORK" keybroker-clients
-RUST_LOG=${RUST_LOG:-warn} kb_serve_background "$BIN" "$WORK"
+# The admin token handed to the libraries' tests lasts the whole run.
+KEYBROKER_TOKEN_TTL_SECS=3600 RUST_LOG=${RUST_LOG:-warn} kb_serve_background "$BIN" "$WORK"
 
 ADMIN_TOKEN=$(kb_access_token "$WORK/admin.json" "$KB_URL" "$WORK/tls/ca.pem")
 [ -n "$ADMIN_TOKEN" ] || kb_die "no access token for the bootstrap admin"

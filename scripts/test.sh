@@ -154,6 +154,9 @@ kb_log "all runs passed: $TOKENS"
 # The served OpenAPI document as a contract: schemathesis against a broker on SoftHSM2 (the
 # HTTP contract does not depend on the token). Skipped when a filter picks some tests only.
 [ "$WHOLE" != whole ] || ./scripts/contract.sh
+# The client libraries (clients/*), their own tests and their envelopes crossed, against a broker
+# on SoftHSM2 (what they test is HTTP and local crypto, not the token).
+[ "$WHOLE" != whole ] || ./scripts/clients-test.sh
 if [ -n "$FUZZ_BUILD" ]; then
   wait_for_build "$FUZZ_BUILD" "$WORK/fuzz-build.log" "the fuzz targets"
   ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)
