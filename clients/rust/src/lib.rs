@@ -24,6 +24,9 @@ mod envelope;
 mod error;
 mod retry;
 
+#[cfg(test)]
+mod mock_tests;
+
 pub use cache::DataKeyCache;
 pub use client::{Client, ClientBuilder, ClientStats, Context, DataKey, Wrapped};
 #[doc(hidden)]
