@@ -65,6 +65,31 @@ fn cached(cache: DataKeyCache) -> Client {
         .unwrap()
 }
 
+/// A client of its own for a test whose refusals (another context, a revoked token) must not
+/// count against the shared one: the broker disables a client after 20 refusals in 5 minutes,
+/// and the Python suite runs after this one with the shared client.
+async fn own_client(name: &str, cache: Option<DataKeyCache>) -> Client {
+    let (status, registered) = admin(
+        reqwest::Method::POST,
+        "/v1/admin/clients",
+        Some(json!({"name": name, "ip_mode": "none",
+                    "scopes": ["datakey", "wrap", "unwrap", "rewrap"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "registering {name}: {registered}");
+    let e = env();
+    let mut builder = Client::builder(
+        e.url,
+        registered["client"]["client_id"].as_str().unwrap(),
+        registered["client_secret"].as_str().unwrap(),
+    )
+    .ca_file(e.ca_file);
+    if let Some(cache) = cache {
+        builder = builder.cache(cache);
+    }
+    builder.build().unwrap()
+}
+
 fn ctx(pairs: &[(&str, &str)]) -> Context {
     pairs
         .iter()
@@ -120,7 +145,7 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, Error>, code: ErrorCode, st
 #[tokio::test]
 async fn datakey_wrap_unwrap_rewrap() {
     let _shared = SETTINGS.read().await;
-    let c = client();
+    let c = own_client("rust-live-calls", None).await;
     let a = ctx(&[("tenant", "acme"), ("purpose", "live")]);
 
     let key = c.datakey(&a, true).await.unwrap();
@@ -172,7 +197,7 @@ async fn datakey_wrap_unwrap_rewrap() {
 #[tokio::test]
 async fn batches_answer_per_item_in_order() {
     let _shared = SETTINGS.read().await;
-    let c = client();
+    let c = own_client("rust-live-batches", None).await;
     let a = ctx(&[("k", "a")]);
     let b = ctx(&[("k", "b")]);
 
@@ -266,7 +291,7 @@ fn clone_err(e: &Error) -> Error {
 #[tokio::test]
 async fn encrypt_then_decrypt_round_trips_and_binds_the_context() {
     let _shared = SETTINGS.read().await;
-    let c = client();
+    let c = own_client("rust-live-envelopes", None).await;
     let a = ctx(&[("tenant", "acme"), ("région", "Zürich")]);
     for message in [&b""[..], b"x", &[0xa5; 100_000]] {
         let envelope = c.encrypt(message, &a).await.unwrap();
@@ -309,7 +334,7 @@ async fn encrypt_then_decrypt_round_trips_and_binds_the_context() {
 #[tokio::test]
 async fn another_context_fails_at_the_broker_or_at_gcm_with_a_cache() {
     let _shared = SETTINGS.read().await;
-    let c = cached(DataKeyCache::new());
+    let c = own_client("rust-live-contexts", Some(DataKeyCache::new())).await;
     let a = ctx(&[("tenant", "acme")]);
     let b = ctx(&[("tenant", "other")]);
 
@@ -444,7 +469,7 @@ async fn the_cache_honours_each_bound() {
 #[tokio::test]
 async fn a_revoked_token_is_replaced_at_the_next_call() {
     let _shared = SETTINGS.read().await;
-    let c = client();
+    let c = own_client("rust-live-revocation", None).await;
     c.authenticate().await.unwrap();
     assert_eq!(c.stats().token_requests, 1);
     let token = c.access_token_for_tests().await.unwrap();
@@ -494,14 +519,14 @@ async fn a_revoked_token_is_replaced_at_the_next_call() {
 async fn a_429_is_retried_and_finally_surfaced() {
     let _exclusive = SETTINGS.write().await;
     // A client of its own, so the refusals below count against nobody else.
+    let e = env();
     let (status, registered) = admin(
         reqwest::Method::POST,
         "/v1/admin/clients",
-        Some(json!({"name": "rust-client-429", "ip_mode": "none", "scopes": ["wrap"]})),
+        Some(json!({"name": "rust-live-429", "ip_mode": "none", "scopes": ["wrap"]})),
     )
     .await;
     assert_eq!(status, 201, "{registered}");
-    let e = env();
     let c = Client::builder(
         e.url,
         registered["client"]["client_id"].as_str().unwrap(),
