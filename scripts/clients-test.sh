@@ -49,4 +49,30 @@ for lib in clients/*/test.sh; do
   kb_log "client library tests: $lib against $KB_URL"
   bash "$lib" || kb_die "$lib failed"
 done
+# The envelope is one format: each library decrypts what the other encrypted, under the same
+# context, and neither opens it under another. (The Python package is the one its test.sh just
+# installed; the Rust side is its `envelope` example.)
+if [ -f clients/python/test.sh ] && [ -f clients/rust/test.sh ]; then
+  kb_log "envelope interoperability: Python <-> Rust"
+  PY="$KB_CACHE_DIR/pyclient-pytest-$(sed -n 's/^PYTEST_VERSION=//p' clients/python/test.sh)/bin/python"
+  cargo build --quiet -p keybroker-client --example envelope
+  RS="$KB_ROOT/target/debug/examples/envelope"
+  python_cli() { "$PY" -m keybroker "$@"; }
+  head -c 100000 /dev/urandom >"$WORK/message"
+  ctx=(--context tenant=acme --context "purpose=interop test")
+  python_cli encrypt "${ctx[@]}" <"$WORK/message" >"$WORK/by-python"
+  "$RS" encrypt "${ctx[@]}" <"$WORK/message" >"$WORK/by-rust"
+  "$RS" decrypt "${ctx[@]}" <"$WORK/by-python" | cmp -s - "$WORK/message" ||
+    kb_die "Rust did not decrypt Python's envelope to the message"
+  python_cli decrypt "${ctx[@]}" <"$WORK/by-rust" | cmp -s - "$WORK/message" ||
+    kb_die "Python did not decrypt Rust's envelope to the message"
+  cmp -s "$WORK/by-python" "$WORK/by-rust" && kb_die "two envelopes of one message are the same bytes (nonce or key reused)"
+  for cli in python_cli "$RS"; do
+    if $cli decrypt --context tenant=other <"$WORK/by-python" >/dev/null 2>"$WORK/refused"; then
+      kb_die "$cli decrypted under another context"
+    fi
+    grep -q "context_mismatch" "$WORK/refused" || { cat "$WORK/refused" >&2; kb_die "$cli: another context was not refused with context_mismatch"; }
+  done
+  kb_log "envelopes cross both ways (100,000 bytes), and another context is refused by both"
+fi
 kb_log "client libraries passed"
