@@ -21,13 +21,19 @@ pub struct DocumentLimits {
 
 /// The whole document, as served at `/openapi.json`.
 pub fn document(limits: DocumentLimits) -> Value {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    let mut api = ApiDoc::openapi();
+    api.merge(<super::console::ConsoleDoc as utoipa::OpenApi>::openapi());
+    let mut doc = serde_json::to_value(api).unwrap_or_else(|_| json!({}));
     set_format_lengths(&mut doc);
     set_item_name_patterns(&mut doc);
     batch_schemas(&mut doc, limits.max_batch);
     unsigned_integer_bounds(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
+            // The console's pages answer in HTML and list their own refusals.
+            if path.starts_with("/console") {
+                continue;
+            }
             let Some(item) = item.as_object_mut() else {
                 continue;
             };

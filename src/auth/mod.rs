@@ -859,6 +859,10 @@ pub struct AuthConfig {
     /// The oldest the node-local cache of client state and revocations may be (a backstop to
     /// the change notifications; see [`AuthCache`]).
     pub cache_max_age: Duration,
+    /// An officer's console session ends after this long without a request.
+    pub console_idle: Duration,
+    /// An officer's console session ends this long after sign-in, used or not.
+    pub console_absolute: Duration,
 }
 
 impl AuthConfig {
@@ -1705,6 +1709,46 @@ impl Authenticator {
         })
     }
 
+    /// The caller behind an officer's console session begun at `session_start` (unix seconds),
+    /// checked on every console request as a bearer token is on every API request: the client
+    /// still exists, is active, was not disabled since the session began, may call from
+    /// `source`, and still holds `admin`.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidToken`], [`AuthError::ClientDisabled`], [`AuthError::IpNotAllowed`],
+    /// [`AuthError::InsufficientScope`], or an outage.
+    pub async fn session_caller(
+        &self,
+        client_id: Uuid,
+        session_start: i64,
+        source: IpAddr,
+    ) -> Result<Caller, AuthError> {
+        let client: Client = self
+            .store
+            .client(client_id)
+            .await?
+            .ok_or(AuthError::InvalidToken("client no longer exists"))?
+            .try_into()?;
+        if !client.active {
+            return Err(AuthError::ClientDisabled);
+        }
+        // The rule for tokens: a disable ends everything begun before it, even once re-enabled.
+        if session_start < client.tokens_not_before {
+            return Err(AuthError::InvalidToken(
+                "session begun before the client was disabled",
+            ));
+        }
+        if !client.ip_policy.allows(source) {
+            return Err(AuthError::IpNotAllowed);
+        }
+        let caller = Caller {
+            client_id,
+            scopes: client.scopes,
+        };
+        caller.require(Scope::Admin)?;
+        Ok(caller)
+    }
+
     /// Whether an unknown `kid` may make us re-read the signing keys now (at most every
     /// [`UNKNOWN_KID_REFRESH_SECS`], so forged kids cannot make every request query Postgres).
     fn may_refresh_for_unknown_kid(&self) -> bool {
@@ -2132,7 +2176,7 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 /// Compares in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
