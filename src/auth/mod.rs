@@ -675,6 +675,30 @@ impl TryFrom<ClientRow> for Client {
     }
 }
 
+impl Client {
+    /// The checks every request makes of its client once the credential itself (a token, a
+    /// console session) is proven: the client is active, the credential dates from after the
+    /// client was last disabled (re-enabling never brings old ones back), and the source
+    /// address is allowed.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientDisabled`], [`AuthError::InvalidToken`], [`AuthError::IpNotAllowed`].
+    fn admit(&self, issued_at: i64, source: IpAddr) -> Result<(), AuthError> {
+        if !self.active {
+            return Err(AuthError::ClientDisabled);
+        }
+        if issued_at < self.tokens_not_before {
+            return Err(AuthError::InvalidToken(
+                "credential issued before the client was disabled",
+            ));
+        }
+        if !self.ip_policy.allows(source) {
+            return Err(AuthError::IpNotAllowed);
+        }
+        Ok(())
+    }
+}
+
 /// What an officer gives to register or update a client, validated.
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
@@ -1690,17 +1714,7 @@ impl Authenticator {
         if state.revoked {
             return Err(AuthError::InvalidToken("token revoked"));
         }
-        if !client.active {
-            return Err(AuthError::ClientDisabled);
-        }
-        if claims.iat < client.tokens_not_before {
-            return Err(AuthError::InvalidToken(
-                "token issued before the client was disabled",
-            ));
-        }
-        if !client.ip_policy.allows(source) {
-            return Err(AuthError::IpNotAllowed);
-        }
+        client.admit(claims.iat, source)?;
         let granted =
             Scopes::parse(&claims.scope).map_err(|_| AuthError::InvalidToken("bad scope claim"))?;
         Ok(Caller {
@@ -1729,18 +1743,7 @@ impl Authenticator {
             .await?
             .ok_or(AuthError::InvalidToken("client no longer exists"))?
             .try_into()?;
-        if !client.active {
-            return Err(AuthError::ClientDisabled);
-        }
-        // The rule for tokens: a disable ends everything begun before it, even once re-enabled.
-        if session_start < client.tokens_not_before {
-            return Err(AuthError::InvalidToken(
-                "session begun before the client was disabled",
-            ));
-        }
-        if !client.ip_policy.allows(source) {
-            return Err(AuthError::IpNotAllowed);
-        }
+        client.admit(session_start, source)?;
         let caller = Caller {
             client_id,
             scopes: client.scopes,

@@ -167,13 +167,13 @@ async fn render(
                         @for e in &page.items {
                             tr {
                                 td.num { (e.seq) }
-                                td.mono { (utc(e.at_us.div_euclid(1_000_000))) }
+                                td.mono.nowrap { (utc(e.at_us.div_euclid(1_000_000))) }
                                 td { (state_badge(&e.severity)) }
                                 td.mono { (e.event) }
-                                td.mono { (e.actor) }
-                                td.mono { (e.subject.as_deref().unwrap_or("")) }
+                                td.mono.id { (e.actor) }
+                                td.mono.id { (e.subject.as_deref().unwrap_or("")) }
                                 td.mono { (e.source_ip.as_deref().unwrap_or("")) }
-                                td.mono { (e.details) }
+                                td.mono.details { (e.details) }
                             }
                         }
                     }
