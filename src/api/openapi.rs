@@ -30,10 +30,6 @@ pub fn document(limits: DocumentLimits) -> Value {
     unsigned_integer_bounds(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
-            // The console's pages answer in HTML and list their own refusals.
-            if path.starts_with("/console") {
-                continue;
-            }
             let Some(item) = item.as_object_mut() else {
                 continue;
             };
@@ -52,7 +48,10 @@ pub fn document(limits: DocumentLimits) -> Value {
 /// operation's responses (or to the description of a status it lists already).
 fn complete_responses(path: &str, operation: &mut Map<String, Value>) {
     let probe = matches!(path, "/healthz" | "/readyz");
-    let bearer = operation.contains_key("security");
+    // The console's pages: behind the same source limits (answered in JSON by that layer), but
+    // signed in by cookie, and answering their own refusals in HTML (listed by each page).
+    let console = path.starts_with("/console");
+    let bearer = !console && operation.contains_key("security");
     let body_type = operation
         .get("requestBody")
         .and_then(|b| b.get("content"))
@@ -134,14 +133,14 @@ fn complete_responses(path: &str, operation: &mut Map<String, Value>) {
             "`invalid_request`: JSON that does not fit the request's schema",
         );
     }
-    if parameters.iter().any(|(place, _)| place == "path") {
+    if !console && parameters.iter().any(|(place, _)| place == "path") {
         add_error(
             responses,
             "422",
             "`invalid_request`: a path segment that does not parse",
         );
     }
-    if parameters.iter().any(|(place, _)| place == "query") {
+    if !console && parameters.iter().any(|(place, _)| place == "query") {
         add_error(
             responses,
             "422",
@@ -188,9 +187,14 @@ fn add_error(responses: &mut Map<String, Value>, status: &str, codes: &str) {
             }
             *schema = json!({ "oneOf": alternatives });
         }
-        None => {
-            existing["content"] = json!({"application/json": {"schema": ours}});
-        }
+        // No JSON answer listed yet: ours joins whatever else the status answers with (the
+        // console's HTML pages).
+        None => match existing.get_mut("content").and_then(Value::as_object_mut) {
+            Some(content) => {
+                content.insert("application/json".to_owned(), json!({ "schema": ours }));
+            }
+            None => existing["content"] = json!({"application/json": {"schema": ours}}),
+        },
     }
 }
 

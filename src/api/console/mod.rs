@@ -143,6 +143,9 @@ pub(super) enum ConsoleError {
     /// 400: a form that is not a form, or lacks a field the action needs.
     #[error("{0}")]
     BadForm(&'static str),
+    /// 500: the operating system gave no randomness for a session id.
+    #[error("internal error; the request id identifies it in the server log")]
+    NoRandomness,
     /// Whatever the JSON API answers to the same request, shown as a page.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -166,6 +169,7 @@ impl ConsoleError {
             Self::SignedOut => (StatusCode::SEE_OTHER, "signed_out"),
             Self::Csrf => (StatusCode::FORBIDDEN, "csrf_refused"),
             Self::BadForm(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::NoRandomness => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             Self::Api(e) => e.status_and_code(),
         }
     }
@@ -186,9 +190,11 @@ impl IntoResponse for ConsoleError {
         }
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
-            if let Self::Api(e) = &self {
-                tracing::error!(target: "keybroker::api", code, error = %super::error_chain(e), "console request failed");
-            }
+            let detail = match &self {
+                Self::Api(e) => super::error_chain(e),
+                other => other.to_string(),
+            };
+            tracing::error!(target: "keybroker::api", code, error = %detail, "console request failed");
         } else {
             tracing::debug!(target: "keybroker::api", code, "console request refused");
         }

@@ -226,7 +226,8 @@ pub(super) async fn sign_in(
     // The token proved the sign-in; the session, not the token, carries it from here.
     drop(issued.access_token);
     let (Some(id), Some(csrf)) = (random_token(), random_token()) else {
-        return ConsoleError::BadForm("no randomness for a session").into_response();
+        tracing::error!(target: "keybroker::api", "no randomness from the operating system for a console session");
+        return ConsoleError::NoRandomness.into_response();
     };
     let config = state.auth.config();
     let store = state.broker.store();
