@@ -212,6 +212,14 @@ pub struct AuthArgs {
     #[arg(long, env = "KEYBROKER_AUTH_CACHE_MAX_AGE_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub auth_cache_max_age_ms: u64,
+    /// An officer's console session ends after this many seconds without a request.
+    #[arg(long, env = "KEYBROKER_CONSOLE_IDLE_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub console_idle_secs: u64,
+    /// An officer's console session ends this many seconds after sign-in, used or not.
+    #[arg(long, env = "KEYBROKER_CONSOLE_ABSOLUTE_SECS", default_value_t = 28_800,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub console_absolute_secs: u64,
 }
 
 impl AuthArgs {
@@ -230,6 +238,8 @@ impl AuthArgs {
             trusted_proxies: self.trusted_proxies.clone(),
             refusal_window: Duration::from_secs(self.refusal_audit_secs),
             cache_max_age: Duration::from_millis(self.auth_cache_max_age_ms),
+            console_idle: Duration::from_secs(self.console_idle_secs),
+            console_absolute: Duration::from_secs(self.console_absolute_secs),
         }
     }
 }

@@ -814,6 +814,8 @@ async fn authenticator(broker: &Broker, public_url: &str) -> Result<Authenticato
         trusted_proxies: Vec::new(),
         refusal_audit_secs: 60,
         auth_cache_max_age_ms: 1000,
+        console_idle_secs: 900,
+        console_absolute_secs: 28_800,
     }
     .auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
     Ok(Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?)

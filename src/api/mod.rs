@@ -29,6 +29,7 @@ use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 use crate::hsm::HsmError;
 
 pub mod admin;
+mod console;
 mod custody;
 pub mod keys;
 pub mod limits;
@@ -146,6 +147,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(self::openapi))
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -734,14 +736,21 @@ impl FromRequestParts<AppState> for Caller {
             .auth
             .authenticate(bearer_token(&parts.headers), source)
             .await?;
-        if let Some(facts) = parts.extensions.get::<request_log::RequestFacts>() {
-            facts.set_client(caller.client_id);
-        }
-        crate::audit::set_actor(caller.client_id);
-        let source = limits::Source::Client(caller.client_id);
-        limits::enforce(state, source, state.limiter.check(source))?;
-        Ok(caller)
+        admit(parts, state, caller)
     }
+}
+
+/// What follows authentication on every request, whichever way the caller proved itself (a
+/// bearer token, a console session): the request log and the audit trail name the client, and
+/// the client's own rate limit applies.
+fn admit(parts: &Parts, state: &AppState, caller: Caller) -> Result<Caller, ApiError> {
+    if let Some(facts) = parts.extensions.get::<request_log::RequestFacts>() {
+        facts.set_client(caller.client_id);
+    }
+    crate::audit::set_actor(caller.client_id);
+    let source = limits::Source::Client(caller.client_id);
+    limits::enforce(state, source, state.limiter.check(source))?;
+    Ok(caller)
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

@@ -291,27 +291,7 @@ pub(super) async fn oauth_token(
     let used_basic = basic.is_some();
     let result = async {
         let (form, credentials) = token_request(basic, form)?;
-        let claimed = credentials.claimed_id();
-        // Too many failures from here for this id (or from here at all): refused before the
-        // credentials are looked at, known id or not alike.
-        if let Some(retry_after) = state.limiter.auth_delay(source, claimed) {
-            return Err(AuthError::Throttled { retry_after });
-        }
-        let result = state
-            .auth
-            .issue(credentials, form.scope.as_deref(), source, unix_now())
-            .await;
-        match &result {
-            Ok(_) => state.limiter.auth_succeeded(source, claimed),
-            Err(AuthError::InvalidClient(_)) => {
-                if let Some(secs) = state.limiter.auth_failed(source, claimed) {
-                    tracing::warn!(target: "keybroker::security", %source, delay_secs = secs,
-                        "failed client authentications: further attempts delayed");
-                }
-            }
-            Err(_) => {}
-        }
-        result
+        authenticate_client(&state, source, credentials, form.scope.as_deref()).await
     }
     .await;
     match result {
@@ -326,6 +306,42 @@ pub(super) async fn oauth_token(
         ),
         Err(error) => TokenError { error, used_basic }.into_response(),
     }
+}
+
+/// Authenticates a client and issues it a token, under the failed-authentication throttle:
+/// the one path for every client sign-in (the token endpoint, the officer's console), so a
+/// failure anywhere counts, delays and is audited alike.
+///
+/// # Errors
+/// [`AuthError::Throttled`] before the credentials are looked at, else as
+/// [`crate::auth::Authenticator::issue`].
+pub(super) async fn authenticate_client(
+    state: &AppState,
+    source: std::net::IpAddr,
+    credentials: ClientCredentials,
+    scope: Option<&str>,
+) -> Result<crate::auth::IssuedToken, AuthError> {
+    let claimed = credentials.claimed_id();
+    // Too many failures from here for this id (or from here at all): refused before the
+    // credentials are looked at, known id or not alike.
+    if let Some(retry_after) = state.limiter.auth_delay(source, claimed) {
+        return Err(AuthError::Throttled { retry_after });
+    }
+    let result = state
+        .auth
+        .issue(credentials, scope, source, unix_now())
+        .await;
+    match &result {
+        Ok(_) => state.limiter.auth_succeeded(source, claimed),
+        Err(AuthError::InvalidClient(_)) => {
+            if let Some(secs) = state.limiter.auth_failed(source, claimed) {
+                tracing::warn!(target: "keybroker::security", %source, delay_secs = secs,
+                    "failed client authentications: further attempts delayed");
+            }
+        }
+        Err(_) => {}
+    }
+    result
 }
 
 /// A token request's form and its one client authentication, checked before any credential

@@ -21,7 +21,9 @@ pub struct DocumentLimits {
 
 /// The whole document, as served at `/openapi.json`.
 pub fn document(limits: DocumentLimits) -> Value {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    let mut api = ApiDoc::openapi();
+    api.merge(<super::console::ConsoleDoc as utoipa::OpenApi>::openapi());
+    let mut doc = serde_json::to_value(api).unwrap_or_else(|_| json!({}));
     set_format_lengths(&mut doc);
     set_item_name_patterns(&mut doc);
     batch_schemas(&mut doc, limits.max_batch);
@@ -46,7 +48,10 @@ pub fn document(limits: DocumentLimits) -> Value {
 /// operation's responses (or to the description of a status it lists already).
 fn complete_responses(path: &str, operation: &mut Map<String, Value>) {
     let probe = matches!(path, "/healthz" | "/readyz");
-    let bearer = operation.contains_key("security");
+    // The console's pages: behind the same source limits (answered in JSON by that layer), but
+    // signed in by cookie, and answering their own refusals in HTML (listed by each page).
+    let console = path.starts_with("/console");
+    let bearer = !console && operation.contains_key("security");
     let body_type = operation
         .get("requestBody")
         .and_then(|b| b.get("content"))
@@ -128,14 +133,14 @@ fn complete_responses(path: &str, operation: &mut Map<String, Value>) {
             "`invalid_request`: JSON that does not fit the request's schema",
         );
     }
-    if parameters.iter().any(|(place, _)| place == "path") {
+    if !console && parameters.iter().any(|(place, _)| place == "path") {
         add_error(
             responses,
             "422",
             "`invalid_request`: a path segment that does not parse",
         );
     }
-    if parameters.iter().any(|(place, _)| place == "query") {
+    if !console && parameters.iter().any(|(place, _)| place == "query") {
         add_error(
             responses,
             "422",
@@ -182,9 +187,14 @@ fn add_error(responses: &mut Map<String, Value>, status: &str, codes: &str) {
             }
             *schema = json!({ "oneOf": alternatives });
         }
-        None => {
-            existing["content"] = json!({"application/json": {"schema": ours}});
-        }
+        // No JSON answer listed yet: ours joins whatever else the status answers with (the
+        // console's HTML pages).
+        None => match existing.get_mut("content").and_then(Value::as_object_mut) {
+            Some(content) => {
+                content.insert("application/json".to_owned(), json!({ "schema": ours }));
+            }
+            None => existing["content"] = json!({"application/json": {"schema": ours}}),
+        },
     }
 }
 

@@ -675,6 +675,30 @@ impl TryFrom<ClientRow> for Client {
     }
 }
 
+impl Client {
+    /// The checks every request makes of its client once the credential itself (a token, a
+    /// console session) is proven: the client is active, the credential dates from after the
+    /// client was last disabled (re-enabling never brings old ones back), and the source
+    /// address is allowed.
+    ///
+    /// # Errors
+    /// [`AuthError::ClientDisabled`], [`AuthError::InvalidToken`], [`AuthError::IpNotAllowed`].
+    fn admit(&self, issued_at: i64, source: IpAddr) -> Result<(), AuthError> {
+        if !self.active {
+            return Err(AuthError::ClientDisabled);
+        }
+        if issued_at < self.tokens_not_before {
+            return Err(AuthError::InvalidToken(
+                "credential issued before the client was disabled",
+            ));
+        }
+        if !self.ip_policy.allows(source) {
+            return Err(AuthError::IpNotAllowed);
+        }
+        Ok(())
+    }
+}
+
 /// What an officer gives to register or update a client, validated.
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
@@ -859,6 +883,10 @@ pub struct AuthConfig {
     /// The oldest the node-local cache of client state and revocations may be (a backstop to
     /// the change notifications; see [`AuthCache`]).
     pub cache_max_age: Duration,
+    /// An officer's console session ends after this long without a request.
+    pub console_idle: Duration,
+    /// An officer's console session ends this long after sign-in, used or not.
+    pub console_absolute: Duration,
 }
 
 impl AuthConfig {
@@ -1686,23 +1714,42 @@ impl Authenticator {
         if state.revoked {
             return Err(AuthError::InvalidToken("token revoked"));
         }
-        if !client.active {
-            return Err(AuthError::ClientDisabled);
-        }
-        if claims.iat < client.tokens_not_before {
-            return Err(AuthError::InvalidToken(
-                "token issued before the client was disabled",
-            ));
-        }
-        if !client.ip_policy.allows(source) {
-            return Err(AuthError::IpNotAllowed);
-        }
+        client.admit(claims.iat, source)?;
         let granted =
             Scopes::parse(&claims.scope).map_err(|_| AuthError::InvalidToken("bad scope claim"))?;
         Ok(Caller {
             client_id,
             scopes: granted.intersection(&client.scopes),
         })
+    }
+
+    /// The caller behind an officer's console session begun at `session_start` (unix seconds),
+    /// checked on every console request as a bearer token is on every API request: the client
+    /// still exists, is active, was not disabled since the session began, may call from
+    /// `source`, and still holds `admin`.
+    ///
+    /// # Errors
+    /// [`AuthError::InvalidToken`], [`AuthError::ClientDisabled`], [`AuthError::IpNotAllowed`],
+    /// [`AuthError::InsufficientScope`], or an outage.
+    pub async fn session_caller(
+        &self,
+        client_id: Uuid,
+        session_start: i64,
+        source: IpAddr,
+    ) -> Result<Caller, AuthError> {
+        let client: Client = self
+            .store
+            .client(client_id)
+            .await?
+            .ok_or(AuthError::InvalidToken("client no longer exists"))?
+            .try_into()?;
+        client.admit(session_start, source)?;
+        let caller = Caller {
+            client_id,
+            scopes: client.scopes,
+        };
+        caller.require(Scope::Admin)?;
+        Ok(caller)
     }
 
     /// Whether an unknown `kid` may make us re-read the signing keys now (at most every
@@ -2132,7 +2179,7 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 /// Compares in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -9,6 +9,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use crate::crypto::MasterKeyVersion;
 
 mod audit;
+mod console;
 mod keys;
 mod master_keys;
 mod notify;
@@ -18,6 +19,7 @@ mod security;
 mod signing_keys;
 
 pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
+pub use console::ConsoleSessionRow;
 
 pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow, UsageRow};
 pub use master_keys::{

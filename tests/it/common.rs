@@ -395,6 +395,8 @@ pub fn auth_config() -> AuthConfig {
         trusted_proxies: Vec::new(),
         refusal_window: Duration::from_secs(60),
         cache_max_age: keybroker::auth::DEFAULT_CACHE_MAX_AGE,
+        console_idle: Duration::from_secs(900),
+        console_absolute: Duration::from_secs(28_800),
     }
 }
 

@@ -50,7 +50,11 @@ async fn every_operation_lists_the_refusals_in_front_of_it_and_links_lead_on() {
                     "query" => assert!(!path.contains(&format!("{{{name}}}")), "{what} {name}"),
                     other => panic!("{what}: {name} in {other}"),
                 }
-                assert!(lists_error(&responses["422"]), "{what} 422 for {name}");
+                // The console's pages answer a parameter that does not parse with an HTML
+                // page of their own (or ignore a bad filter), not with the API's error shape.
+                if !path.starts_with("/console") {
+                    assert!(lists_error(&responses["422"]), "{what} 422 for {name}");
+                }
                 // utoipa's int32/int64 formats would imply bounds the server does not have.
                 assert!(
                     parameter["schema"]["format"] != "int32",

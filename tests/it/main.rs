@@ -11,6 +11,7 @@ mod auth_cache;
 mod bad_input;
 mod child;
 mod child_process;
+mod console;
 mod contract;
 mod crypto_api;
 mod custody;

@@ -3,7 +3,7 @@
 use crate::common::TestServer;
 
 /// Every route the router serves, with its method.
-const ENDPOINTS: [(&str, &str); 54] = [
+const ENDPOINTS: [(&str, &str); 75] = [
     ("/metrics", "get"),
     ("/v1/admin/master-keys", "get"),
     ("/v1/admin/master-keys/rotate", "post"),
@@ -58,6 +58,27 @@ const ENDPOINTS: [(&str, &str); 54] = [
     ("/healthz", "get"),
     ("/readyz", "get"),
     ("/openapi.json", "get"),
+    ("/console", "get"),
+    ("/console/", "get"),
+    ("/console/sign-in", "get"),
+    ("/console/sign-in", "post"),
+    ("/console/sign-out", "post"),
+    ("/console/clients", "get"),
+    ("/console/clients", "post"),
+    ("/console/clients/{id}/{action}", "post"),
+    ("/console/keys", "get"),
+    ("/console/keys/{id}/{action}", "post"),
+    ("/console/master-keys", "get"),
+    ("/console/master-keys/rotate", "post"),
+    ("/console/master-keys/rewrap", "get"),
+    ("/console/master-keys/rewrap", "post"),
+    ("/console/master-keys/{version}/retire", "post"),
+    ("/console/audit", "get"),
+    ("/console/audit/verify", "get"),
+    ("/console/settings", "get"),
+    ("/console/settings", "post"),
+    ("/console/usage", "get"),
+    ("/console/assets/{file}", "get"),
 ];
 
 const CRYPTO: [&str; 10] = [
@@ -104,10 +125,43 @@ async fn the_document_describes_every_endpoint_and_error() {
     for (path, method) in ENDPOINTS {
         let op = &doc["paths"][path][method];
         let responses = op["responses"].as_object().unwrap();
+        // The console's sign-in, sign-out and front door succeed with a redirect.
         assert!(
-            responses.keys().any(|code| code.starts_with('2')),
+            responses.keys().any(
+                |code| code.starts_with('2') || (path.starts_with("/console") && code == "303")
+            ),
             "{method} {path} has no success response"
         );
+        if path.starts_with("/console") {
+            // HTML for people, under its own tag; every page and form behind the session cookie.
+            assert_eq!(
+                op["tags"],
+                serde_json::json!(["console"]),
+                "{method} {path}"
+            );
+            if let Some(ok) = responses.get("200") {
+                assert!(
+                    ok["content"]
+                        .as_object()
+                        .is_some_and(|c| c.keys().all(|t| t.starts_with("text/"))),
+                    "{method} {path}: {ok}"
+                );
+            }
+            let open = ["/console", "/console/sign-in", "/console/assets/{file}"];
+            if !open.contains(&path) {
+                assert_eq!(
+                    op["security"][0]["console_session"],
+                    serde_json::json!([]),
+                    "{method} {path}"
+                );
+            }
+            if method == "post" && !["/console/sign-in"].contains(&path) {
+                assert!(
+                    op["requestBody"]["content"]["application/x-www-form-urlencoded"].is_object(),
+                    "{method} {path}"
+                );
+            }
+        }
         let protected = path.starts_with("/v1/") && path != "/v1/oauth/token";
         if protected {
             assert_eq!(
@@ -151,6 +205,15 @@ async fn the_document_describes_every_endpoint_and_error() {
     assert_eq!(
         schema_ref(&doc["paths"]["/readyz"]["get"]["responses"]["503"]),
         Some("#/components/schemas/HealthResponse")
+    );
+    let cookie = &doc["components"]["securitySchemes"]["console_session"];
+    assert_eq!(
+        (
+            cookie["type"].as_str(),
+            cookie["in"].as_str(),
+            cookie["name"].as_str()
+        ),
+        (Some("apiKey"), Some("cookie"), Some("kb_console"))
     );
     let scheme = &doc["components"]["securitySchemes"]["bearer"];
     assert_eq!(
