@@ -157,6 +157,9 @@ kb_log "all runs passed: $TOKENS"
 # The client libraries (clients/*), their own tests and their envelopes crossed, against a broker
 # on SoftHSM2 (what they test is HTTP and local crypto, not the token).
 [ "$WHOLE" != whole ] || ./scripts/clients-test.sh
+# The officer's console in Debian's chromium (Playwright), on SoftHSM2 only: the console is HTTP
+# and the same handlers as the API, which the suite runs on both tokens.
+[ "$WHOLE" != whole ] || ./scripts/console-test.sh
 if [ -n "$FUZZ_BUILD" ]; then
   wait_for_build "$FUZZ_BUILD" "$WORK/fuzz-build.log" "the fuzz targets"
   ./scripts/fuzz.sh 30   # every fuzz target for 30 s (not on a filtered run)
