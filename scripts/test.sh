@@ -18,6 +18,14 @@ cd "$KB_ROOT"
 TOKENS=${KB_TEST_TOKENS:-softhsm softhsm+iv-token softhsm+iv-reject kryoptic kryoptic+iv-token kryoptic+iv-reject}
 kb_install_deps python3 openssl
 WHOLE=${KB_TEST_FILTER:-whole}   # "whole" when no filter picks some tests only
+# The outside tools of the whole run's later steps: Debian's chromium and Node.js for the
+# console's Playwright suite (its npm packages come with `npm ci` in console-test.sh),
+# schemathesis and pytest from PyPI (into virtual environments in KB_CACHE_DIR, by
+# contract.sh and clients/python/test.sh), cargo-fuzz from crates.io (by fuzz.sh).
+if [ "$WHOLE" = whole ]; then
+  kb_install_packages chromium
+  command -v npm >/dev/null 2>&1 || kb_install_packages nodejs npm
+fi
 
 WORK=$(mktemp -d /tmp/keybroker-test.XXXXXX)
 chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg

@@ -125,9 +125,9 @@ async fn a_disable_a_revocation_and_a_lockdown_on_one_broker_are_refused_by_anot
     a.stop().await;
 }
 
-/// Runs `sql` on `pool` with triggers off for the transaction: a change no broker is told of.
-async fn silently(pool: &sqlx::PgPool, sql: &str, id: &str) {
-    let mut tx = pool.begin().await.unwrap();
+/// Runs `sql` on `db` with triggers off for the transaction: a change no broker is told of.
+async fn silently(db: &mut sqlx::PgConnection, sql: &str, id: &str) {
+    let mut tx = sqlx::Connection::begin(db).await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica")
         .execute(&mut *tx)
         .await
@@ -157,17 +157,21 @@ async fn without_its_listener_a_broker_reads_postgres_per_request_until_it_liste
     broker.wait_for_log(RELOADED).await;
     let (id, bearer) = broker.register("watched", &["datakey"]).await;
     assert_eq!(datakey(&broker, &bearer).await, (200, String::new()));
-    let pool = sqlx::PgPool::connect(&broker.database_url).await.unwrap();
+    // One connection, not a pool: while the test forbids new connections below, a pool could
+    // open one (a connection it is still handing back looks busy) and be refused (55000).
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&broker.database_url)
+        .await
+        .unwrap();
 
     // A change no notification announces is not seen while the cache is live: what answers is
     // the cache, not Postgres.
-    silently(&pool, SILENT_DISABLE, &id).await;
+    silently(&mut db, SILENT_DISABLE, &id).await;
     assert_eq!(datakey(&broker, &bearer).await, (200, String::new()));
 
     // The listener's connection is killed, and no new connection to the database is allowed,
     // so it cannot come back for now.
     let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
+        .fetch_one(&mut db)
         .await
         .unwrap();
     // (Postgres refuses this from a connection to the database itself.)
@@ -184,7 +188,7 @@ async fn without_its_listener_a_broker_reads_postgres_per_request_until_it_liste
          WHERE datname = current_database() AND application_name = $1",
     )
     .bind(keybroker::store::AUTH_LISTENER_APPLICATION)
-    .fetch_one(&pool)
+    .fetch_one(&mut db)
     .await
     .unwrap();
     assert_eq!(killed, 1, "the broker's listener");
@@ -195,16 +199,16 @@ async fn without_its_listener_a_broker_reads_postgres_per_request_until_it_liste
         datakey(&broker, &bearer).await,
         (403, "client_disabled".into())
     );
-    silently(&pool, SILENT_ENABLE, &id).await;
+    silently(&mut db, SILENT_ENABLE, &id).await;
     assert_eq!(datakey(&broker, &bearer).await, (200, String::new()));
-    silently(&pool, SILENT_DISABLE, &id).await;
+    silently(&mut db, SILENT_DISABLE, &id).await;
     assert_eq!(
         datakey(&broker, &bearer).await,
         (403, "client_disabled".into())
     );
 
     // The listener comes back by itself, reloads, and the cache answers again.
-    silently(&pool, SILENT_ENABLE, &id).await;
+    silently(&mut db, SILENT_ENABLE, &id).await;
     sqlx::query(sqlx::AssertSqlSafe(allow(true)))
         .execute(&admin)
         .await
@@ -212,13 +216,13 @@ async fn without_its_listener_a_broker_reads_postgres_per_request_until_it_liste
     admin.close().await;
     broker.wait_for_log_lines(RELOADED, 2).await;
     assert_eq!(datakey(&broker, &bearer).await, (200, String::new()));
-    silently(&pool, SILENT_DISABLE, &id).await;
+    silently(&mut db, SILENT_DISABLE, &id).await;
     assert_eq!(datakey(&broker, &bearer).await, (200, String::new()));
     // A notified change is applied at once again.
     let heard = broker.log_lines_with(&applied(&id, "Client"));
     sqlx::query("UPDATE clients SET updated_at = now() WHERE id = $1")
         .bind(uuid::Uuid::parse_str(&id).unwrap())
-        .execute(&pool)
+        .execute(&mut db)
         .await
         .unwrap();
     broker
@@ -228,7 +232,7 @@ async fn without_its_listener_a_broker_reads_postgres_per_request_until_it_liste
         datakey(&broker, &bearer).await,
         (403, "client_disabled".into())
     );
-    pool.close().await;
+    sqlx::Connection::close(db).await.unwrap();
     broker.stop().await;
 }
 
@@ -238,8 +242,10 @@ async fn a_change_no_notification_announced_is_seen_within_the_maximum_age() {
     let server = TestServer::start().await;
     let (status, body) = server.post("/v1/datakey", &json!({})).await;
     assert_eq!(status, 200, "{body}");
-    let pool = sqlx::PgPool::connect(&server.database_url).await.unwrap();
-    silently(&pool, SILENT_DISABLE, &server.main.id).await;
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&server.database_url)
+        .await
+        .unwrap();
+    silently(&mut db, SILENT_DISABLE, &server.main.id).await;
     // Polled, not timed: the re-read runs a few times a second, however slow the machine.
     let start = Instant::now();
     loop {
@@ -252,6 +258,6 @@ async fn a_change_no_notification_announced_is_seen_within_the_maximum_age() {
         assert!(start.elapsed() < PATIENCE, "never seen");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    pool.close().await;
+    sqlx::Connection::close(db).await.unwrap();
     server.stop().await;
 }
