@@ -13,16 +13,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$KB_ROOT"
 kb_install_deps python3 curl
 
-WORK=$(mktemp -d /tmp/keybroker-clients.XXXXXX)
-chmod 755 "$WORK"
-KB_SERVER_PID=
-cleanup() {
-  set +e
-  [ -n "$KB_SERVER_PID" ] && kill -TERM "$KB_SERVER_PID" 2>/dev/null && wait "$KB_SERVER_PID" 2>/dev/null
-  kb_stop_postgres "$WORK/pg"
-  [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+kb_throwaway_work clients
 
 cargo build --quiet
 BIN="$KB_ROOT/target/debug/keybroker"

@@ -11,18 +11,9 @@ kb_install_deps curl
 kb_install_packages chromium
 command -v npm >/dev/null 2>&1 || kb_install_packages nodejs npm
 
-WORK=$(mktemp -d /tmp/keybroker-console.XXXXXX)
-chmod 755 "$WORK"
+kb_throwaway_work console
 # Outside the throwaway folder, so the screenshots outlive the run.
 OUT=${KB_CONSOLE_OUT:-/tmp/keybroker-console-screenshots/$(date -u +%Y%m%dT%H%M%SZ)}
-KB_SERVER_PID=
-cleanup() {
-  set +e
-  [ -n "$KB_SERVER_PID" ] && kill -TERM "$KB_SERVER_PID" 2>/dev/null && wait "$KB_SERVER_PID" 2>/dev/null
-  kb_stop_postgres "$WORK/pg"
-  [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 (cd tests/console && npm ci --no-audit --no-fund --loglevel=error)
 

@@ -24,16 +24,7 @@ if [ ! -x "$VENV/bin/schemathesis" ]; then
 fi
 schemathesis() { "$VENV/bin/schemathesis" "$@"; }
 
-WORK=$(mktemp -d /tmp/keybroker-contract.XXXXXX)
-chmod 755 "$WORK"
-SERVER=
-cleanup() {
-  set +e
-  [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
-  kb_stop_postgres "$WORK/pg"
-  [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+kb_throwaway_work contract
 
 cargo build --quiet
 BIN="$KB_ROOT/target/debug/keybroker"
@@ -60,7 +51,7 @@ KEYBROKER_TLS_CERT="$WORK/tls/server.pem" KEYBROKER_TLS_KEY="$WORK/tls/server-ke
   KEYBROKER_MAX_BATCH=50 KEYBROKER_MAX_BODY_BYTES=$((16 * 1024 * 1024)) \
   KEYBROKER_IDLE_TIMEOUT_MS=3600000 KEYBROKER_TOKEN_TTL_SECS=3600 \
   "$BIN" serve 2>"$WORK/server.log" &
-SERVER=$!
+KB_SERVER_PID=$!
 for _ in $(seq 300); do curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev/null && break; sleep 0.2; done
 curl -sf --cacert "$WORK/tls/ca.pem" "$URL/readyz" >/dev/null || { cat "$WORK/server.log" >&2; kb_die "the broker did not become ready"; }
 

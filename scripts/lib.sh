@@ -49,8 +49,14 @@ kb_install_packages() {
 }
 
 # A TCP port nobody listens on, from a random start so parallel runs rarely collide.
+# Below the kernel's ephemeral range, where outgoing connections take their local ports: a port
+# one of them holds cannot be listened on, and no connect() test shows it (a load test holds
+# thousands).
 kb_free_port() {
-  local port=$(( 20000 + RANDOM % 20000 ))
+  local low=10000 high port
+  high=$(awk '{print $1 - 1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32767)
+  [ "$high" -gt $((low + 1000)) ] || high=32767
+  port=$(( low + RANDOM % (high - low) ))
   while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$(( port + 1 )); done
   echo "$port"
 }
@@ -143,10 +149,18 @@ kb_setup_postgres() {
   if kb_pg_run "$KB_PG_BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     port=$(cat "$dir/port")
   else
-    port=$(kb_free_port)
-    kb_pg_run sh -c "echo $port >'$dir/port'"
-    kb_pg_run "$KB_PG_BIN/pg_ctl" -D "$dir" -w -l "$dir/server.log" \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+    # A port free when picked can be taken before Postgres binds it (another run's server):
+    # then another port, a few times.
+    local tries=0
+    until port=$(kb_free_port) && kb_pg_run sh -c "echo $port >'$dir/port'" &&
+      kb_pg_run "$KB_PG_BIN/pg_ctl" -D "$dir" -w -l "$dir/server.log" \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; do
+      tries=$((tries + 1))
+      if [ "$tries" -ge 5 ] || ! tail -n 5 "$dir/server.log" | grep -q "Address already in use"; then
+        kb_die "Postgres did not start in $dir; its log: $dir/server.log"
+      fi
+      kb_log "port $port was taken before Postgres bound it; another"
+    done
   fi
   if ! psql -h 127.0.0.1 -p "$port" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
     psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE DATABASE $db" >/dev/null
@@ -210,17 +224,39 @@ kb_setup_throwaway_broker() {
 # DIR/server.log, once it is ready: sets KB_SERVER_PID and KB_URL. More settings for the server
 # go in the environment of the call (e.g. `RUST_LOG=warn kb_serve_background ...`).
 kb_serve_background() {
-  local bin=$1 dir=$2 port
-  port=$(kb_free_port)
-  KEYBROKER_TLS_CERT="$dir/tls/server.pem" KEYBROKER_TLS_KEY="$dir/tls/server-key.pem" \
-    KEYBROKER_LISTEN="127.0.0.1:$port" "$bin" serve 2>"$dir/server.log" &
-  KB_SERVER_PID=$!
-  KB_URL="https://127.0.0.1:$port"
-  for _ in $(seq 100); do
-    curl -sf --cacert "$dir/tls/ca.pem" "$KB_URL/readyz" >/dev/null && return 0
-    sleep 0.1
+  local bin=$1 dir=$2 port attempt
+  for attempt in 1 2 3; do
+    port=$(kb_free_port)
+    KEYBROKER_TLS_CERT="$dir/tls/server.pem" KEYBROKER_TLS_KEY="$dir/tls/server-key.pem" \
+      KEYBROKER_LISTEN="127.0.0.1:$port" "$bin" serve 2>"$dir/server.log" &
+    KB_SERVER_PID=$!
+    KB_URL="https://127.0.0.1:$port"
+    for _ in $(seq 100); do
+      curl -sf --cacert "$dir/tls/ca.pem" "$KB_URL/readyz" >/dev/null && return 0
+      # Exited: the port was taken before it bound it (then another port), or a real failure.
+      kill -0 "$KB_SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$KB_SERVER_PID" 2>/dev/null || ! grep -q "Address already in use" "$dir/server.log" || continue
+    break
   done
   kb_die "the broker did not get ready; its log: $dir/server.log"
+}
+
+# A throwaway folder WORK for one script's token, Postgres cluster and broker, emptied when the
+# script exits: the broker in KB_SERVER_PID stopped, the cluster stopped, the folder removed
+# (kept with KB_KEEP_TEST_DIR=1). NAME goes into the folder's name.
+kb_throwaway_work() {
+  WORK=$(mktemp -d "/tmp/keybroker-$1.XXXXXX")
+  chmod 755 "$WORK"   # the unprivileged Postgres user must reach $WORK/pg
+  KB_SERVER_PID=
+  trap kb_throwaway_cleanup EXIT
+}
+kb_throwaway_cleanup() {
+  set +e
+  [ -n "${KB_SERVER_PID:-}" ] && kill -TERM "$KB_SERVER_PID" 2>/dev/null && wait "$KB_SERVER_PID" 2>/dev/null
+  kb_stop_postgres "$WORK/pg"
+  [ -n "${KB_KEEP_TEST_DIR:-}" ] || rm -rf "$WORK"
 }
 
 # Lifts the rate limits and the anomaly check of the broker at URL (for measuring the broker,
