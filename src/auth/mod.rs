@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 mod cache;
 mod ip_policy;
+mod refusals;
 mod scopes;
 mod settings;
 
@@ -31,6 +32,7 @@ pub use ip_policy::{
     BlockError, BlockRequest, DEFAULT_BLOCK_SECS, IpPolicy, IpPolicyError, MAX_BLOCK_SECS,
     MAX_CLIENT_NETWORKS, STRICT_MIN_PREFIX_V4, STRICT_MIN_PREFIX_V6, block_for, source_ip,
 };
+pub use refusals::respond_to_refusal;
 pub use scopes::{Scope, Scopes, UnknownScope};
 pub use settings::{MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
 
@@ -51,50 +53,6 @@ pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-t
 const IP_REFUSED: &str = "source address not allowed";
 /// Longest lifetime a client assertion may claim (RFC 7523 leaves it to the server).
 const MAX_ASSERTION_LIFETIME: i64 = 300;
-
-/// After a refusal made to an authenticated `client` was recorded (a denied unwrap, an address
-/// mismatch with valid credentials): if its refusals within the window reach the threshold,
-/// disable it (a critical audit event says why), unless it is the last active admin. An officer
-/// re-enables it. Failed authentications never lead here: they are throttled instead.
-///
-/// # Errors
-/// An outage.
-pub async fn respond_to_refusal(store: &Store, client: Uuid) -> Result<(), StoreError> {
-    let settings = SecuritySettings::load(store).await?;
-    if settings.anomaly_refusals == 0 {
-        return Ok(());
-    }
-    let window_us = i64::try_from(settings.anomaly_window_secs)
-        .unwrap_or(i64::MAX / 2)
-        .saturating_mul(1_000_000);
-    let refusals = store
-        .security_refusals(client, audit::now_us() - window_us)
-        .await?;
-    if refusals < i64::from(settings.anomaly_refusals) {
-        return Ok(());
-    }
-    match store
-        .auto_disable_client(
-            client,
-            refusals,
-            settings.anomaly_window_secs,
-            &audit::meta(),
-        )
-        .await
-    {
-        Ok(true) => {
-            tracing::warn!(target: "keybroker::security", %client, refusals, "client disabled automatically");
-        }
-        Ok(false) => {}
-        Err(ClientWriteError::LastAdmin) => {
-            tracing::warn!(target: "keybroker::security", %client, refusals,
-                "not disabled automatically: it is the last active admin client");
-        }
-        Err(ClientWriteError::Store(e)) => return Err(e),
-        Err(ClientWriteError::NotFound | ClientWriteError::IpAlreadyRegistered) => {}
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -675,21 +633,6 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Writes the coalesced refusals whose window has closed, a few times a window, until the
-/// tally's [`Authenticator`] is gone.
-async fn write_coalesced_refusals(tally: std::sync::Weak<audit::RefusalTally>, store: Store) {
-    let tick = tally.upgrade().map_or(Duration::from_secs(1), |t| {
-        (t.window() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
-    });
-    loop {
-        tokio::time::sleep(tick).await;
-        let Some(tally) = tally.upgrade() else {
-            return;
-        };
-        tally.flush(&store, audit::now_us() / 1000, false).await;
-    }
-}
-
 /// How many verified tokens [`Authenticator`] remembers before it starts afresh.
 const VERIFIED_CACHE_SIZE: usize = 16_384;
 
@@ -735,7 +678,7 @@ impl Authenticator {
             cache,
         };
         auth.refresh_signing_keys(unix_now()).await?;
-        tokio::spawn(write_coalesced_refusals(
+        tokio::spawn(refusals::write_coalesced_refusals(
             Arc::downgrade(&auth.refusals),
             auth.store.clone(),
         ));
@@ -751,18 +694,6 @@ impl Authenticator {
     /// The client cache (for its state and the limiter's change signal).
     pub fn cache(&self) -> &Arc<AuthCache> {
         &self.cache
-    }
-
-    /// Writes every refusal still counted in memory (at shutdown, after the last request).
-    pub async fn flush_refusals(&self) {
-        self.refusals
-            .flush(&self.store, audit::now_us() / 1000, true)
-            .await;
-    }
-
-    fn refused(&self, source: IpAddr, reason: &'static str, client: Option<Uuid>) {
-        self.refusals
-            .count(source, reason, client, audit::now_us() / 1000);
     }
 
     /// Re-reads which signing keys sign and are published at `now`, fetching the public key of
