@@ -21,12 +21,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+mod assertions;
 mod cache;
 mod ip_policy;
 mod refusals;
 mod scopes;
 mod settings;
 
+pub use assertions::{ClientAssertion, JWT_BEARER_ASSERTION, verify_es256};
 pub use cache::{AuthCache, DEFAULT_MAX_AGE as DEFAULT_CACHE_MAX_AGE};
 pub use ip_policy::{
     BlockError, BlockRequest, DEFAULT_BLOCK_SECS, IpPolicy, IpPolicyError, MAX_BLOCK_SECS,
@@ -42,17 +44,14 @@ use crate::store::{
     AdminGuard, ClientFields, ClientRow, ClientWriteError, NewAuditEvent, SourceBlock, Store,
     StoreError,
 };
+use assertions::CompactJws;
 
 /// Prefix of every client secret, so secret scanners can recognise a leaked one.
 const SECRET_PREFIX: &str = "kbs_";
 /// Domain separation of the HMAC that stands for a client secret in the database.
 const SECRET_MAC_DOMAIN: &[u8] = b"keybroker-client-secret-v1\0";
-/// `client_assertion_type` of RFC 7523 private_key_jwt.
-pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Why the token endpoint refused a client calling from an address it may not use.
 const IP_REFUSED: &str = "source address not allowed";
-/// Longest lifetime a client assertion may claim (RFC 7523 leaves it to the server).
-const MAX_ASSERTION_LIFETIME: i64 = 300;
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -467,165 +466,6 @@ pub fn ec_point_coordinates(ec_point: &[u8]) -> Option<(String, String)> {
     ))
 }
 
-/// ES256 verification (ECDSA P-256 over SHA-256, signature `r || s` as JWS uses it). This is
-/// the check client assertions go through; it is tested against the Wycheproof vectors.
-pub fn verify_es256(key: &p256::ecdsa::VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
-    use p256::ecdsa::signature::Verifier;
-    let Ok(signature) = p256::ecdsa::Signature::from_slice(signature) else {
-        return false;
-    };
-    key.verify(message, &signature).is_ok()
-}
-
-/// A compact JWS split into its parts; nothing is verified here.
-struct CompactJws {
-    header: JwsHeader,
-    payload: Vec<u8>,
-    signature: Vec<u8>,
-    signing_input: String,
-}
-
-#[derive(Deserialize)]
-struct JwsHeader {
-    alg: String,
-}
-
-impl CompactJws {
-    fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
-        };
-        Some(Self {
-            header: serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?,
-            payload: URL_SAFE_NO_PAD.decode(payload).ok()?,
-            signature: URL_SAFE_NO_PAD.decode(signature).ok()?,
-            signing_input: format!("{header}.{payload}"),
-        })
-    }
-}
-
-/// `aud` may be a string or an array of strings (RFC 7519 §4.1.3).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// The claims RFC 7523 requires of a client assertion.
-#[derive(Deserialize)]
-struct AssertionClaims {
-    iss: String,
-    sub: String,
-    aud: Audience,
-    exp: i64,
-    #[serde(default)]
-    nbf: Option<i64>,
-    jti: String,
-}
-
-impl AssertionClaims {
-    /// Checks the claims at `now` (a parameter, so tests set the time).
-    fn check(
-        &self,
-        client: &str,
-        token_endpoint: &str,
-        now: i64,
-        leeway: i64,
-    ) -> Result<(), &'static str> {
-        if self.iss != client || self.sub != client {
-            return Err("assertion iss/sub is not the client");
-        }
-        let audience_ok = match &self.aud {
-            Audience::One(a) => a == token_endpoint,
-            Audience::Many(all) => all.iter().any(|a| a == token_endpoint),
-        };
-        if !audience_ok {
-            return Err("assertion aud is not the token endpoint");
-        }
-        if self.exp.saturating_add(leeway) <= now {
-            return Err("assertion expired");
-        }
-        if self.exp > now + MAX_ASSERTION_LIFETIME + leeway {
-            return Err("assertion lives too long");
-        }
-        if self.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-            return Err("assertion not yet valid");
-        }
-        if self.jti.is_empty() || self.jti.len() > 200 {
-            return Err("assertion jti missing or too long");
-        }
-        Ok(())
-    }
-}
-
-/// A `private_key_jwt` client assertion (RFC 7523), parsed but not yet trusted: the token
-/// endpoint parses it, looks up the client its `sub` names, then [`ClientAssertion::verify`]s it
-/// with that client's key. Neither step does I/O, so the fuzz target drives both.
-pub struct ClientAssertion {
-    jws: CompactJws,
-    claims: AssertionClaims,
-    client: Uuid,
-}
-
-impl ClientAssertion {
-    /// Parses a compact JWS whose header says ES256 and whose payload has the claims RFC 7523
-    /// requires, with `sub` a client id equal to `client_id` when that was sent.
-    ///
-    /// # Errors
-    /// [`AuthError::InvalidClient`] saying what is wrong.
-    pub fn parse(client_id: Option<&str>, assertion: &str) -> Result<Self, AuthError> {
-        let jws = CompactJws::parse(assertion)
-            .ok_or(AuthError::InvalidClient("assertion is not a compact JWS"))?;
-        if jws.header.alg != "ES256" {
-            return Err(AuthError::InvalidClient("assertion algorithm is not ES256"));
-        }
-        let claims: AssertionClaims = serde_json::from_slice(&jws.payload)
-            .map_err(|_| AuthError::InvalidClient("assertion lacks iss/sub/aud/exp/jti"))?;
-        let client = Uuid::parse_str(&claims.sub)
-            .map_err(|_| AuthError::InvalidClient("assertion sub is not a client id"))?;
-        if client_id.is_some_and(|c| c != claims.sub) {
-            return Err(AuthError::InvalidClient(
-                "client_id differs from assertion sub",
-            ));
-        }
-        Ok(Self {
-            jws,
-            claims,
-            client,
-        })
-    }
-
-    /// The client the assertion claims to come from (its `sub`).
-    pub fn client(&self) -> Uuid {
-        self.client
-    }
-
-    /// Checks the signature with the client's registered key, then the claims at `now`.
-    ///
-    /// # Errors
-    /// [`AuthError::InvalidClient`] saying which check failed.
-    pub fn verify(
-        &self,
-        key: &p256::ecdsa::VerifyingKey,
-        token_endpoint: &str,
-        now: i64,
-        leeway: i64,
-    ) -> Result<(), AuthError> {
-        if !verify_es256(key, self.jws.signing_input.as_bytes(), &self.jws.signature) {
-            return Err(AuthError::InvalidClient(
-                "assertion signature does not verify",
-            ));
-        }
-        self.claims
-            .check(&self.claims.sub, token_endpoint, now, leeway)
-            .map_err(AuthError::InvalidClient)
-    }
-}
-
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -994,39 +834,6 @@ impl Authenticator {
             Some(_) => Err(AuthError::InvalidClient("wrong secret")),
             None => Err(AuthError::InvalidClient("unknown client")),
         }
-    }
-
-    async fn check_assertion(
-        &self,
-        client_id: Option<&str>,
-        assertion: &str,
-        now: i64,
-    ) -> Result<Client, AuthError> {
-        let assertion = ClientAssertion::parse(client_id, assertion)?;
-        let id = assertion.client();
-        let client: Client = self
-            .store
-            .client(id)
-            .await?
-            .ok_or(AuthError::InvalidClient("unknown client"))?
-            .try_into()?;
-        let pem = client
-            .public_key_pem
-            .as_deref()
-            .ok_or(AuthError::InvalidClient("client has no registered key"))?;
-        let key =
-            <p256::ecdsa::VerifyingKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(pem)
-                .map_err(|_| AuthError::InvalidClient("registered key does not parse"))?;
-        let leeway = i64::try_from(self.config.leeway).unwrap_or(0);
-        assertion.verify(&key, &self.config.token_endpoint(), now, leeway)?;
-        if !self
-            .store
-            .use_assertion(id, &assertion.claims.jti, assertion.claims.exp)
-            .await?
-        {
-            return Err(AuthError::InvalidClient("assertion replayed"));
-        }
-        Ok(client)
     }
 
     async fn secret_mac(&self, id: Uuid, secret: &str) -> Result<[u8; 32], AuthError> {
@@ -1683,80 +1490,6 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
-    }
-
-    fn assertion(aud: &str, exp: i64, nbf: Option<i64>, jti: &str) -> AssertionClaims {
-        AssertionClaims {
-            iss: "c".into(),
-            sub: "c".into(),
-            aud: Audience::One(aud.into()),
-            exp,
-            nbf,
-            jti: jti.into(),
-        }
-    }
-
-    #[test]
-    fn assertion_claims_are_checked_at_the_given_time() {
-        let endpoint = "https://kb.example/v1/oauth/token";
-        let now = 1_000_000;
-        assert_eq!(
-            assertion(endpoint, now + 60, None, "j").check("c", endpoint, now, 0),
-            Ok(())
-        );
-        let many = AssertionClaims {
-            aud: Audience::Many(vec!["x".into(), endpoint.into()]),
-            ..assertion(endpoint, now + 60, None, "j")
-        };
-        assert_eq!(many.check("c", endpoint, now, 0), Ok(()));
-        assert!(
-            assertion(endpoint, now + 60, None, "j")
-                .check("other", endpoint, now, 0)
-                .is_err()
-        );
-        assert!(
-            assertion("https://elsewhere", now + 60, None, "j")
-                .check("c", endpoint, now, 0)
-                .is_err()
-        );
-        assert!(
-            assertion(endpoint, now, None, "j")
-                .check("c", endpoint, now, 0)
-                .is_err()
-        );
-        assert_eq!(
-            assertion(endpoint, now, None, "j").check("c", endpoint, now, 5),
-            Ok(())
-        );
-        assert!(
-            assertion(endpoint, now + 301, None, "j")
-                .check("c", endpoint, now, 0)
-                .is_err()
-        );
-        assert!(
-            assertion(endpoint, now + 60, Some(now + 30), "j")
-                .check("c", endpoint, now, 0)
-                .is_err()
-        );
-        assert!(
-            assertion(endpoint, now + 60, None, "")
-                .check("c", endpoint, now, 0)
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn compact_jws_parsing() {
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256"}"#);
-        let payload = URL_SAFE_NO_PAD.encode(b"{}");
-        let sig = URL_SAFE_NO_PAD.encode([1u8; 64]);
-        let jws = CompactJws::parse(&format!("{header}.{payload}.{sig}")).unwrap();
-        assert_eq!(jws.header.alg, "ES256");
-        assert_eq!(jws.signing_input, format!("{header}.{payload}"));
-        assert_eq!(jws.signature, vec![1u8; 64]);
-        assert!(CompactJws::parse(&format!("{header}.{payload}")).is_none());
-        assert!(CompactJws::parse(&format!("{header}.{payload}.{sig}.x")).is_none());
-        assert!(CompactJws::parse(&format!("{header}.{payload}.***")).is_none());
     }
 
     #[test]
