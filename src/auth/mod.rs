@@ -3,7 +3,6 @@
 //! against its public key, scopes and the source-IP policy. It reaches Postgres only through
 //! `store` and the token only through `hsm`; it knows nothing of HTTP.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +22,7 @@ use uuid::Uuid;
 
 mod assertions;
 mod cache;
+mod credentials;
 mod ip_policy;
 mod refusals;
 mod scopes;
@@ -30,6 +30,7 @@ mod settings;
 
 pub use assertions::{ClientAssertion, JWT_BEARER_ASSERTION, verify_es256};
 pub use cache::{AuthCache, DEFAULT_MAX_AGE as DEFAULT_CACHE_MAX_AGE};
+pub use credentials::{ClientCredentials, ClientSecret, constant_time_eq};
 pub use ip_policy::{
     BlockError, BlockRequest, DEFAULT_BLOCK_SECS, IpPolicy, IpPolicyError, MAX_BLOCK_SECS,
     MAX_CLIENT_NETWORKS, STRICT_MIN_PREFIX_V4, STRICT_MIN_PREFIX_V6, block_for, source_ip,
@@ -44,12 +45,8 @@ use crate::store::{
     AdminGuard, ClientFields, ClientRow, ClientWriteError, NewAuditEvent, SourceBlock, Store,
     StoreError,
 };
-use assertions::CompactJws;
+use credentials::SECRET_PREFIX;
 
-/// Prefix of every client secret, so secret scanners can recognise a leaked one.
-const SECRET_PREFIX: &str = "kbs_";
-/// Domain separation of the HMAC that stands for a client secret in the database.
-const SECRET_MAC_DOMAIN: &[u8] = b"keybroker-client-secret-v1\0";
 /// Why the token endpoint refused a client calling from an address it may not use.
 const IP_REFUSED: &str = "source address not allowed";
 
@@ -133,66 +130,6 @@ pub struct ClientSpec {
     pub scopes: Scopes,
     /// Its P-256 public key (SPKI PEM), checked to parse.
     pub public_key_pem: Option<String>,
-}
-
-/// A client secret, shown once at registration.
-pub struct ClientSecret(SecretString);
-
-impl ClientSecret {
-    /// The secret text, to hand to the officer once.
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for ClientSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClientSecret([REDACTED])")
-    }
-}
-
-/// How a client proves who it is at the token endpoint.
-pub enum ClientCredentials {
-    /// `client_secret_basic` or `client_secret_post`.
-    Secret {
-        /// The claimed client id.
-        client_id: String,
-        /// The secret.
-        secret: SecretString,
-    },
-    /// `private_key_jwt` (RFC 7523).
-    Assertion {
-        /// The `client_id` parameter, if sent (must match the assertion's `sub`).
-        client_id: Option<String>,
-        /// The compact JWS.
-        assertion: String,
-    },
-}
-
-impl ClientCredentials {
-    /// The client id the caller claims to be, unverified: the one given, or for an assertion
-    /// without one, its `sub`. For the record and for throttling failures, never for trust.
-    pub fn claimed_id(&self) -> Option<Uuid> {
-        match self {
-            Self::Secret { client_id, .. } => Uuid::parse_str(client_id).ok(),
-            Self::Assertion {
-                client_id: Some(id),
-                ..
-            } => Uuid::parse_str(id).ok(),
-            Self::Assertion {
-                client_id: None,
-                assertion,
-            } => {
-                #[derive(Deserialize)]
-                struct Sub {
-                    sub: String,
-                }
-                let jws = CompactJws::parse(assertion)?;
-                let claims: Sub = serde_json::from_slice(&jws.payload).ok()?;
-                Uuid::parse_str(&claims.sub).ok()
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,36 +752,6 @@ impl Authenticator {
         ))
     }
 
-    async fn check_secret(
-        &self,
-        client_id: &str,
-        secret: &SecretString,
-    ) -> Result<Client, AuthError> {
-        // Unknown ids and wrong secrets cost the same: a token HMAC and a comparison either way.
-        let id = Uuid::parse_str(client_id).ok();
-        let stored = match id {
-            Some(id) => self.store.client_secret_mac(id).await?,
-            None => None,
-        };
-        let mac = self
-            .secret_mac(id.unwrap_or(Uuid::nil()), secret.expose_secret())
-            .await?;
-        match stored {
-            Some((row, stored_mac)) if constant_time_eq(&mac, &stored_mac) => Client::try_from(row),
-            Some(_) => Err(AuthError::InvalidClient("wrong secret")),
-            None => Err(AuthError::InvalidClient("unknown client")),
-        }
-    }
-
-    async fn secret_mac(&self, id: Uuid, secret: &str) -> Result<[u8; 32], AuthError> {
-        let mut input = Vec::with_capacity(SECRET_MAC_DOMAIN.len() + 16 + secret.len());
-        input.extend_from_slice(SECRET_MAC_DOMAIN);
-        input.extend_from_slice(id.as_bytes());
-        input.extend_from_slice(secret.as_bytes());
-        let input = zeroize::Zeroizing::new(input);
-        Ok(self.hsm.run(move |t| t.hmac(&input)).await?)
-    }
-
     // -- protected requests ------------------------------------------------------------------
 
     /// Checks a bearer token and its client for one request: signature (ES256 only), `exp`,
@@ -1382,11 +1289,6 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Compares in time that depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -1490,12 +1392,5 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
-    }
-
-    #[test]
-    fn constant_time_eq_compares() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }
