@@ -7,7 +7,8 @@ use std::sync::RwLock;
 
 use super::{AccessClaims, read};
 
-/// How many verified tokens [`Authenticator`](super::Authenticator) remembers before it starts afresh.
+/// How many verified tokens [`Authenticator`](super::Authenticator) remembers before it starts
+/// afresh.
 const VERIFIED_CACHE_SIZE: usize = 16_384;
 
 /// How many shards [`VerifiedCache`] splits its entries over (a power of two, at most 256).
