@@ -7,7 +7,6 @@ use super::BoxError;
 use crate::broker::Limits;
 use crate::config::{DatabaseArgs, TokenArgs};
 
-#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Walk the MAC chain and report the first broken link (exit status 1 if any).

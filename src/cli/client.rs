@@ -11,7 +11,6 @@ use crate::broker::Limits;
 use crate::config::{DatabaseArgs, TokenArgs};
 use crate::store::AdminGuard;
 
-#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Register a client; its secret is printed once.

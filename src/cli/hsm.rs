@@ -12,7 +12,6 @@ use crate::config::{AuthArgs, DatabaseArgs, TokenArgs, read_secret};
 use crate::crypto::MasterKeyVersion;
 use crate::hsm;
 
-#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum HsmCommand {
     /// Initialise a token in a free slot (SoftHSM2 and other software tokens). PINs come from

@@ -25,7 +25,6 @@ pub use logging::init_logging;
 
 // No doc comment on `Cli`, `Command` or the subcommand enums: clap would show it as help text.
 // The doc comments on variants and fields are the help texts; keep them as they are.
-#[allow(missing_docs)]
 #[derive(Debug, Parser)]
 #[command(name = "keybroker", version, about = "HSM-backed key broker")]
 pub struct Cli {
@@ -33,7 +32,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTPS API.

@@ -79,7 +79,8 @@ pub async fn start(broker: Arc<Broker>, options: ServeOptions) -> Result<Serving
     // The custody gauges hold something from the first scrape on; the task keeps them fresh.
     broker.refresh_custody_snapshot().await;
     let mut tasks = vec![broker.spawn_custody_refresher(options.metrics_refresh)];
-    // Whatever fails below leaves no task behind.
+    // Should a later step fail, the loops started here stop (a `serve` that fails exits anyway;
+    // a test goes on).
     let started = async {
         let auth = Arc::new(
             Authenticator::load(broker.hsm().clone(), broker.store().clone(), options.auth).await?,
