@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod hsm;

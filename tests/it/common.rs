@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keybroker::api::{AppState, RequestLog};
 use keybroker::auth::{AuthConfig, Authenticator, ClientSpec, IpPolicy};
 use keybroker::broker::{Broker, Limits};
+use keybroker::cli::serve::{self, ServeOptions, Serving};
 use keybroker::hsm::{Hsm, HsmConfig};
-use keybroker::server::RunningServer;
 use keybroker::store::Store;
 use keybroker::tls;
 use secrecy::SecretString;
@@ -145,6 +144,9 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// How often test servers write partial request-log batches: never, in practice.
 pub const REQUEST_LOG_FLUSH: Duration = Duration::from_secs(3600);
 
+/// Time between test servers' maintenance passes: only the start-up pass runs, in practice.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// The `iss` of test tokens; the token endpoint a client assertion names is this plus
 /// `/v1/oauth/token`.
 pub const TEST_ISSUER: &str = "https://keybroker.test";
@@ -170,7 +172,7 @@ pub struct TestServer {
     /// The rate limiter, and how far its clock is ahead of real time (ms): tests move it.
     pub limiter: Arc<keybroker::api::limits::Limiter>,
     pub clock_offset_ms: Arc<std::sync::atomic::AtomicI64>,
-    server: Option<RunningServer>,
+    server: Option<Serving>,
 }
 
 impl TestServer {
@@ -205,51 +207,40 @@ impl TestServer {
         let store = Store::connect_lazy(database_url, 4).unwrap();
         store.migrate().await.unwrap();
         let hsm = Hsm::connect(hsm_config()).await.unwrap();
-        let broker = Arc::new(Broker::new(hsm.clone(), store.clone(), limits));
+        let broker = Arc::new(Broker::new(hsm, store, limits));
         broker.initialise().await.unwrap();
-        broker.self_test().await.unwrap();
-        // As `serve` does: custody gauges from the start, kept fresh (quickly, for tests).
-        broker.refresh_custody_snapshot().await;
-        broker.spawn_custody_refresher(Duration::from_secs(1));
-        let auth = Arc::new(
-            Authenticator::load(hsm, store, auth_config())
-                .await
-                .unwrap(),
-        );
-        auth.start_cache();
         let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let offset = clock_offset_ms.clone();
-        let limiter = Arc::new(keybroker::api::limits::Limiter::new(
-            keybroker::auth::SecuritySettings::default(),
-            Arc::new(move || {
-                keybroker::audit::now_us() / 1000 + offset.load(std::sync::atomic::Ordering::SeqCst)
-            }),
-        ));
         let cert = dev_certificate();
-        let tls_config = tls::server_config(&cert.cert, &cert.key).unwrap();
-        let server = RunningServer::start_with_limits(
-            AppState {
-                broker: broker.clone(),
-                auth: auth.clone(),
-                // Rows are written at shutdown (or in full batches), not on a timer, so a test
-                // that reads the log after `stop` sees the shutdown flush at work.
-                request_log: RequestLog::start(broker.store().clone(), REQUEST_LOG_FLUSH),
-                limiter: limiter.clone(),
-            },
-            "127.0.0.1:0".parse().unwrap(),
-            tls_config,
+        // What `keybroker serve` runs, with test timings.
+        let options = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: tls::server_config(&cert.cert, &cert.key).unwrap(),
             max_body_bytes,
             listener,
-        )
-        .await
-        .unwrap();
+            auth: auth_config(),
+            // Custody gauges kept fresh quickly, for tests.
+            metrics_refresh: Duration::from_secs(1),
+            // Rows are written at shutdown (or in full batches), not on a timer, so a test
+            // that reads the log after `stop` sees the shutdown flush at work.
+            request_log_flush: REQUEST_LOG_FLUSH,
+            maintenance_interval: MAINTENANCE_INTERVAL,
+            request_log_retention_days: 7,
+            clock: Arc::new(move || {
+                keybroker::audit::now_us() / 1000 + offset.load(std::sync::atomic::Ordering::SeqCst)
+            }),
+        };
+        let server = serve::start(broker, options).await.unwrap();
+        // The start-up pass must not race with what the test does first (tests run their own
+        // passes, at the times they choose).
+        server.maintenance_passes(1).await;
         let mut this = Self {
             base: format!("https://127.0.0.1:{}", server.addr.port()),
             client: https_client(),
-            broker,
-            auth,
+            broker: server.broker.clone(),
+            auth: server.auth.clone(),
             database_url: database_url.to_owned(),
-            limiter,
+            limiter: server.limiter.clone(),
             clock_offset_ms,
             main: TestClient {
                 id: String::new(),
