@@ -15,8 +15,7 @@ use uuid::Uuid;
 
 use super::verified::VerifiedHit;
 use super::{
-    AuthConfig, AuthError, Authenticator, Client, ClientCredentials, Scope, Scopes, read,
-    respond_to_refusal, unix_now,
+    AuthConfig, AuthError, Authenticator, Client, ClientCredentials, Scope, Scopes, read, unix_now,
 };
 use crate::audit;
 use crate::hsm::HsmError;
@@ -165,10 +164,8 @@ impl Authenticator {
                 }
             });
         }
-        if let Some(client) = refused_client
-            && let Err(e) = respond_to_refusal(&self.store, client).await
-        {
-            tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
+        if let Some(client) = refused_client {
+            self.respond_to_refusal(client).await;
         }
         result
     }
@@ -310,10 +307,8 @@ impl Authenticator {
         if let Err(e) = self.store.audit(&audit::meta(), &[event]).await {
             tracing::warn!(target: "keybroker::audit", error = %e, "refusal not audited");
         }
-        if let Some(client) = client
-            && let Err(e) = respond_to_refusal(&self.store, client).await
-        {
-            tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
+        if let Some(client) = client {
+            self.respond_to_refusal(client).await;
         }
         result
     }
