@@ -348,3 +348,32 @@ async fn the_document_describes_every_endpoint_and_error() {
     }
     server.stop().await;
 }
+
+/// The document as recorded in `tests/openapi.json`. The restructuring of step 12 must not change a
+/// byte of it; a deliberate API change re-records it with `KB_RECORD_OPENAPI=1`.
+const RECORDED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openapi.json");
+
+#[tokio::test]
+async fn the_served_document_is_byte_identical_to_the_recorded_one() {
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .get(format!("{}/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let served = response.bytes().await.unwrap();
+    if std::env::var_os("KB_RECORD_OPENAPI").is_some() {
+        std::fs::write(RECORDED, &served).unwrap();
+    }
+    let recorded = std::fs::read(RECORDED).unwrap();
+    assert!(
+        served.as_ref() == recorded.as_slice(),
+        "the served OpenAPI document ({} bytes) differs from tests/openapi.json ({} bytes); \
+         if the change is meant, re-record it with KB_RECORD_OPENAPI=1",
+        served.len(),
+        recorded.len()
+    );
+    server.stop().await;
+}
