@@ -23,6 +23,8 @@ pub mod random;
 mod request_log;
 mod router;
 mod schema;
+pub mod secrets;
+pub mod usage;
 
 pub use crypto::{
     BatchItem, BatchRequestItem, BlobBatchBody, BlobBody, ContextMap, DataKeyBatchBody,

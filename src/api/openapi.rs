@@ -12,6 +12,7 @@ use utoipa::OpenApi;
 use super::schema::{ITEM_NAME_PATTERN, lengths_by_format};
 use super::{
     ErrorBody, ErrorDetail, admin, crypto, custody, keys, metrics, oauth, operations, random,
+    secrets, usage,
 };
 
 /// What the document says that depends on the configuration.
@@ -574,8 +575,8 @@ fn operation_id(doc: &Value, path: &str, method: &str) -> Option<String> {
         admin::get_security_settings, admin::put_security_settings,
         keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
         keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
-        keys::cancel_key_deletion, keys::put_secret, keys::get_secret, keys::delete_secret,
-        keys::cancel_secret_deletion, keys::own_usage, keys::admin_usage, keys::keys_due,
+        keys::cancel_key_deletion, secrets::put_secret, secrets::get_secret, secrets::delete_secret,
+        secrets::cancel_secret_deletion, usage::own_usage, usage::admin_usage, usage::keys_due,
         custody::list_master_keys, custody::rotate_master_key, custody::start_rewrap,
         custody::get_rewrap, custody::retire_master_key, custody::rotate_signing_key,
         metrics::metrics, operations::healthz, operations::readyz, operations::openapi

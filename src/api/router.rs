@@ -15,7 +15,7 @@ use tower_http::trace::TraceLayer;
 use super::extract::{request_source, resolve_source};
 use super::{
     ApiError, AppState, ErrorBody, admin, console, crypto, custody, keys, limits, metrics, oauth,
-    operations, random, request_log,
+    operations, random, request_log, secrets, usage,
 };
 
 pub(super) const REQUEST_ID: &str = "x-request-id";
@@ -80,17 +80,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .route(
             "/v1/secrets/{name}",
-            axum::routing::put(keys::put_secret)
-                .get(keys::get_secret)
-                .delete(keys::delete_secret),
+            axum::routing::put(secrets::put_secret)
+                .get(secrets::get_secret)
+                .delete(secrets::delete_secret),
         )
         .route(
             "/v1/secrets/{name}/cancel-deletion",
-            post(keys::cancel_secret_deletion),
+            post(secrets::cancel_secret_deletion),
         )
-        .route("/v1/usage", get(keys::own_usage))
-        .route("/v1/admin/usage", get(keys::admin_usage))
-        .route("/v1/admin/keys/due", get(keys::keys_due))
+        .route("/v1/usage", get(usage::own_usage))
+        .route("/v1/admin/usage", get(usage::admin_usage))
+        .route("/v1/admin/keys/due", get(usage::keys_due))
         .route("/v1/admin/master-keys", get(custody::list_master_keys))
         .route(
             "/v1/admin/master-keys/rotate",
