@@ -12,8 +12,8 @@ use super::admin::AdminErrorResponses;
 use super::{ApiError, ApiPath, AppState, ErrorBody};
 use crate::auth::{Caller, Scope};
 use crate::broker::MasterKeyView;
+use crate::broker::RewrapJob;
 use crate::crypto::MasterKeyVersion;
-use crate::store::RewrapJob;
 
 /// One master-key version.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::keys::{KeyBody, query};
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::{Caller, Scope, unix_now};
-use crate::store::UsageRow;
+use crate::broker::UsageRow;
 
 /// Operation counts.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -19,7 +19,7 @@ use keybroker::api::{
     ApiError, ApiJson, BatchRequestItem, BlobBatchBody, BlobBody, DataKeyBatchBody, DataKeyBody,
     WrapBatchBody, WrapBody, parse_blob, parse_context, parse_datakey, parse_wrap,
 };
-use keybroker::auth::SecuritySettings;
+use keybroker::broker::SecuritySettings;
 use keybroker_fuzz::{NOW, block_on};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
