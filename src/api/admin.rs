@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::SecretText;
 use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody, schema};
 use crate::auth::AdminGuard;
 use crate::auth::{AuthError, BlockRequest, Caller, Client, ClientSpec, DEFAULT_BLOCK_SECS, Scope};
@@ -158,7 +159,8 @@ pub struct RegisteredClientBody {
     /// The client.
     pub client: ClientBody,
     /// The client secret. Only an HMAC of it is kept: it cannot be shown again.
-    pub client_secret: String,
+    #[schema(value_type = String)]
+    pub client_secret: SecretText,
 }
 
 /// `GET /v1/admin/clients` response.
@@ -209,7 +211,7 @@ pub(super) async fn register_client(
         StatusCode::CREATED,
         Json(RegisteredClientBody {
             client: client.into(),
-            client_secret: secret.expose().to_owned(),
+            client_secret: SecretText::from(secret.expose().to_owned()),
         }),
     ))
 }

@@ -16,6 +16,7 @@ use crate::auth::{Caller, Scope, unix_now};
 use crate::broker::{BlobRequest, BrokerError, DataKeyRequest, Operation, WrapRequest};
 use crate::crypto::{EncryptionContext, KeyMaterial, WrappedBlob};
 
+use super::SecretText;
 use super::{ApiError, ApiJson, AppState, ErrorBody, schema};
 
 /// Encryption context: a string map bound into the blob's AAD; keys are sorted before binding.
@@ -69,7 +70,8 @@ pub struct DataKeyResponse {
     pub wrapped: String,
     /// The 32-byte DEK, standard base64; absent when `plaintext: false` was asked.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub plaintext: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub plaintext: Option<SecretText>,
     /// The master-key version that sealed the DEK.
     pub mk_version: u32,
 }
@@ -80,7 +82,7 @@ pub struct DataKeyResponse {
 pub struct WrapBody {
     /// 16 to 64 bytes of key material, standard base64 with padding.
     #[schema(schema_with = schema::wrappable_base64)]
-    pub plaintext: String,
+    pub plaintext: SecretText,
     /// Bound as AAD.
     #[serde(default)]
     pub context: Option<ContextMap>,
@@ -111,7 +113,8 @@ pub struct BlobBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct UnwrapResponse {
     /// The key material, standard base64.
-    pub plaintext: String,
+    #[schema(value_type = String)]
+    pub plaintext: SecretText,
 }
 
 /// `POST /v1/datakey/batch` request.
@@ -216,13 +219,11 @@ pub fn parse_wrap(body: WrapBody) -> Result<WrapRequest, ApiError> {
     // Decode into a zeroizing buffer: the caller's key must not linger in freed memory.
     let bytes = Zeroizing::new(
         STANDARD
-            .decode(body.plaintext.as_bytes())
+            .decode(body.plaintext.expose().as_bytes())
             .map_err(|_| ApiError::InvalidBase64("plaintext"))?,
     );
     let key = KeyMaterial::new(bytes).map_err(|_| ApiError::InvalidKeyLength)?;
-    // The request's base64 copy of the key is wiped as well.
-    let mut text = body.plaintext;
-    zeroize::Zeroize::zeroize(&mut text);
+    // The request's base64 copy of the key is wiped when `body` is dropped (a `SecretText`).
     Ok(WrapRequest {
         key,
         context: parse_context(body.context)?,
@@ -240,7 +241,9 @@ fn datakey_response(key: crate::broker::DataKey) -> DataKeyResponse {
     DataKeyResponse {
         mk_version: key.wrapped.mk_version().get(),
         wrapped: key.wrapped.to_string(),
-        plaintext: key.plaintext.map(|p| STANDARD.encode(p.as_slice())),
+        plaintext: key
+            .plaintext
+            .map(|p| SecretText::from(STANDARD.encode(p.as_slice()))),
     }
 }
 
@@ -253,7 +256,7 @@ fn wrapped_response(blob: WrappedBlob) -> WrappedResponse {
 
 fn unwrap_response(plaintext: Zeroizing<Vec<u8>>) -> UnwrapResponse {
     UnwrapResponse {
-        plaintext: STANDARD.encode(plaintext.as_slice()),
+        plaintext: SecretText::from(STANDARD.encode(plaintext.as_slice())),
     }
 }
 

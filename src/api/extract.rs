@@ -2,7 +2,6 @@
 //! authenticated [`Caller`], and the request's source address (worked out once per request).
 //! They parse and check; they decide nothing a handler or the broker decides.
 
-use axum::Json;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
@@ -26,49 +25,33 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        // Every request body is a JSON object: serde would otherwise fill a struct from an
-        // array by position, which no client means.
-        let Json(mut value) = Json::<serde_json::Value>::from_request(req, state).await?;
-        integral_numbers_as_integers(&mut value);
-        if !value.is_object() {
-            return Err(ApiError::InvalidRequest(
-                "the request body must be a JSON object".to_owned(),
-            ));
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
         }
-        serde_path_to_error::deserialize(value)
-            .map(Self)
-            .map_err(|e| {
-                ApiError::InvalidRequest(describe_mismatch(
-                    &e.path().to_string(),
-                    &e.inner().to_string(),
-                    "body",
-                ))
-            })
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::InvalidJson
+                }
+            })?;
+        super::json_body::parse(&bytes).map(Self)
     }
 }
 
-/// JSON has one kind of number: `34.0` is the integer 34, as JSON Schema's `integer` says. serde
-/// would refuse it for an integer field, so a number with no fractional part that fits a 64-bit
-/// integer is made one before the body is read into its type (a float field takes it either way).
-fn integral_numbers_as_integers(value: &mut serde_json::Value) {
-    use serde_json::{Number, Value};
-    match value {
-        Value::Number(n) if n.is_f64() => {
-            let Some(f) = n.as_f64() else { return };
-            if f.fract() != 0.0 {
-                return;
-            }
-            // 2^64 and -2^63: the bounds of u64 and i64, exactly representable as f64.
-            if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
-                *n = Number::from(f as u64);
-            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
-                *n = Number::from(f as i64);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
-        Value::Object(fields) => fields.values_mut().for_each(integral_numbers_as_integers),
-        _ => {}
-    }
+/// Whether the request says its body is JSON: `application/json` or `application/*+json`, with
+/// any parameters (the rule axum's `Json` applies).
+fn json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<mime::Mime>().ok())
+        .is_some_and(|mime| {
+            mime.type_() == "application"
+                && (mime.subtype() == "json" || mime.suffix().is_some_and(|name| name == "json"))
+        })
 }
 
 /// `Path<T>` whose rejections (a segment that is not UTF-8 once percent-decoded) are
@@ -125,7 +108,7 @@ pub(super) fn mismatch_message(rejection: &dyn std::error::Error, what: &str) ->
     format!("the {what} does not fit this request's schema")
 }
 
-fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
+pub(super) fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
     // serde words these two cases with fixed prefixes (serde::de::Error's provided methods);
     // we take only the field name from them.
     let named = |rest: &str| rest.split('`').nth(1).map(str::to_owned);

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::SecretText;
 use super::{ApiError, ApiJson, ApiPath, AppState, ContextMap, ErrorBody, parse_context};
 use crate::auth::{Caller, Scope, unix_now};
 use crate::broker::{BrokerError, KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
@@ -117,7 +118,8 @@ pub struct CreatedKeyBody {
     pub key: KeyBody,
     /// Version 1's material, when `return_plaintext` was asked (raw: base64).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub plaintext: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub plaintext: Option<SecretText>,
 }
 
 /// One version of a key (no material).
@@ -254,7 +256,8 @@ pub struct KeyPlaintextBody {
     /// Format.
     pub format: String,
     /// The material (raw: base64).
-    pub plaintext: String,
+    #[schema(value_type = String)]
+    pub plaintext: SecretText,
 }
 
 /// `POST /v1/keys/{id}/refresh` request.
@@ -394,7 +397,7 @@ pub(super) async fn create_key(
         StatusCode::CREATED,
         Json(CreatedKeyBody {
             key: key.into(),
-            plaintext,
+            plaintext: plaintext.map(SecretText::from),
         }),
     ))
 }
@@ -500,7 +503,7 @@ pub(super) async fn read_key(
         id: key.id,
         version,
         format: key.format.as_str().to_owned(),
-        plaintext: present(key.format, &material).to_string(),
+        plaintext: SecretText::from(present(key.format, &material).to_string()),
     }))
 }
 

@@ -13,6 +13,7 @@ mod crypto;
 mod custody;
 mod error;
 mod extract;
+mod json_body;
 pub mod keys;
 pub mod limits;
 mod metrics;
@@ -23,6 +24,7 @@ pub mod random;
 mod request_log;
 mod router;
 mod schema;
+mod secret_text;
 pub mod secrets;
 pub mod usage;
 
@@ -38,6 +40,7 @@ pub use openapi::ApiDoc;
 pub use operations::HealthResponse;
 pub use request_log::RequestLog;
 pub use router::router;
+pub use secret_text::SecretText;
 
 use crypto::{check_batch_size, count_batch, run_batch, single};
 use extract::{ApiPath, Source, admit, mismatch_message, request_source};

@@ -14,6 +14,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::SecretText;
 use super::{ApiError, AppState, ErrorBody, Source, error_chain};
 use crate::auth::{
     AuthError, Caller, ClientCredentials, Introspection, JWT_BEARER_ASSERTION, unix_now,
@@ -29,11 +30,11 @@ pub struct TokenForm {
     /// `client_secret_post` (with `client_secret`) or `private_key_jwt` (optional there).
     pub client_id: Option<String>,
     /// `client_secret_post`.
-    pub client_secret: Option<String>,
+    pub client_secret: Option<SecretText>,
     /// `urn:ietf:params:oauth:client-assertion-type:jwt-bearer` for `private_key_jwt`.
     pub client_assertion_type: Option<String>,
     /// The ES256 client assertion for `private_key_jwt`.
-    pub client_assertion: Option<String>,
+    pub client_assertion: Option<SecretText>,
 }
 
 /// The token form as one of three shapes, one per client authentication method (RFC 6749
@@ -87,7 +88,8 @@ impl ToSchema for TokenForm {}
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
     /// An ES256 JWT signed inside the token.
-    pub access_token: String,
+    #[schema(value_type = String)]
+    pub access_token: SecretText,
     /// Always `Bearer`.
     pub token_type: String,
     /// Seconds until expiry.
@@ -112,7 +114,8 @@ pub struct OAuthError {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenParam {
     /// The access token in question.
-    pub token: String,
+    #[schema(value_type = String)]
+    pub token: SecretText,
 }
 
 /// Introspection answer (RFC 7662): `active`, and the token's claims when active.
@@ -297,7 +300,7 @@ pub(super) async fn oauth_token(
     match result {
         Ok(issued) => no_store(
             Json(TokenResponse {
-                access_token: issued.access_token,
+                access_token: SecretText::from(issued.access_token),
                 token_type: "Bearer".to_owned(),
                 expires_in: issued.expires_in,
                 scope: issued.scope.to_string(),
@@ -408,7 +411,7 @@ fn credentials(
         ))?;
         return Ok(ClientCredentials::Secret {
             client_id,
-            secret: SecretString::from(secret.clone()),
+            secret: SecretString::from(secret.expose()),
         });
     }
     if assertion {
@@ -419,7 +422,8 @@ fn credentials(
         }
         let assertion = form
             .client_assertion
-            .clone()
+            .as_ref()
+            .map(|a| a.expose().to_owned())
             .ok_or(AuthError::InvalidRequest("client_assertion is required"))?;
         return Ok(ClientCredentials::Assertion {
             client_id: form.client_id.clone(),
@@ -448,7 +452,7 @@ pub(super) async fn oauth_introspect(
     form: Result<Form<TokenParam>, FormRejection>,
 ) -> Result<Json<IntrospectionResponse>, ApiError> {
     let Form(param) = form.map_err(|_| ApiError::InvalidForm)?;
-    let answer = state.auth.introspect(&caller, &param.token).await?;
+    let answer = state.auth.introspect(&caller, param.token.expose()).await?;
     Ok(Json(answer.into()))
 }
 
@@ -471,7 +475,7 @@ pub(super) async fn oauth_revoke(
     form: Result<Form<TokenParam>, FormRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Form(param) = form.map_err(|_| ApiError::InvalidForm)?;
-    state.auth.revoke(&caller, &param.token).await?;
+    state.auth.revoke(&caller, param.token.expose()).await?;
     Ok(StatusCode::OK)
 }
 

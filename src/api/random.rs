@@ -6,6 +6,7 @@ use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::SecretText;
 use super::{
     ApiError, ApiJson, AppState, BatchItem, BatchRequestItem, ErrorBody, check_batch_size,
     count_batch, run_batch, single,
@@ -83,7 +84,8 @@ impl RandomFormat {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RandomResponse {
     /// `raw`: standard base64 with padding of the bytes; other formats: the text itself.
-    pub plaintext: String,
+    #[schema(value_type = String)]
+    pub plaintext: SecretText,
     /// `raw` (also for `{"bytes": n}` and `base64`), `hex`, `uuid`, `alphanumeric` or `numeric`.
     #[schema(example = "raw")]
     pub format: String,
@@ -148,7 +150,7 @@ fn random_response(random: RandomMaterial) -> RandomResponse {
     // as a managed key's plaintext does.
     let shown = present(random.format, &random.material);
     RandomResponse {
-        plaintext: shown.as_str().to_owned(),
+        plaintext: SecretText::from(shown.as_str().to_owned()),
         format: random.format.as_str().to_owned(),
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
+use super::SecretText;
 use super::keys::{DeletionQuery, context_entry_name, query, query_context};
 use super::{ApiError, ApiJson, ApiPath, AppState, ContextMap, ErrorBody, parse_context};
 use crate::auth::{Caller, Scope, unix_now};
@@ -23,7 +24,7 @@ use crate::broker::{SecretName, StoredSecret};
 pub struct PutSecretBody {
     /// The value, standard base64 (at most 64 KiB decoded).
     #[schema(schema_with = super::schema::secret_value)]
-    pub value: String,
+    pub value: SecretText,
     /// Bound into both layers' AAD: reads must give the same map.
     pub context: Option<ContextMap>,
 }
@@ -67,7 +68,8 @@ pub struct SecretValueBody {
     /// The version read.
     pub version: u32,
     /// The value, standard base64.
-    pub value: String,
+    #[schema(value_type = String)]
+    pub value: SecretText,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,11 +112,10 @@ pub fn secret_value(
 ) -> Result<(Zeroizing<Vec<u8>>, crate::crypto::EncryptionContext), ApiError> {
     let value = Zeroizing::new(
         STANDARD
-            .decode(body.value.as_bytes())
+            .decode(body.value.expose().as_bytes())
             .map_err(|_| ApiError::InvalidBase64("value"))?,
     );
-    let mut text = body.value;
-    zeroize::Zeroize::zeroize(&mut text);
+    // The request's base64 copy is wiped when `body` is dropped (it is a `SecretText`).
     Ok((value, parse_context(body.context)?))
 }
 
@@ -166,7 +167,7 @@ pub(super) async fn get_secret(
     Ok(Json(SecretValueBody {
         name: secret.name,
         version,
-        value: STANDARD.encode(value.as_slice()),
+        value: SecretText::from(STANDARD.encode(value.as_slice())),
     }))
 }
 

@@ -75,7 +75,7 @@ pub(super) async fn register(
             p { "Registered " strong { (registered.client.name) } " with client id "
                 code #new-client-id { (registered.client.client_id) } "." }
             p { "Its secret, shown only now (only an HMAC of it is kept):" }
-            code.secret #new-client-secret { (registered.client_secret) }
+            code.secret #new-client-secret { (registered.client_secret.expose()) }
         }
     });
     Ok(render(&state, &officer, None, Some(notice)).await)

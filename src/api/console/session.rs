@@ -16,7 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{ConsoleError, page_markup, redirect};
-use crate::api::{AppState, Source, admit, oauth, request_source};
+use crate::api::{AppState, SecretText, Source, admit, oauth, request_source};
 use crate::auth::{AuthError, Caller, ClientCredentials, constant_time_eq};
 
 /// The session cookie's name.
@@ -149,7 +149,8 @@ pub(super) struct SignInForm {
     /// An admin client's id.
     client_id: String,
     /// Its secret.
-    client_secret: String,
+    #[schema(value_type = String)]
+    client_secret: SecretText,
 }
 
 /// The sign-in page.
@@ -187,7 +188,7 @@ pub(super) async fn sign_in(
     };
     let credentials = ClientCredentials::Secret {
         client_id: form.client_id.trim().to_owned(),
-        secret: SecretString::from(form.client_secret),
+        secret: SecretString::from(form.client_secret.expose()),
     };
     let issued = match oauth::authenticate_client(&state, source, credentials, Some("admin")).await
     {
