@@ -24,7 +24,9 @@ use utoipa::{OpenApi, ToSchema};
 use zeroize::Zeroizing;
 
 use crate::auth::{AuthError, Authenticator, Caller, Scope, source_ip, unix_now};
-use crate::broker::{BlobRequest, Broker, BrokerError, DataKeyRequest, Operation, WrapRequest};
+use crate::broker::{
+    BlobRequest, Broker, BrokerError, DataKeyRequest, Operation, SecretState, WrapRequest,
+};
 use crate::crypto::{BlobError, EncryptionContext, KeyMaterial, WrappedBlob};
 use crate::hsm::HsmError;
 
@@ -313,10 +315,10 @@ impl ApiError {
             Self::Broker(B::KeyNameTaken) => (StatusCode::CONFLICT, "key_name_taken"),
             Self::Broker(B::KeyState(state)) => key_state_status(*state),
             Self::Broker(B::SecretNotFound) => (StatusCode::NOT_FOUND, "secret_not_found"),
-            Self::Broker(B::SecretState(state)) => match state.as_str() {
-                "destroyed" => (StatusCode::GONE, "secret_destroyed"),
-                "active" => (StatusCode::CONFLICT, "secret_active"),
-                _ => (StatusCode::CONFLICT, "secret_pending_deletion"),
+            Self::Broker(B::SecretState(state)) => match state {
+                SecretState::Destroyed => (StatusCode::GONE, "secret_destroyed"),
+                SecretState::Active => (StatusCode::CONFLICT, "secret_active"),
+                SecretState::PendingDeletion => (StatusCode::CONFLICT, "secret_pending_deletion"),
             },
             Self::Broker(B::Busy) => (StatusCode::CONFLICT, "concurrent_update"),
             Self::Broker(B::MasterKeyNotFound(_)) => {

@@ -3,7 +3,7 @@
 
 use super::audit::{self, AuditMeta, NewAuditEvent};
 use super::keys::ts;
-use super::{AuthChange, Store, StoreError};
+use super::{AuthChange, ClientState, Store, StoreError};
 
 /// The audit event of a client registration or change: ids and settings, never the secret.
 fn client_event(
@@ -40,8 +40,8 @@ pub struct ClientRow {
     pub scopes: Vec<String>,
     /// SPKI PEM for private_key_jwt.
     pub public_key_pem: Option<String>,
-    /// `active` or `disabled`.
-    pub state: String,
+    /// Whether it may authenticate.
+    pub state: ClientState,
     /// Unix seconds before which issued tokens are refused.
     pub tokens_not_before: i64,
     /// Unix seconds.
@@ -190,12 +190,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
         let had_admin = any_active_admin(&mut tx).await?;
-        let state: Option<(String,)> = sqlx::query_as("SELECT state FROM clients WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let state: Option<(ClientState,)> =
+            sqlx::query_as("SELECT state FROM clients WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let (state,) = state.ok_or(ClientWriteError::NotFound)?;
-        if state == "active" {
+        if state == ClientState::Active {
             check_ip_free(&mut tx, id, fields).await?;
         }
         let row: ClientRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -3,7 +3,7 @@
 use uuid::Uuid;
 
 use super::audit::append;
-use super::{AuditMeta, ItemWriteError, NewAuditEvent, Store, StoreError};
+use super::{AuditMeta, ItemWriteError, KeyState, NewAuditEvent, Store, StoreError};
 
 /// A managed key as stored. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -21,7 +21,7 @@ pub struct KeyRow {
     /// The encryption context, canonical JSON.
     pub context: String,
     /// Stored state (`active` may be past its expiry until the worker marks it).
-    pub state: String,
+    pub state: KeyState,
     /// The version reads get by default.
     pub current_version: i32,
     /// `manual` or `auto`.
@@ -130,12 +130,13 @@ impl Store {
     /// Inserts a key and its first version.
     ///
     /// # Errors
-    /// [`ItemWriteError::NameTaken`], or any database failure.
+    /// [`StoreError::Violated`] ([`super::Violation::KeyNameTaken`]) inside
+    /// [`ItemWriteError::Store`], or any database failure.
     pub async fn insert_key(
         &self,
         key: &NewKey,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -208,7 +209,7 @@ impl Store {
     pub async fn keys(
         &self,
         owner: Uuid,
-        state: Option<&str>,
+        state: Option<KeyState>,
         name: Option<&str>,
         after: Option<Uuid>,
         limit: i64,
@@ -301,16 +302,16 @@ impl Store {
         actor: &str,
         now: i64,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let current: Option<(String, i32)> =
+        let current: Option<(KeyState, i32)> =
             sqlx::query_as("SELECT state, current_version FROM keys WHERE id = $1 FOR UPDATE")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
         let (state, current) = current.ok_or(ItemWriteError::NotFound)?;
-        if state != "active" {
+        if state != KeyState::Active {
             return Err(ItemWriteError::WrongState(state));
         }
         if current != from_version {
@@ -379,13 +380,13 @@ impl Store {
         &self,
         owner: Uuid,
         id: Uuid,
-        from: &[&str],
-        to: &str,
+        from: &[KeyState],
+        to: KeyState,
         now: i64,
         deletion_due: Option<i64>,
         expires_at: Option<Option<i64>>,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         // Record an expiry the worker has not recorded yet, with its own event.
@@ -407,14 +408,14 @@ impl Store {
                 .subject(name);
             append(&mut tx, signer, meta, &[event]).await?;
         }
-        let state: Option<(String,)> =
+        let state: Option<(KeyState,)> =
             sqlx::query_as("SELECT state FROM keys WHERE id = $1 AND client_id = $2 FOR UPDATE")
                 .bind(id)
                 .bind(owner)
                 .fetch_optional(&mut *tx)
                 .await?;
         let (state,) = state.ok_or(ItemWriteError::NotFound)?;
-        if !from.contains(&state.as_str()) {
+        if !from.contains(&state) {
             return Err(ItemWriteError::WrongState(state));
         }
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -431,11 +432,11 @@ impl Store {
         .bind(expires_at.flatten().map(ts))
         .fetch_one(&mut *tx)
         .await?;
-        let (name, severity) = match (to, state.as_str()) {
+        let (name, severity) = match (to, state) {
             _ if expires_at.is_some() => ("key.refreshed", "info"),
-            ("pending_deletion", _) => ("key.deletion_scheduled", "warning"),
-            ("disabled", "pending_deletion") => ("key.deletion_cancelled", "info"),
-            ("disabled", _) => ("key.disabled", "warning"),
+            (KeyState::PendingDeletion, _) => ("key.deletion_scheduled", "warning"),
+            (KeyState::Disabled, KeyState::PendingDeletion) => ("key.deletion_cancelled", "info"),
+            (KeyState::Disabled, _) => ("key.disabled", "warning"),
             _ => ("key.enabled", "info"),
         };
         let event = NewAuditEvent::info(name)
@@ -444,8 +445,8 @@ impl Store {
             .key(id)
             .subject(row.name.clone())
             .details(serde_json::json!({
-                "from_state": state,
-                "to_state": to,
+                "from_state": state.as_str(),
+                "to_state": to.as_str(),
                 "deletion_due": row.deletion_due,
                 "expires_at": row.expires_at,
             }));

@@ -6,7 +6,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, Transaction};
 
 use super::audit::{self, AuditMeta, NewAuditEvent};
-use super::{Store, StoreError, from_version, to_i64, to_version};
+use super::{MasterKeyState, Store, StoreError, from_version, to_i64, to_version};
 use crate::crypto::MasterKeyVersion;
 
 /// The advisory-lock key that serialises master-key changes across brokers ("kbmk").
@@ -21,8 +21,8 @@ const RESERVE_ATTEMPTS: usize = 3;
 pub struct MasterKeyRow {
     /// The version.
     pub version: MasterKeyVersion,
-    /// `active`, `decrypt_only`, `retired` or `destroyed`.
-    pub state: String,
+    /// Its state.
+    pub state: MasterKeyState,
     /// Upper bound on the seals done under this version.
     pub seals_reserved: i64,
     /// Creation time, RFC 3339.
@@ -43,8 +43,8 @@ pub struct ClusterLock {
 pub struct MasterKeyStatus {
     /// The version.
     pub version: MasterKeyVersion,
-    /// `pending`, `active`, `decrypt_only`, `retired` or `destroyed`.
-    pub state: String,
+    /// Its state.
+    pub state: MasterKeyState,
     /// Upper bound on the seals done under it.
     pub seals: i64,
     /// Stored blobs (key versions, secret data keys) still sealed under it.
@@ -67,7 +67,7 @@ pub enum MasterKeyChangeError {
     NotFound(MasterKeyVersion),
     /// The version is in a state that does not allow the change (the state is given).
     #[error("master key version {0} is {1}")]
-    WrongState(MasterKeyVersion, String),
+    WrongState(MasterKeyVersion, MasterKeyState),
     /// Stored blobs are still sealed under it (their number is given).
     #[error("{1} stored blobs are still sealed under master key version {0}")]
     InUse(MasterKeyVersion, i64),
@@ -88,7 +88,7 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn master_keys(&self) -> Result<Vec<MasterKeyRow>, StoreError> {
-        let rows: Vec<(i32, String, i64, String, Option<f64>)> = sqlx::query_as(
+        let rows: Vec<(i32, MasterKeyState, i64, String, Option<f64>)> = sqlx::query_as(
             "SELECT version, state, seals_reserved,
                     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     extract(epoch FROM activated_at)::float8
@@ -226,13 +226,13 @@ impl Store {
         Ok(locked.then_some(ClusterLock { _conn: conn }))
     }
 
-    /// The version in `state` (`active` or `pending`; there is at most one of each).
+    /// The version in `state` (there is at most one active and one pending).
     ///
     /// # Errors
     /// Any database failure.
     pub async fn master_key_in_state(
         &self,
-        state: &str,
+        state: MasterKeyState,
     ) -> Result<Option<MasterKeyVersion>, StoreError> {
         let row: Option<(i32,)> =
             sqlx::query_as("SELECT version FROM master_keys WHERE state = $1")
@@ -312,7 +312,7 @@ impl Store {
     pub async fn master_key_overview(&self) -> Result<Vec<MasterKeyStatus>, StoreError> {
         type Row = (
             i32,
-            String,
+            MasterKeyState,
             i64,
             i64,
             String,
@@ -362,7 +362,7 @@ impl Store {
     ) -> Result<(), MasterKeyChangeError> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        lock_unreferenced(&mut tx, version, &["decrypt_only"]).await?;
+        lock_unreferenced(&mut tx, version, &[MasterKeyState::DecryptOnly]).await?;
         sqlx::query(
             "UPDATE master_keys SET state = 'retired', retired_at = now() WHERE version = $1",
         )
@@ -387,7 +387,12 @@ impl Store {
         version: MasterKeyVersion,
     ) -> Result<(), MasterKeyChangeError> {
         let mut tx = self.pool.begin().await?;
-        lock_unreferenced(&mut tx, version, &["retired", "destroyed"]).await?;
+        lock_unreferenced(
+            &mut tx,
+            version,
+            &[MasterKeyState::Retired, MasterKeyState::Destroyed],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -443,18 +448,18 @@ impl Store {
 async fn lock_unreferenced(
     tx: &mut Transaction<'static, Postgres>,
     version: MasterKeyVersion,
-    states: &[&str],
+    states: &[MasterKeyState],
 ) -> Result<(), MasterKeyChangeError> {
     // A number past what the column holds (a caller's typo) names no recorded version.
     let stored =
         i32::try_from(version.get()).map_err(|_| MasterKeyChangeError::NotFound(version))?;
-    let row: Option<(String,)> =
+    let row: Option<(MasterKeyState,)> =
         sqlx::query_as("SELECT state FROM master_keys WHERE version = $1 FOR UPDATE")
             .bind(stored)
             .fetch_optional(&mut **tx)
             .await?;
     let (state,) = row.ok_or(MasterKeyChangeError::NotFound(version))?;
-    if !states.contains(&state.as_str()) {
+    if !states.contains(&state) {
         return Err(MasterKeyChangeError::WrongState(version, state));
     }
     let (blobs,): (i64,) = sqlx::query_as(

@@ -20,12 +20,13 @@ mod rewrap;
 mod secrets;
 mod security;
 mod signing_keys;
+mod states;
 mod usage;
 
 pub use audit::{AuditFilter, AuditMeta, AuditRow, AuditSigner, NewAuditEvent};
 pub use clients::{AdminGuard, ClientAuthState, ClientFields, ClientRow, ClientWriteError};
 pub use console::ConsoleSessionRow;
-pub use error::{ItemWriteError, StoreError};
+pub use error::{ItemWriteError, StoreError, Violation};
 pub use keys::{KeyRow, KeyVersionRow, NewKey, ROTATION_CLAIM_SECS, RotationRow};
 pub use master_keys::{ClusterLock, MasterKeyChangeError, MasterKeyRow, MasterKeyStatus};
 pub use notify::{AUTH_LISTENER_APPLICATION, AuthChange, AuthChangeSink, AuthListener};
@@ -36,6 +37,10 @@ pub use rewrap::{
 pub use secrets::{NewSecretVersion, SecretRow, SecretVersionRow};
 pub use security::SourceBlock;
 pub use signing_keys::SigningKeyRow;
+pub use states::{
+    ClientState, KeyState, MasterKeyState, RewrapJobState, SecretState, SigningKeyState,
+    UnknownState,
+};
 pub use usage::UsageRow;
 
 /// The connection pool and the audit signer. Cheap to clone (clones share both).

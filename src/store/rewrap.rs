@@ -4,7 +4,7 @@
 use sqlx::{Postgres, Transaction};
 
 use super::audit::{self, AuditMeta, NewAuditEvent};
-use super::{Store, StoreError, from_version, to_version};
+use super::{MasterKeyState, RewrapJobState, Store, StoreError, from_version, to_version};
 use crate::crypto::MasterKeyVersion;
 
 /// The transaction-scoped advisory-lock key that serialises starting a rewrap job with finishing
@@ -16,8 +16,8 @@ const REWRAP_JOB_LOCK: i64 = 0x6b62_7277;
 pub struct RewrapJob {
     /// Its id.
     pub id: i64,
-    /// `running` or `done`.
-    pub state: String,
+    /// Its state.
+    pub state: RewrapJobState,
     /// `officer`, `scheduler` or an admin client's id.
     pub started_by: String,
     /// RFC 3339.
@@ -195,7 +195,7 @@ impl Store {
         let Some(row) = latest_job(&mut conn).await? else {
             return Ok(None);
         };
-        let remaining = match self.master_key_in_state("active").await? {
+        let remaining = match self.master_key_in_state(MasterKeyState::Active).await? {
             Some(active) => remaining_outside(&mut conn, active).await?,
             None => 0,
         };
@@ -358,7 +358,15 @@ impl RewrapBatch {
 }
 
 /// A rewrap job's row, before its live `remaining` is counted.
-struct JobRow(i64, String, String, String, Option<String>, i64, i64);
+struct JobRow(
+    i64,
+    RewrapJobState,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+);
 
 impl JobRow {
     fn with_remaining(self, remaining: i64) -> RewrapJob {
@@ -377,7 +385,15 @@ impl JobRow {
 
 /// The running rewrap job, else the latest one.
 async fn latest_job(conn: &mut sqlx::PgConnection) -> Result<Option<JobRow>, StoreError> {
-    type Row = (i64, String, String, String, Option<String>, i64, i64);
+    type Row = (
+        i64,
+        RewrapJobState,
+        String,
+        String,
+        Option<String>,
+        i64,
+        i64,
+    );
     let row: Option<Row> = sqlx::query_as(
         "SELECT id, state, started_by, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                 to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), total, rewrapped
