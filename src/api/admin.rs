@@ -10,11 +10,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiError, ApiJson, ApiPath, AppState, ErrorBody, schema};
-use crate::auth::{
-    AuthError, BlockRequest, Caller, Client, ClientSpec, DEFAULT_BLOCK_SECS, Scope,
-    SecuritySettings,
-};
-use crate::store::AdminGuard;
+use crate::auth::AdminGuard;
+use crate::auth::{AuthError, BlockRequest, Caller, Client, ClientSpec, DEFAULT_BLOCK_SECS, Scope};
+use crate::broker::SecuritySettings;
 
 /// `POST /v1/admin/clients` request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -538,7 +536,7 @@ pub(super) async fn audit_events(
             "severity must be info, warning, error or critical".to_owned(),
         ));
     }
-    let filter = crate::store::AuditFilter {
+    let filter = crate::broker::AuditFilter {
         from_us: q.from.map(|s| s.saturating_mul(1_000_000)),
         to_us: q.to.map(|s| s.saturating_mul(1_000_000)),
         client_id: q.client_id,
@@ -549,10 +547,8 @@ pub(super) async fn audit_events(
     };
     let rows = state
         .broker
-        .store()
         .audit_events(&filter, i64::from(limit) + 1)
-        .await
-        .map_err(crate::broker::BrokerError::from)?;
+        .await?;
     let more = rows.len() > limit as usize;
     let items: Vec<AuditEventBody> = rows
         .into_iter()
@@ -589,12 +585,7 @@ pub(super) async fn audit_verify(
     caller: Caller,
 ) -> Result<Json<AuditVerificationBody>, ApiError> {
     caller.require(Scope::Admin)?;
-    let verdict = crate::audit::verify(state.broker.store(), state.broker.hsm())
-        .await
-        .map_err(|e| match e {
-            crate::audit::VerifyError::Store(e) => crate::broker::BrokerError::from(e),
-            crate::audit::VerifyError::Hsm(e) => crate::broker::BrokerError::from(e),
-        })?;
+    let verdict = state.broker.verify_audit().await?;
     Ok(Json(AuditVerificationBody {
         intact: verdict.first_broken.is_none(),
         rows: verdict.rows,
@@ -675,7 +666,7 @@ pub(super) async fn lockdown_client(
         .await?;
     if block.is_some() {
         // This broker blocks at once; the others within their next refresh.
-        if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+        if let Err(e) = state.limiter.refresh(&state.broker).await {
             tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after lockdown");
         }
     }
@@ -702,13 +693,8 @@ pub(super) async fn unblock_client(
     caller.require(Scope::Admin)?;
     let id = client_id(&id)?;
     let client = state.auth.client(id).await?;
-    state
-        .broker
-        .store()
-        .unblock_client_sources(id, &crate::audit::meta())
-        .await
-        .map_err(AuthError::from)?;
-    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+    state.broker.unblock_client_sources(id).await?;
+    if let Err(e) = state.limiter.refresh(&state.broker).await {
         tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed after unblock");
     }
     Ok(Json(client.into()))
@@ -725,10 +711,7 @@ pub(super) async fn get_security_settings(
     caller: Caller,
 ) -> Result<Json<SecuritySettings>, ApiError> {
     caller.require(Scope::Admin)?;
-    let settings = SecuritySettings::load(state.broker.store())
-        .await
-        .map_err(AuthError::from)?;
-    Ok(Json(settings))
+    Ok(Json(state.broker.security_settings().await?))
 }
 
 /// Replace the rate limits and automatic-response settings; every broker applies them within
@@ -746,18 +729,8 @@ pub(super) async fn put_security_settings(
     ApiJson(settings): ApiJson<SecuritySettings>,
 ) -> Result<Json<SecuritySettings>, ApiError> {
     caller.require(Scope::Admin)?;
-    settings
-        .validate()
-        .map_err(|m| ApiError::from(crate::broker::BrokerError::InvalidSpec(m)))?;
-    let json = serde_json::to_string(&settings)
-        .map_err(|_| ApiError::from(crate::broker::BrokerError::InvalidSpec("settings".into())))?;
-    state
-        .broker
-        .store()
-        .put_security_settings(&json, &crate::audit::meta())
-        .await
-        .map_err(AuthError::from)?;
-    if let Err(e) = state.limiter.refresh(state.broker.store()).await {
+    state.broker.set_security_settings(&settings).await?;
+    if let Err(e) = state.limiter.refresh(&state.broker).await {
         tracing::warn!(target: "keybroker::security", error = %e, "limiter not refreshed");
     }
     Ok(Json(settings))

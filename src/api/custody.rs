@@ -11,9 +11,8 @@ use utoipa::ToSchema;
 use super::admin::AdminErrorResponses;
 use super::{ApiError, ApiPath, AppState, ErrorBody};
 use crate::auth::{Caller, Scope};
-use crate::broker::{MasterKeyView, RewrapJobState};
+use crate::broker::{MasterKeyView, RewrapJob, RewrapJobState};
 use crate::crypto::MasterKeyVersion;
-use crate::store::RewrapJob;
 
 /// One master-key version.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -1,5 +1,6 @@
-//! Managed keys, secrets and usage statistics over HTTP. Handlers parse and check the scope;
-//! `broker` does the work.
+//! Managed keys over HTTP: create, list, read, rotate, refresh, disable, enable, delete and
+//! cancel a deletion, with their wire types. Handlers parse and check the scope; `broker` does
+//! the work.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,22 +8,16 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::{ApiError, ApiJson, ApiPath, AppState, ContextMap, ErrorBody, parse_context};
 use crate::auth::{Caller, Scope, unix_now};
-use crate::broker::{
-    BrokerError, KeyDetails, KeySpec, KeyState, ManagedKey, Rotation, SecretName, StoredSecret,
-};
+use crate::broker::{BrokerError, KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
 use crate::crypto::formats::{KeyFormat, present};
-use crate::store::UsageRow;
 
-const DAY: i64 = 86_400;
+pub(super) const DAY: i64 = 86_400;
 
 // ---------------------------------------------------------------------------------------------
 // Wire types
@@ -284,152 +279,6 @@ pub struct DeletionQuery {
     pub pending_window_days: Option<u32>,
 }
 
-/// `PUT /v1/secrets/{name}` request.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PutSecretBody {
-    /// The value, standard base64 (at most 64 KiB decoded).
-    #[schema(schema_with = super::schema::secret_value)]
-    pub value: String,
-    /// Bound into both layers' AAD: reads must give the same map.
-    pub context: Option<ContextMap>,
-}
-
-/// A secret's metadata.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SecretBody {
-    /// Name.
-    pub name: String,
-    /// `active` or `pending_deletion`.
-    pub state: String,
-    /// Latest version.
-    pub current_version: u32,
-    /// Scheduled destruction (unix seconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deletion_due: Option<i64>,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub updated_at: i64,
-}
-
-impl From<StoredSecret> for SecretBody {
-    fn from(s: StoredSecret) -> Self {
-        Self {
-            name: s.name,
-            state: s.state.as_str().to_owned(),
-            current_version: s.current_version,
-            deletion_due: s.deletion_due,
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-        }
-    }
-}
-
-/// `GET /v1/secrets/{name}` response.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SecretValueBody {
-    /// Name.
-    pub name: String,
-    /// The version read.
-    pub version: u32,
-    /// The value, standard base64.
-    pub value: String,
-}
-
-/// Operation counts.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct UsageBody {
-    /// One row per client, key (nil UUID for stateless calls), operation and day.
-    pub items: Vec<UsageItem>,
-}
-
-/// Operations of one kind on one day.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct UsageItem {
-    /// Client.
-    pub client_id: Uuid,
-    /// Managed key or secret id; nil for stateless calls.
-    pub key_id: Uuid,
-    /// `datakey`, `wrap`, `unwrap`, `rewrap`, `random`, `key.create`, `key.read`, `key.rotate`,
-    /// `secret.write`, `secret.read`.
-    pub operation: String,
-    /// The day, unix seconds at 00:00 UTC.
-    pub day: i64,
-    /// How many.
-    pub count: i64,
-}
-
-fn usage_body(rows: Vec<UsageRow>) -> UsageBody {
-    UsageBody {
-        items: rows
-            .into_iter()
-            .map(|r| UsageItem {
-                client_id: r.client_id,
-                key_id: r.key_id,
-                operation: r.operation,
-                day: r.day,
-                count: r.count,
-            })
-            .collect(),
-    }
-}
-
-/// `GET /v1/usage` query: the caller's own counts.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct OwnUsageQuery {
-    /// Days back, 1 to 366 (30).
-    #[param(nullable = false, minimum = 1, maximum = 366)]
-    pub days: Option<u32>,
-    /// One key or secret id (nil UUID: stateless calls).
-    #[param(nullable = false)]
-    pub key_id: Option<Uuid>,
-}
-
-/// `GET /v1/admin/usage` query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct UsageQuery {
-    /// Days back, 1 to 366 (30).
-    #[param(nullable = false, minimum = 1, maximum = 366)]
-    pub days: Option<u32>,
-    /// One key or secret id (nil UUID: stateless calls).
-    #[param(nullable = false)]
-    pub key_id: Option<Uuid>,
-    /// One client.
-    #[param(nullable = false)]
-    pub client_id: Option<Uuid>,
-}
-
-/// Report query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct DueQuery {
-    /// Horizon in days, 0 to 366 (30).
-    #[param(nullable = false, minimum = 0, maximum = 366)]
-    pub within_days: Option<u32>,
-}
-
-/// A key due for rotation or expiry.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct DueKeyBody {
-    /// Owning client.
-    pub client_id: Uuid,
-    /// The key.
-    pub key: KeyBody,
-}
-
-/// `GET /v1/admin/keys/due` response.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct DueKeysBody {
-    /// Keys due, soonest first.
-    pub items: Vec<DueKeyBody>,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parsing
 
@@ -437,7 +286,7 @@ fn key_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| BrokerError::KeyNotFound.into())
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::InvalidQuery(super::mismatch_message(&e, "query string")))
 }
@@ -498,11 +347,11 @@ pub fn key_spec(body: CreateKeyBody, now: i64) -> Result<KeySpec, ApiError> {
 
 /// `?context.<key>=<value>` pairs of a query string, as an encryption context.
 /// The entry name in a `context[<name>]` query parameter (OpenAPI's `deepObject` style).
-fn context_entry_name(parameter: &str) -> Option<&str> {
+pub(super) fn context_entry_name(parameter: &str) -> Option<&str> {
     parameter.strip_prefix("context[")?.strip_suffix(']')
 }
 
-fn query_context(
+pub(super) fn query_context(
     params: &HashMap<String, String>,
 ) -> Result<crate::crypto::EncryptionContext, ApiError> {
     let map: BTreeMap<String, String> = params
@@ -826,247 +675,4 @@ pub(super) async fn cancel_key_deletion(
         .cancel_key_deletion(caller.client_id, key_id(&id)?, unix_now())
         .await?;
     Ok(Json(key.into()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Secrets
-
-/// Store a new version of a secret (envelope encryption; at most 64 KiB).
-#[utoipa::path(put, path = "/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`")), request_body = PutSecretBody,
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Stored; `current_version` is the new version", body = SecretBody),
-        (status = 400, description = "`invalid_base64`", body = ErrorBody),
-        (status = 409, description = "`secret_pending_deletion`, `concurrent_update`", body = ErrorBody),
-        (status = 422, description = "`invalid_request` (name, size), `invalid_context`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn put_secret(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(name): ApiPath<String>,
-    ApiJson(body): ApiJson<PutSecretBody>,
-) -> Result<Json<SecretBody>, ApiError> {
-    caller.require(Scope::SecretsWrite)?;
-    let name = SecretName::new(&name)?;
-    let (value, context) = secret_value(body)?;
-    let secret = state
-        .broker
-        .put_secret(caller.client_id, &name, value, context, unix_now())
-        .await?;
-    Ok(Json(secret.into()))
-}
-
-/// A secret's value, decoded into a zeroizing buffer (the request's base64 copy is wiped), and
-/// its context.
-///
-/// # Errors
-/// `invalid_base64` or `invalid_context`.
-pub fn secret_value(
-    body: PutSecretBody,
-) -> Result<(Zeroizing<Vec<u8>>, crate::crypto::EncryptionContext), ApiError> {
-    let value = Zeroizing::new(
-        STANDARD
-            .decode(body.value.as_bytes())
-            .map_err(|_| ApiError::InvalidBase64("value"))?,
-    );
-    let mut text = body.value;
-    zeroize::Zeroize::zeroize(&mut text);
-    Ok((value, parse_context(body.context)?))
-}
-
-/// Read a secret (latest or `?version=`), with its context as `?context.<key>=<value>`.
-#[utoipa::path(get, path = "/v1/secrets/{name}", tag = "secrets",
-    params(
-        ("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`"),
-        ("version" = Option<u32>, Query, nullable = false, minimum = 1, description = "A version; default the latest"),
-        ("context" = Option<ContextMap>, Query, style = DeepObject, explode, nullable = false,
-            description = "The context the secret was stored with, one `context[<key>]=<value>` parameter per entry"),
-    ),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "The value", body = SecretValueBody),
-        (status = 404, description = "`secret_not_found`", body = ErrorBody),
-        (status = 409, description = "`secret_pending_deletion`", body = ErrorBody),
-        (status = 422, description = "`context_mismatch`, `invalid_request`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn get_secret(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(name): ApiPath<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<SecretValueBody>, ApiError> {
-    caller.require(Scope::SecretsRead)?;
-    let name = SecretName::new(&name)?;
-    let params = query(q)?;
-    if let Some(bad) = params
-        .keys()
-        .find(|k| k.as_str() != "version" && context_entry_name(k).is_none())
-    {
-        return Err(ApiError::InvalidQuery(format!(
-            "unknown query parameter {bad:?}"
-        )));
-    }
-    let version = match params.get("version") {
-        Some(v) => Some(
-            v.parse::<u32>()
-                .map_err(|_| ApiError::InvalidQuery("version must be a positive number".into()))?,
-        ),
-        None => None,
-    };
-    let context = query_context(&params)?;
-    let (secret, version, value) = state
-        .broker
-        .get_secret(caller.client_id, &name, version, context, unix_now())
-        .await?;
-    Ok(Json(SecretValueBody {
-        name: secret.name,
-        version,
-        value: STANDARD.encode(value.as_slice()),
-    }))
-}
-
-/// Schedule a secret's destruction (every version) after a pending window (1-30 days, default 7).
-#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`"), DeletionQuery),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Pending deletion", body = SecretBody),
-        (status = 404, description = "`secret_not_found`", body = ErrorBody),
-        (status = 409, description = "`secret_pending_deletion`", body = ErrorBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn delete_secret(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(name): ApiPath<String>,
-    q: Result<Query<DeletionQuery>, QueryRejection>,
-) -> Result<Json<SecretBody>, ApiError> {
-    caller.require(Scope::SecretsWrite)?;
-    let name = SecretName::new(&name)?;
-    let q = query(q)?;
-    let secret = state
-        .broker
-        .delete_secret(caller.client_id, &name, q.pending_window_days, unix_now())
-        .await?;
-    Ok(Json(secret.into()))
-}
-
-/// Cancel a secret's scheduled destruction.
-#[utoipa::path(post, path = "/v1/secrets/{name}/cancel-deletion", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name: 1 to 200 letters, digits or `._-/`")), security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Active again", body = SecretBody),
-        (status = 404, description = "`secret_not_found`", body = ErrorBody),
-        (status = 409, description = "`secret_active`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn cancel_secret_deletion(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<SecretBody>, ApiError> {
-    caller.require(Scope::SecretsWrite)?;
-    let name = SecretName::new(&name)?;
-    let secret = state
-        .broker
-        .cancel_secret_deletion(caller.client_id, &name, unix_now())
-        .await?;
-    Ok(Json(secret.into()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Usage and reports
-
-fn usage_days(days: Option<u32>) -> Result<u32, ApiError> {
-    let days = days.unwrap_or(30);
-    if (1..=366).contains(&days) {
-        Ok(days)
-    } else {
-        Err(ApiError::InvalidQuery("days must be 1 to 366".to_owned()))
-    }
-}
-
-/// Your own operation counts per key and day.
-#[utoipa::path(get, path = "/v1/usage", tag = "keys", params(OwnUsageQuery),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Counts", body = UsageBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn own_usage(
-    State(state): State<AppState>,
-    caller: Caller,
-    q: Result<Query<OwnUsageQuery>, QueryRejection>,
-) -> Result<Json<UsageBody>, ApiError> {
-    let q = query(q)?;
-    let rows = state
-        .broker
-        .usage(
-            Some(caller.client_id),
-            q.key_id,
-            usage_days(q.days)?,
-            unix_now(),
-        )
-        .await?;
-    Ok(Json(usage_body(rows)))
-}
-
-/// Operation counts of any client and key (admin).
-#[utoipa::path(get, path = "/v1/admin/usage", tag = "admin", params(UsageQuery),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Counts", body = UsageBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn admin_usage(
-    State(state): State<AppState>,
-    caller: Caller,
-    q: Result<Query<UsageQuery>, QueryRejection>,
-) -> Result<Json<UsageBody>, ApiError> {
-    caller.require(Scope::Admin)?;
-    let q = query(q)?;
-    let rows = state
-        .broker
-        .usage(q.client_id, q.key_id, usage_days(q.days)?, unix_now())
-        .await?;
-    Ok(Json(usage_body(rows)))
-}
-
-/// Keys of every client due for rotation or expiry within N days (admin).
-#[utoipa::path(get, path = "/v1/admin/keys/due", tag = "admin", params(DueQuery),
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Keys due", body = DueKeysBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
-        super::admin::AdminErrorResponses,
-    ))]
-pub(super) async fn keys_due(
-    State(state): State<AppState>,
-    caller: Caller,
-    q: Result<Query<DueQuery>, QueryRejection>,
-) -> Result<Json<DueKeysBody>, ApiError> {
-    caller.require(Scope::Admin)?;
-    let q = query(q)?;
-    let days = q.within_days.unwrap_or(30);
-    if days > 366 {
-        return Err(ApiError::InvalidQuery(
-            "within_days must be 0 to 366".to_owned(),
-        ));
-    }
-    let due = state.broker.keys_due(days, unix_now()).await?;
-    Ok(Json(DueKeysBody {
-        items: due
-            .into_iter()
-            .map(|(client_id, key)| DueKeyBody {
-                client_id,
-                key: key.into(),
-            })
-            .collect(),
-    }))
 }

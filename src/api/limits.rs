@@ -28,8 +28,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, request_source};
-use crate::auth::{MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
-use crate::store::{NewAuditEvent, Store, StoreError};
+use crate::broker::NewAuditEvent;
+use crate::broker::{Broker, BrokerError, MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
 
 /// Unix milliseconds now; tests replace it.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -281,10 +281,10 @@ impl Limiter {
     ///
     /// # Errors
     /// An outage (the previous settings stay in force).
-    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
-        let settings = SecuritySettings::load(store).await?;
+    pub async fn refresh(&self, broker: &Broker) -> Result<(), BrokerError> {
+        let settings = broker.security_settings().await?;
         let now_s = (self.clock)() / 1000;
-        let cidrs: Vec<IpNet> = store
+        let cidrs: Vec<IpNet> = broker
             .blocked_sources(now_s)
             .await?
             .iter()
@@ -554,13 +554,7 @@ pub(super) fn enforce(state: &AppState, source: Source, verdict: Verdict) -> Res
             Source::Ip(ip) => event.subject(ip.to_string()),
             Source::Client(id) => event.client(id).subject(id.to_string()),
         };
-        let meta = crate::audit::meta();
-        let store = state.broker.store().clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.audit(&meta, &[event]).await {
-                tracing::warn!(target: "keybroker::audit", error = %e, "rate-limit event not audited");
-            }
-        });
+        state.broker.record_security_event(event);
     }
     Err(error)
 }

@@ -9,8 +9,11 @@
 use serde_json::{Map, Value, json};
 use utoipa::OpenApi;
 
-use super::ApiDoc;
 use super::schema::{ITEM_NAME_PATTERN, lengths_by_format};
+use super::{
+    ErrorBody, ErrorDetail, admin, crypto, custody, keys, metrics, oauth, operations, random,
+    secrets, usage,
+};
 
 /// What the document says that depends on the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -552,4 +555,62 @@ fn operation_id(doc: &Value, path: &str, method: &str) -> Option<String> {
         .get("operationId")?
         .as_str()
         .map(str::to_owned)
+}
+
+/// The OpenAPI document of every endpoint, request, response and error shape.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keybroker",
+        description = "HSM-backed key broker: data keys generated, wrapped and unwrapped inside a PKCS#11 token. Every error is `{\"error\": {\"code\", \"message\", \"request_id\"}}`."
+    ),
+    paths(
+        crypto::datakey, crypto::datakey_batch, crypto::wrap, crypto::wrap_batch, crypto::unwrap,
+        crypto::unwrap_batch, crypto::rewrap, crypto::rewrap_batch,
+        random::random, random::random_batch,
+        oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
+        admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
+        admin::disable_client, admin::enable_client, admin::delete_client,
+        admin::audit_events, admin::audit_verify, admin::lockdown_client, admin::unblock_client,
+        admin::get_security_settings, admin::put_security_settings,
+        keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
+        keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
+        keys::cancel_key_deletion, secrets::put_secret, secrets::get_secret, secrets::delete_secret,
+        secrets::cancel_secret_deletion, usage::own_usage, usage::admin_usage, usage::keys_due,
+        custody::list_master_keys, custody::rotate_master_key, custody::start_rewrap,
+        custody::get_rewrap, custody::retire_master_key, custody::rotate_signing_key,
+        metrics::metrics, operations::healthz, operations::readyz, operations::openapi
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "crypto", description = "Stateless data-key operations"),
+        (name = "oauth", description = "Client credentials, introspection, revocation, JWKS"),
+        (name = "admin", description = "Client registration and lockdown (scope `admin`)"),
+        (name = "keys", description = "Managed keys kept sealed in Postgres, and usage"),
+        (name = "secrets", description = "Secrets under envelope encryption"),
+        (name = "custody", description = "Master-key and token-signing key rotation, rewrap, retirement (scope `admin`)"),
+        (name = "operations", description = "Health, readiness, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the protected paths refer to.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("An ES256 access token from POST /v1/oauth/token"))
+                    .build(),
+            ),
+        );
+    }
 }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::metrics::{HttpMetrics, UNMATCHED, method_label};
 use super::{AppState, ErrorBody, REQUEST_ID, error_chain, request_source};
-use crate::store::{RequestLogRow, Store};
+use crate::broker::{Broker, RequestLogRow};
 
 /// Rows waiting for the writer; beyond this, new rows are dropped.
 const QUEUE: usize = 10_000;
@@ -79,13 +79,13 @@ impl std::fmt::Debug for RequestLog {
 impl RequestLog {
     /// Starts the writer task on the current Tokio runtime (call it from within one). It writes
     /// what it has every `flush_every`, and at once whenever a batch of 500 rows is ready.
-    pub fn start(store: Store, flush_every: Duration) -> Self {
+    pub fn start(broker: Arc<Broker>, flush_every: Duration) -> Self {
         let (queue, rows) = mpsc::channel(QUEUE);
         let (stop, stopped) = oneshot::channel();
         let dropped = Arc::new(AtomicU64::new(0));
         // A zero period would make the timer panic; a millisecond is as good as immediate.
         let flush_every = flush_every.max(Duration::from_millis(1));
-        let task = tokio::spawn(write(store, flush_every, rows, stopped, dropped.clone()));
+        let task = tokio::spawn(write(broker, flush_every, rows, stopped, dropped.clone()));
         Self {
             shared: Arc::new(Shared {
                 queue,
@@ -161,7 +161,7 @@ fn count_dropped(dropped: &AtomicU64, n: u64, why: &'static str) {
 /// The writer: gathers rows, inserts them in batches of [`BATCH`] every `flush_every` (or as
 /// soon as a batch is full), backs off while Postgres fails, and on stop writes what remains.
 async fn write(
-    store: Store,
+    broker: Arc<Broker>,
     flush_every: Duration,
     mut rows: mpsc::Receiver<RequestLogRow>,
     mut stop: oneshot::Receiver<()>,
@@ -185,12 +185,12 @@ async fn write(
                     count_dropped(&dropped, excess as u64, "request log backlog over its bound");
                 }
                 if held.len() >= BATCH && backoff.due() {
-                    flush(&store, &mut held, &mut backoff).await;
+                    flush(&broker, &mut held, &mut backoff).await;
                 }
             }
             _ = ticks.tick() => {
                 if !held.is_empty() && backoff.due() {
-                    flush(&store, &mut held, &mut backoff).await;
+                    flush(&broker, &mut held, &mut backoff).await;
                 }
             }
             // A stop, or the handle gone without one: take no more rows, drain the queue.
@@ -202,7 +202,7 @@ async fn write(
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while !held.is_empty() {
-        if flush(&store, &mut held, &mut backoff).await {
+        if flush(&broker, &mut held, &mut backoff).await {
             break;
         }
         if Instant::now() + RETRY_MIN > deadline {
@@ -217,10 +217,10 @@ async fn write(
 
 /// Inserts the held rows batch by batch; stops at the first failure, keeping the rest for a
 /// later try. Returns whether everything was written.
-async fn flush(store: &Store, held: &mut Vec<RequestLogRow>, backoff: &mut Backoff) -> bool {
+async fn flush(broker: &Broker, held: &mut Vec<RequestLogRow>, backoff: &mut Backoff) -> bool {
     while !held.is_empty() {
         let n = held.len().min(BATCH);
-        match store.insert_request_log(&held[..n]).await {
+        match broker.write_request_log(&held[..n]).await {
             Ok(()) => {
                 held.drain(..n);
                 backoff.succeeded();

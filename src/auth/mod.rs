@@ -8,8 +8,9 @@
 //! `scopes`, `ip_policy` (address policy, lockdown blocks, source address), `credentials`
 //! (client secrets and their HMAC), `assertions` (`private_key_jwt`), `tokens` (issue, verify,
 //! introspect, revoke), `verified` (the verified-token cache), `signing_keys` (rotation, JWKS),
-//! `clients` (registration, changes, lockdown), `settings` (`SecuritySettings`), `refusals`
-//! (the automatic response and the coalesced refusal audit) and `cache` (client state and
+//! `clients` (registration, changes, lockdown), `console_sessions` (the officer console's
+//! sessions), `refusals` (handing a refused client to the
+//! automatic response, and the coalesced refusal audit) and `cache` (client state and
 //! revocations, kept coherent with Postgres).
 
 use std::sync::{Arc, RwLock};
@@ -20,15 +21,16 @@ use ipnet::IpNet;
 mod assertions;
 mod cache;
 mod clients;
+mod console_sessions;
 mod credentials;
 mod ip_policy;
 mod refusals;
 mod scopes;
-mod settings;
 mod signing_keys;
 mod tokens;
 mod verified;
 
+pub use crate::store::AdminGuard;
 pub use assertions::{ClientAssertion, JWT_BEARER_ASSERTION, verify_es256};
 pub use cache::{AuthCache, DEFAULT_MAX_AGE as DEFAULT_CACHE_MAX_AGE};
 pub use clients::{Client, ClientSpec};
@@ -37,9 +39,7 @@ pub use ip_policy::{
     BlockError, BlockRequest, DEFAULT_BLOCK_SECS, IpPolicy, IpPolicyError, MAX_BLOCK_SECS,
     MAX_CLIENT_NETWORKS, STRICT_MIN_PREFIX_V4, STRICT_MIN_PREFIX_V6, block_for, source_ip,
 };
-pub use refusals::respond_to_refusal;
 pub use scopes::{Scope, Scopes, UnknownScope};
-pub use settings::{MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
 pub use signing_keys::ec_point_coordinates;
 pub use tokens::{
     AccessClaims, Caller, Introspection, IssuedToken, parse_ids, verify_access_token,

@@ -402,7 +402,7 @@ impl Broker {
                     .subject(key.name.clone())
                     .details(serde_json::json!({ "operation": "key.read", "version": version }));
                 self.store.audit(&crate::audit::meta(), &[event]).await?;
-                crate::auth::respond_to_refusal(&self.store, owner).await?;
+                super::security::respond_to_refusal(&self.store, owner).await?;
                 return Err(BrokerError::NotAuthentic);
             }
             other => other?,

@@ -10,11 +10,12 @@ mod maintenance;
 mod master_keys;
 mod random;
 mod secrets;
+pub(crate) mod security;
 mod usage;
 
 pub use crate::store::{
-    ClientState, KeyState, MasterKeyState, RewrapJobState, RewrapStart, SecretState,
-    SigningKeyState,
+    AuditFilter, AuditRow, ClientState, KeyState, MasterKeyState, NewAuditEvent, RequestLogRow,
+    RewrapJob, RewrapJobState, RewrapStart, SecretState, SigningKeyState, UsageRow,
 };
 pub use custody_gauges::{CustodySnapshot, CustodyVersion, DatabaseHalf, TokenHalf};
 pub use keys::{KeyDetails, KeySpec, ManagedKey, Rotation};
@@ -24,6 +25,7 @@ pub use master_keys::{
 };
 pub use random::{RandomMaterial, RandomRequest};
 pub use secrets::{MAX_SECRET_LEN, SecretName, StoredSecret};
+pub use security::{MAX_BURST, MAX_RATE, MIN_RATE, SecuritySettings};
 pub use usage::Operation;
 
 use std::sync::Arc;
@@ -278,14 +280,29 @@ impl Broker {
         self.limits
     }
 
-    /// The token pool (for the benchmark and the officer commands).
-    pub fn hsm(&self) -> &Hsm {
-        &self.hsm
+    /// The label of the token this broker uses.
+    pub fn token_label(&self) -> &str {
+        self.hsm.token_label()
     }
 
-    /// The database (for the officer commands).
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// What the token holds of ours (labels and the attributes that matter), for `hsm status`
+    /// and the console.
+    ///
+    /// # Errors
+    /// The token is unavailable.
+    pub async fn token_objects(&self) -> Result<Vec<crate::hsm::ObjectInfo>, BrokerError> {
+        Ok(self.hsm.status().await?)
+    }
+
+    /// The authenticator of clients and tokens, on this broker's token and database.
+    ///
+    /// # Errors
+    /// The token or the database is unavailable, or the token-signing key is missing.
+    pub async fn authenticator(
+        &self,
+        config: crate::auth::AuthConfig,
+    ) -> Result<crate::auth::Authenticator, crate::auth::AuthError> {
+        crate::auth::Authenticator::load(self.hsm.clone(), self.store.clone(), config).await
     }
 
     /// `hsm init`: creates what is missing on the token (never a second MK v1), then records the
@@ -454,7 +471,7 @@ impl Broker {
         }
         self.store.audit(&crate::audit::meta(), &[event]).await?;
         if let Some(client) = client {
-            crate::auth::respond_to_refusal(&self.store, client).await?;
+            security::respond_to_refusal(&self.store, client).await?;
         }
         Ok(())
     }

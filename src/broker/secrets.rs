@@ -237,7 +237,7 @@ impl Broker {
                 .details(serde_json::json!({ "operation": "secret.read", "version": version }));
             self.store.audit(&crate::audit::meta(), &[event]).await?;
             if matches!(value, Err(BrokerError::NotAuthentic)) {
-                crate::auth::respond_to_refusal(&self.store, owner).await?;
+                super::security::respond_to_refusal(&self.store, owner).await?;
             }
         }
         let value = value?;

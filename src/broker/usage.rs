@@ -1,6 +1,7 @@
 //! Usage counts: operations per client, key and day, kept in memory and added to Postgres in one
 //! statement per flush (the background worker flushes every tick, and readers flush first), so
-//! counting costs no query per request. A crash loses at most one tick of counts.
+//! counting costs no query per request. A crash loses at most one tick of counts. Also the
+//! request log's rows, written in the batches the API's writer gathers.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -158,6 +159,17 @@ const ALL_OPERATIONS: [Operation; 10] = [
 ];
 
 impl Broker {
+    /// Writes rows of the request log (one insert for all of them).
+    ///
+    /// # Errors
+    /// An outage: nothing was written.
+    pub async fn write_request_log(
+        &self,
+        rows: &[crate::store::RequestLogRow],
+    ) -> Result<(), BrokerError> {
+        Ok(self.store.insert_request_log(rows).await?)
+    }
+
     /// Counts `n` stateless operations for `client`.
     pub fn count(&self, client: Uuid, op: Operation, n: usize, now: i64) {
         self.usage.add(

@@ -22,7 +22,7 @@ pub(super) async fn run_audit(
     match command {
         AuditCommand::Verify => {
             let broker = super::broker(&token, &db, Limits { max_batch: 1 }).await?;
-            let verdict = crate::audit::verify(broker.store(), broker.hsm()).await?;
+            let verdict = broker.verify_audit().await?;
             match verdict.first_broken {
                 None => {
                     println!("audit chain intact: {} rows verified", verdict.rows);

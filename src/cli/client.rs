@@ -6,7 +6,7 @@ use clap::Subcommand;
 use std::path::PathBuf;
 
 use super::{BoxError, authenticator, broker};
-use crate::auth::{BlockRequest, Client, ClientSpec, SecuritySettings};
+use crate::auth::{BlockRequest, Client, ClientSpec};
 use crate::broker::Limits;
 use crate::config::{DatabaseArgs, TokenArgs};
 use crate::store::AdminGuard;
@@ -166,7 +166,7 @@ pub(super) async fn run_client(
             block_secs,
             allow_no_admin,
         } => {
-            let settings = SecuritySettings::load(broker.store()).await?;
+            let settings = broker.security_settings().await?;
             let request = (block || !cidrs.is_empty()).then(|| BlockRequest {
                 cidrs: (!cidrs.is_empty()).then_some(cidrs.as_slice()),
                 secs: block_secs,
@@ -188,10 +188,7 @@ pub(super) async fn run_client(
         }
         ClientCommand::Unblock { id } => {
             auth.client(id).await?;
-            let lifted = broker
-                .store()
-                .unblock_client_sources(id, &crate::audit::meta())
-                .await?;
+            let lifted = broker.unblock_client_sources(id).await?;
             println!("lifted {lifted} block(s) of {id}; every broker within seconds");
         }
     }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use std::path::PathBuf;
 
 use super::{BoxError, authenticator, broker};
-use crate::auth::{Authenticator, Client, ClientSecret};
+use crate::auth::{Client, ClientSecret};
 use crate::broker::{Broker, Limits, RewrapStart};
 use crate::config::{AuthArgs, DatabaseArgs, TokenArgs, read_secret};
 use crate::crypto::MasterKeyVersion;
@@ -245,8 +245,7 @@ pub(super) async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
         HsmCommand::RotateSigning { token, db, auth } => {
             let broker = broker(&token, &db, limits).await?;
             let config = auth.auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
-            let authenticator =
-                Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?;
+            let authenticator = broker.authenticator(config).await?;
             let version = authenticator
                 .rotate_signing_key(crate::auth::unix_now())
                 .await?;
@@ -311,7 +310,7 @@ async fn print_self_test(broker: &Broker) -> Result<(), BoxError> {
 }
 
 async fn print_status(broker: &Broker) -> Result<(), BoxError> {
-    let objects = broker.hsm().status().await?;
+    let objects = broker.token_objects().await?;
     let flag = |v: Option<bool>| match v {
         Some(true) => "yes",
         Some(false) => "no",

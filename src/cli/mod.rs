@@ -154,7 +154,7 @@ async fn authenticator(broker: &Broker, public_url: &str) -> Result<Authenticato
         console_absolute_secs: 28_800,
     }
     .auth_config(std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
-    Ok(Authenticator::load(broker.hsm().clone(), broker.store().clone(), config).await?)
+    Ok(broker.authenticator(config).await?)
 }
 
 /// `keybroker completions SHELL`: the completion script clap makes from the CLI definitions.

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::BoxError;
 use crate::api::limits::{Clock, Limiter};
 use crate::api::{AppState, RequestLog, error_chain};
-use crate::auth::{AuthConfig, Authenticator, SecuritySettings};
+use crate::auth::{AuthConfig, Authenticator};
 use crate::broker::{Broker, Limits, MasterKeyPolicy};
 use crate::config::{AuthArgs, DatabaseArgs, ServeArgs, TokenArgs};
 use crate::listener::ListenerLimits;
@@ -75,22 +75,20 @@ pub struct Serving {
 /// bound.
 pub async fn start(broker: Arc<Broker>, options: ServeOptions) -> Result<Serving, BoxError> {
     let tested = broker.self_test().await?;
-    tracing::info!(target: LOG_TARGET, token = %broker.hsm().token_label(), versions = ?tested.iter().map(ToString::to_string).collect::<Vec<_>>(), "self-test passed: AES-GCM seal and open under every master key in use");
+    tracing::info!(target: LOG_TARGET, token = %broker.token_label(), versions = ?tested.iter().map(ToString::to_string).collect::<Vec<_>>(), "self-test passed: AES-GCM seal and open under every master key in use");
     // The custody gauges hold something from the first scrape on; the task keeps them fresh.
     broker.refresh_custody_snapshot().await;
     let mut tasks = vec![broker.spawn_custody_refresher(options.metrics_refresh)];
     // Should a later step fail, the loops started here stop (a `serve` that fails exits anyway;
     // a test goes on).
     let started = async {
-        let auth = Arc::new(
-            Authenticator::load(broker.hsm().clone(), broker.store().clone(), options.auth).await?,
-        );
-        let request_log = RequestLog::start(broker.store().clone(), options.request_log_flush);
+        let auth = Arc::new(broker.authenticator(options.auth).await?);
+        let request_log = RequestLog::start(broker.clone(), options.request_log_flush);
         let limiter = Arc::new(Limiter::new(
-            SecuritySettings::load(broker.store()).await?,
+            broker.security_settings().await?,
             options.clock,
         ));
-        limiter.refresh(broker.store()).await?;
+        limiter.refresh(&broker).await?;
         auth.start_cache();
         tasks.push(tokio::spawn(refresh_limits(
             limiter.clone(),
@@ -119,7 +117,7 @@ pub async fn start(broker: Arc<Broker>, options: ServeOptions) -> Result<Serving
             options.request_log_retention_days,
             passed,
         )));
-        tracing::info!(target: LOG_TARGET, addr = %server.addr, token = %broker.hsm().token_label(), "serving https");
+        tracing::info!(target: LOG_TARGET, addr = %server.addr, token = %broker.token_label(), "serving https");
         Ok::<_, BoxError>((auth, request_log, limiter, server, passes))
     }
     .await;
@@ -271,7 +269,7 @@ async fn refresh_limits(
         } else {
             ticks.tick().await;
         }
-        if let Err(e) = limiter.refresh(broker.store()).await {
+        if let Err(e) = limiter.refresh(&broker).await {
             tracing::warn!(target: LOG_TARGET, error = %error_chain(&e), "rate-limit settings not refreshed");
         }
     }

@@ -1212,7 +1212,7 @@ async fn verification_is_exact_across_its_pages() {
                     .details(json!({"batch": batch, "i": i}))
             })
             .collect();
-        server.broker.store().audit(&meta, &events).await.unwrap();
+        server.store.audit(&meta, &events).await.unwrap();
     }
     let n = 1102;
     assert_intact(&server, n, "1102 rows").await;

@@ -167,6 +167,9 @@ pub struct TestServer {
     pub broker: Arc<Broker>,
     pub auth: Arc<Authenticator>,
     pub database_url: String,
+    /// The test database, for setting up and checking what the API does not show (the
+    /// broker keeps its own store to itself).
+    pub store: Store,
     /// Holds every scope, from anywhere.
     pub main: TestClient,
     /// The rate limiter, and how far its clock is ahead of real time (ms): tests move it.
@@ -207,7 +210,7 @@ impl TestServer {
         let store = Store::connect_lazy(database_url, 4).unwrap();
         store.migrate().await.unwrap();
         let hsm = Hsm::connect(hsm_config()).await.unwrap();
-        let broker = Arc::new(Broker::new(hsm, store, limits));
+        let broker = Arc::new(Broker::new(hsm, store.clone(), limits));
         broker.initialise().await.unwrap();
         let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let offset = clock_offset_ms.clone();
@@ -240,6 +243,7 @@ impl TestServer {
             broker: server.broker.clone(),
             auth: server.auth.clone(),
             database_url: database_url.to_owned(),
+            store,
             limiter: server.limiter.clone(),
             clock_offset_ms,
             main: TestClient {
@@ -351,10 +355,10 @@ impl TestServer {
     /// Lets failed authentications go unthrottled, for tests that fail on purpose many times
     /// in a row at the token endpoint (the throttle has tests of its own).
     pub async fn lift_auth_throttle(&self) {
-        let settings = keybroker::auth::SecuritySettings {
+        let settings = keybroker::broker::SecuritySettings {
             auth_failures_per_client: 1_000_000,
             auth_failures_per_source: 1_000_000,
-            ..keybroker::auth::SecuritySettings::default()
+            ..keybroker::broker::SecuritySettings::default()
         };
         let url = format!("{}/v1/admin/security-settings", self.base);
         let body = serde_json::to_value(settings).unwrap();

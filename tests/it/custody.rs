@@ -205,7 +205,7 @@ async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
     store.migrate().await.unwrap();
     let broker = Broker::new(
         Hsm::connect(hsm_config()).await.unwrap(),
-        store,
+        store.clone(),
         Limits { max_batch: 1 },
     );
     let first = broker.initialise().await.unwrap();
@@ -221,7 +221,7 @@ async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
         first.master_keys,
         second.master_keys
     );
-    let objects = broker.hsm().status().await.unwrap();
+    let objects = broker.token_objects().await.unwrap();
     let v1: Vec<_> = objects
         .iter()
         .filter(|o| o.label == "keybroker-mk-v1")
@@ -243,7 +243,7 @@ async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
     );
 
     // The database records exactly one active version.
-    let rows = broker.store().master_keys().await.unwrap();
+    let rows = store.master_keys().await.unwrap();
     assert_eq!(
         rows.iter()
             .filter(|r| r.state == keybroker::broker::MasterKeyState::Active)

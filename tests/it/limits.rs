@@ -14,8 +14,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use keybroker::api::limits::{Limiter, Source, Verdict, system_clock};
-use keybroker::auth::{IpPolicy, SecuritySettings};
+use keybroker::auth::IpPolicy;
 use keybroker::broker::Limits;
+use keybroker::broker::SecuritySettings;
 use keybroker::store::{AuditFilter, AuditRow, Store};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -135,12 +136,7 @@ async fn events(server: &TestServer, event: &str, client: Option<&str>) -> Vec<A
         client_id: client.map(|c| Uuid::parse_str(c).unwrap()),
         ..AuditFilter::default()
     };
-    server
-        .broker
-        .store()
-        .audit_events(&filter, 1000)
-        .await
-        .unwrap()
+    server.store.audit_events(&filter, 1000).await.unwrap()
 }
 
 /// Polls until at least `n` rows named `event` whose subject is `subject` exist (rate-limit
@@ -514,8 +510,12 @@ async fn settings_put_through_the_api_are_read_back_and_picked_up_by_another_bro
     let server = TestServer::start().await;
     // Another broker: its own connection to the same database, its own limiter.
     let store = Store::connect_lazy(&server.database_url, 2).unwrap();
+    let hsm = keybroker::hsm::Hsm::connect(common::hsm_config())
+        .await
+        .unwrap();
+    let broker = keybroker::broker::Broker::new(hsm, store, Limits { max_batch: 1000 });
     let other = Limiter::new(SecuritySettings::default(), system_clock());
-    other.refresh(&store).await.unwrap();
+    other.refresh(&broker).await.unwrap();
     assert_eq!(*other.settings(), SecuritySettings::default());
 
     // Nothing stored yet: the defaults.
@@ -540,7 +540,7 @@ async fn settings_put_through_the_api_are_read_back_and_picked_up_by_another_bro
     // This broker at once; the other at its next refresh (every broker runs one every 2 s).
     assert_eq!(*server.limiter.settings(), new);
     assert_eq!(*other.settings(), SecuritySettings::default());
-    other.refresh(&store).await.unwrap();
+    other.refresh(&broker).await.unwrap();
     assert_eq!(*other.settings(), new);
     // ... and enforces them: exactly the new burst of an address.
     let ip = Source::Ip("192.0.2.7".parse().unwrap());
@@ -591,7 +591,7 @@ async fn settings_put_through_the_api_are_read_back_and_picked_up_by_another_bro
         new
     );
     assert_eq!(*server.limiter.settings(), new);
-    other.refresh(&store).await.unwrap();
+    other.refresh(&broker).await.unwrap();
     assert_eq!(*other.settings(), new);
     assert_eq!(
         events(&server, "security_settings.changed", None)
@@ -963,7 +963,7 @@ async fn the_cli_lockdown_with_block_disables_the_client_and_blocks_its_addresse
 
     // The address is blocked from the broker's next refresh on (on Postgres' notification, or
     // within 2 s); one run here makes sure it has happened.
-    server.limiter.refresh(server.broker.store()).await.unwrap();
+    server.limiter.refresh(&server.broker).await.unwrap();
     refused(
         &usage(&server, &three, &bystander.token).await,
         403,
@@ -982,7 +982,7 @@ async fn the_cli_lockdown_with_block_disables_the_client_and_blocks_its_addresse
         String::from_utf8_lossy(&output.stdout).contains("lifted 1 block"),
         "{output:?}"
     );
-    server.limiter.refresh(server.broker.store()).await.unwrap();
+    server.limiter.refresh(&server.broker).await.unwrap();
     assert_eq!(usage(&server, &three, &bystander.token).await.status, 200);
     assert_eq!(client_state(&server, &id).await, "disabled");
     let items = audit_api(&server, &format!("event=client.unblocked&client_id={id}")).await;
@@ -1585,8 +1585,7 @@ async fn the_last_admin_cannot_remove_itself_through_the_api_or_the_automatic_re
 /// A client's state read from the store (the API may have no admin left to ask).
 async fn client_state_in_store(server: &TestServer, id: &str) -> String {
     server
-        .broker
-        .store()
+        .store
         .client(Uuid::parse_str(id).unwrap())
         .await
         .unwrap()
@@ -1627,7 +1626,7 @@ async fn a_lockdown_blocks_no_address_unless_asked_and_then_only_the_clients_own
     assert_eq!(reply.body["client"]["state"], "disabled");
     assert_eq!(reply.body["blocked"], json!([]));
     assert_eq!(reply.body["blocked_until"], Value::Null);
-    server.limiter.refresh(server.broker.store()).await.unwrap();
+    server.limiter.refresh(&server.broker).await.unwrap();
     assert_eq!(usage(&server, &two, &bystander.token).await.status, 200);
     assert_eq!(usage(&server, &two, &server.main.token).await.status, 200);
     for probe in ["/healthz", "/readyz"] {
@@ -1711,7 +1710,7 @@ async fn a_lockdown_blocks_no_address_unless_asked_and_then_only_the_clients_own
     // It ends by itself (each broker re-reads the blocks every few seconds; here by hand).
     let start = Instant::now();
     loop {
-        server.limiter.refresh(server.broker.store()).await.unwrap();
+        server.limiter.refresh(&server.broker).await.unwrap();
         let reply = usage(&server, &two, &bystander.token).await;
         if reply.status == 200 {
             break;

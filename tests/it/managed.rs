@@ -2495,12 +2495,7 @@ async fn a_claimed_rotation_whose_broker_died_is_done_by_the_next_pass_exactly_o
         .unwrap();
     let due = now + 31 * 86_400;
     // A broker claims the due rotation and dies before storing the new version.
-    let claimed = server
-        .broker
-        .store()
-        .claim_due_rotations(due, 10)
-        .await
-        .unwrap();
+    let claimed = server.store.claim_due_rotations(due, 10).await.unwrap();
     assert_eq!(
         claimed.iter().map(|k| k.id).collect::<Vec<_>>(),
         vec![key.id]

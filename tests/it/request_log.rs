@@ -411,8 +411,7 @@ async fn the_purge_keeps_the_retention_period_at_a_chosen_time() {
         latency_us: 1,
     };
     server
-        .broker
-        .store()
+        .store
         .insert_request_log(&[
             row("8-days", now - 8 * DAY),
             row("7-days-and-1s", now - 7 * DAY - 1),
@@ -463,7 +462,7 @@ async fn rows_are_written_while_serving_not_only_at_shutdown() {
         broker: test.broker.clone(),
         auth: test.auth.clone(),
         request_log: keybroker::api::RequestLog::start(
-            test.broker.store().clone(),
+            test.broker.clone(),
             Duration::from_millis(20),
         ),
         limiter: test.limiter.clone(),

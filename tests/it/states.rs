@@ -119,7 +119,7 @@ async fn a_state_the_build_does_not_know_is_a_clear_store_error_not_a_panic() {
 #[tokio::test]
 async fn a_request_that_breaks_a_named_constraint_gets_its_own_error_end_to_end() {
     let server = TestServer::start().await;
-    let store = server.broker.store();
+    let store = &server.store;
     let meta = keybroker::audit::meta();
     let owner = Uuid::parse_str(&server.main.id).unwrap();
     let key = |name: &str, length: i32, mk_version: i32| NewKey {

@@ -12,7 +12,8 @@ use serde::Deserialize;
 use super::overview::unavailable;
 use super::session::Submitted;
 use super::{ConsoleError, Notice, Officer, respond, state_badge, time};
-use crate::api::keys::{self, DueQuery, KeyBody, KeyListQuery};
+use crate::api::keys::{self, KeyBody, KeyListQuery};
+use crate::api::usage::{self, DueQuery};
 use crate::api::{ApiError, ApiPath, AppState};
 
 /// The states a key can be in, for the filter.
@@ -106,7 +107,7 @@ async fn render(
     .await
     .map(|Json(list)| list);
     let within_days = query.within_days.unwrap_or(30);
-    let due = keys::keys_due(
+    let due = usage::keys_due(
         State(state.clone()),
         officer.caller.clone(),
         Ok(Query(DueQuery {

@@ -11,7 +11,6 @@ use super::{ConsoleError, Officer, respond, state_badge};
 use crate::api::custody::{self, MasterKeysBody};
 use crate::api::{ApiError, AppState};
 use crate::auth::Scope;
-use crate::broker::BrokerError;
 
 /// Overview.
 #[utoipa::path(get, path = "/console/", tag = "console", security(("console_session" = [])),
@@ -25,12 +24,7 @@ pub(super) async fn page(
 ) -> Result<Response, ConsoleError> {
     officer.caller.require(Scope::Admin)?;
     let readiness = state.broker.readiness().await;
-    let objects = state
-        .broker
-        .hsm()
-        .status()
-        .await
-        .map_err(|e| ApiError::from(BrokerError::from(e)));
+    let objects = state.broker.token_objects().await.map_err(ApiError::from);
     let master_keys = custody::list_master_keys(State(state.clone()), officer.caller.clone())
         .await
         .map(|Json(body)| body);

@@ -48,17 +48,10 @@ impl FromRequestParts<AppState> for Officer {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ConsoleError> {
         let id = session_cookie(&parts.headers).ok_or(ConsoleError::SignedOut)?;
         let session = digest(id);
-        let config = state.auth.config();
         let row = state
-            .broker
-            .store()
-            .touch_console_session(
-                &session,
-                seconds(config.console_idle),
-                seconds(config.console_absolute),
-            )
-            .await
-            .map_err(AuthError::from)?
+            .auth
+            .touch_console_session(&session)
+            .await?
             .ok_or(ConsoleError::SignedOut)?;
         let source = request_source(parts, state);
         let caller = match state
@@ -69,7 +62,7 @@ impl FromRequestParts<AppState> for Officer {
             Ok(caller) => caller,
             // The session is over for good: its client is gone, or was disabled since.
             Err(AuthError::InvalidToken(_) | AuthError::ClientDisabled) => {
-                if let Err(e) = state.broker.store().delete_console_session(&session).await {
+                if let Err(e) = state.auth.end_console_session(&session).await {
                     tracing::warn!(target: "keybroker::api", error = %e, "dead console session not deleted");
                 }
                 return Err(ConsoleError::SignedOut);
@@ -229,24 +222,17 @@ pub(super) async fn sign_in(
         tracing::error!(target: "keybroker::api", "no randomness from the operating system for a console session");
         return ConsoleError::NoRandomness.into_response();
     };
-    let config = state.auth.config();
-    let store = state.broker.store();
     if let Some(old) = session_cookie(&headers)
-        && let Err(e) = store.delete_console_session(&digest(old)).await
+        && let Err(e) = state.auth.end_console_session(&digest(old)).await
     {
         tracing::warn!(target: "keybroker::api", error = %e, "replaced console session not deleted");
     }
-    if let Err(e) = store
-        .create_console_session(
-            &digest(&id),
-            issued.client_id,
-            &csrf,
-            seconds(config.console_idle),
-            seconds(config.console_absolute),
-        )
+    if let Err(e) = state
+        .auth
+        .begin_console_session(&digest(&id), issued.client_id, &csrf)
         .await
     {
-        return ConsoleError::from(AuthError::from(e)).into_response();
+        return ConsoleError::from(e).into_response();
     }
     let mut response = redirect("/console/");
     if let Ok(value) = HeaderValue::from_str(&format!(
@@ -267,12 +253,11 @@ pub(super) async fn sign_in(
     ))]
 pub(super) async fn sign_out(State(state): State<AppState>, submitted: Submitted) -> Response {
     if let Err(e) = state
-        .broker
-        .store()
-        .delete_console_session(&submitted.officer.session)
+        .auth
+        .end_console_session(&submitted.officer.session)
         .await
     {
-        return ConsoleError::from(AuthError::from(e)).into_response();
+        return ConsoleError::from(e).into_response();
     }
     let mut response = redirect("/console/sign-in");
     response.headers_mut().insert(
@@ -335,10 +320,6 @@ fn random_token() -> Option<String> {
     let mut bytes = [0u8; 32];
     SystemRandom::new().fill(&mut bytes).ok()?;
     Some(URL_SAFE_NO_PAD.encode(bytes))
-}
-
-fn seconds(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

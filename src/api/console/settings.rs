@@ -12,8 +12,8 @@ use super::overview::unavailable;
 use super::session::Submitted;
 use super::{ConsoleError, Notice, Officer, respond};
 use crate::api::{ApiError, ApiJson, AppState, admin};
-use crate::auth::SecuritySettings;
 use crate::broker::BrokerError;
+use crate::broker::SecuritySettings;
 
 /// Settings.
 #[utoipa::path(get, path = "/console/settings", tag = "console",

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::overview::unavailable;
 use super::{ConsoleError, Officer, date, respond};
 use crate::api::AppState;
-use crate::api::keys::{self, UsageQuery};
+use crate::api::usage::{self, UsageQuery};
 use crate::auth::unix_now;
 
 const DAY: i64 = 86_400;
@@ -40,7 +40,7 @@ pub(super) async fn page(
     query: Result<Query<UsagePageQuery>, QueryRejection>,
 ) -> Result<Response, ConsoleError> {
     let days = query.ok().and_then(|Query(q)| q.days).unwrap_or(14);
-    let usage = keys::admin_usage(
+    let usage = usage::admin_usage(
         State(state.clone()),
         officer.caller.clone(),
         Ok(Query(UsageQuery {
@@ -89,7 +89,7 @@ pub(super) async fn page(
 /// Per (day, client): the total, and the counts per operation.
 type PerClientDay = BTreeMap<(i64, Uuid), (i64, BTreeMap<String, i64>)>;
 
-fn per_client_day(items: &[keys::UsageItem]) -> PerClientDay {
+fn per_client_day(items: &[usage::UsageItem]) -> PerClientDay {
     let mut out = PerClientDay::new();
     for item in items {
         let entry = out.entry((item.day, item.client_id)).or_default();

@@ -12,16 +12,14 @@ use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use keybroker::api::admin::{LockdownBody, RegisterClientBody, UpdateClientBody, register_spec};
-use keybroker::api::keys::{
-    CreateKeyBody, PutSecretBody, ReadKeyBody, RefreshKeyBody, key_spec, refreshed_expiry,
-    secret_value,
-};
+use keybroker::api::keys::{CreateKeyBody, ReadKeyBody, RefreshKeyBody, key_spec, refreshed_expiry};
+use keybroker::api::secrets::{PutSecretBody, secret_value};
 use keybroker::api::random::{RandomBatchBody, RandomBody, parse_random};
 use keybroker::api::{
     ApiError, ApiJson, BatchRequestItem, BlobBatchBody, BlobBody, DataKeyBatchBody, DataKeyBody,
     WrapBatchBody, WrapBody, parse_blob, parse_context, parse_datakey, parse_wrap,
 };
-use keybroker::auth::SecuritySettings;
+use keybroker::broker::SecuritySettings;
 use keybroker_fuzz::{NOW, block_on};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;

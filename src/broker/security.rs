@@ -1,10 +1,16 @@
-//! The security settings: rate limits, source blocks, the automatic response's thresholds and
-//! the failed-authentication throttle, their defaults and their validation. They are kept in
-//! Postgres as JSON and read through `store` only; this file decides nothing with them.
+//! Security policy: the settings (rate limits, source blocks, the automatic response's
+//! thresholds and the failed-authentication throttle, their defaults and validation), the
+//! automatic response that disables a client whose requests keep being refused, the blocks of
+//! source addresses, and the officer's reads of the audit trail. Everything goes through
+//! `store` and `audit`; nothing here knows HTTP or touches the token directly (audit
+//! verification asks `audit`, which asks the token).
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-use crate::store::{Store, StoreError};
+use super::{Broker, BrokerError};
+use crate::audit;
+use crate::store::{AuditFilter, AuditRow, ClientWriteError, NewAuditEvent, Store, StoreError};
 
 /// Rate limits and the automatic response to misbehaving clients. Kept in Postgres, changed
 /// through the admin API, picked up by every broker within seconds.
@@ -145,5 +151,133 @@ impl SecuritySettings {
             Some(json) => serde_json::from_str(&json).unwrap_or_default(),
             None => Self::default(),
         })
+    }
+}
+
+/// After a refusal made to an authenticated `client` was recorded (a denied unwrap, an address
+/// mismatch with valid credentials): if its refusals within the window reach the threshold,
+/// disable it (a critical audit event says why), unless it is the last active admin. An officer
+/// re-enables it. Failed authentications never lead here: they are throttled instead.
+///
+/// # Errors
+/// An outage.
+pub(crate) async fn respond_to_refusal(store: &Store, client: Uuid) -> Result<(), StoreError> {
+    let settings = SecuritySettings::load(store).await?;
+    if settings.anomaly_refusals == 0 {
+        return Ok(());
+    }
+    let window_us = i64::try_from(settings.anomaly_window_secs)
+        .unwrap_or(i64::MAX / 2)
+        .saturating_mul(1_000_000);
+    let refusals = store
+        .security_refusals(client, audit::now_us() - window_us)
+        .await?;
+    if refusals < i64::from(settings.anomaly_refusals) {
+        return Ok(());
+    }
+    match store
+        .auto_disable_client(
+            client,
+            refusals,
+            settings.anomaly_window_secs,
+            &audit::meta(),
+        )
+        .await
+    {
+        Ok(true) => {
+            tracing::warn!(target: "keybroker::security", %client, refusals, "client disabled automatically");
+        }
+        Ok(false) => {}
+        Err(ClientWriteError::LastAdmin) => {
+            tracing::warn!(target: "keybroker::security", %client, refusals,
+                "not disabled automatically: it is the last active admin client");
+        }
+        Err(ClientWriteError::Store(e)) => return Err(e),
+        Err(ClientWriteError::NotFound | ClientWriteError::IpAlreadyRegistered) => {}
+    }
+    Ok(())
+}
+
+impl Broker {
+    /// The security settings in force (Postgres, or the defaults).
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn security_settings(&self) -> Result<SecuritySettings, BrokerError> {
+        Ok(SecuritySettings::load(&self.store).await?)
+    }
+
+    /// Replaces the security settings (audited); every broker applies them within its next
+    /// limiter refresh.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidSpec`] for values that make no sense, or an outage.
+    pub async fn set_security_settings(
+        &self,
+        settings: &SecuritySettings,
+    ) -> Result<(), BrokerError> {
+        settings.validate().map_err(BrokerError::InvalidSpec)?;
+        let json = serde_json::to_string(settings)
+            .map_err(|_| BrokerError::InvalidSpec("settings".into()))?;
+        Ok(self
+            .store
+            .put_security_settings(&json, &audit::meta())
+            .await?)
+    }
+
+    /// The networks blocked at `now` (unix seconds): lockdown blocks and repeated violators.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn blocked_sources(&self, now: i64) -> Result<Vec<String>, BrokerError> {
+        Ok(self.store.blocked_sources(now).await?)
+    }
+
+    /// Lifts the address blocks of `client`'s lockdowns (audited); returns how many.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn unblock_client_sources(&self, client: Uuid) -> Result<u64, BrokerError> {
+        Ok(self
+            .store
+            .unblock_client_sources(client, &audit::meta())
+            .await?)
+    }
+
+    /// Records a security event (a source rate-limited or blocked) off the request path: the
+    /// request is answered without waiting, and a failed write is logged.
+    pub fn record_security_event(&self, event: NewAuditEvent) {
+        let meta = audit::meta();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.audit(&meta, &[event]).await {
+                tracing::warn!(target: "keybroker::audit", error = %e, "rate-limit event not audited");
+            }
+        });
+    }
+
+    /// Audit events matching `filter`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// An outage.
+    pub async fn audit_events(
+        &self,
+        filter: &AuditFilter,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, BrokerError> {
+        Ok(self.store.audit_events(filter, limit).await?)
+    }
+
+    /// Verifies the audit trail's hash chain and its signed checkpoints.
+    ///
+    /// # Errors
+    /// An outage of the database or the token.
+    pub async fn verify_audit(&self) -> Result<audit::Verification, BrokerError> {
+        audit::verify(&self.store, &self.hsm)
+            .await
+            .map_err(|e| match e {
+                audit::VerifyError::Store(e) => BrokerError::from(e),
+                audit::VerifyError::Hsm(e) => BrokerError::from(e),
+            })
     }
 }
