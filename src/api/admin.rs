@@ -140,13 +140,13 @@ pub struct ClientBody {
 impl From<Client> for ClientBody {
     fn from(c: Client) -> Self {
         Self {
+            state: c.state().as_str().to_owned(),
             client_id: c.id,
             name: c.name,
             ip_mode: c.ip_policy.mode().to_owned(),
             ips: c.ip_policy.cidrs(),
             scopes: c.scopes.names(),
             public_key: c.public_key_pem,
-            state: if c.active { "active" } else { "disabled" }.to_owned(),
             created_at: c.created_at,
             updated_at: c.updated_at,
         }

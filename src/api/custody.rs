@@ -11,8 +11,7 @@ use utoipa::ToSchema;
 use super::admin::AdminErrorResponses;
 use super::{ApiError, ApiPath, AppState, ErrorBody};
 use crate::auth::{Caller, Scope};
-use crate::broker::MasterKeyView;
-use crate::broker::RewrapJob;
+use crate::broker::{MasterKeyView, RewrapJob, RewrapJobState};
 use crate::crypto::MasterKeyVersion;
 
 /// One master-key version.
@@ -45,7 +44,7 @@ impl From<MasterKeyView> for MasterKeyBody {
         match view.recorded {
             Some(row) => Self {
                 version: view.version.get(),
-                state: row.state,
+                state: row.state.as_str().to_owned(),
                 on_token: view.on_token,
                 seals: row.seals,
                 stored_blobs: row.stored_blobs,
@@ -94,7 +93,7 @@ impl From<RewrapJob> for RewrapJobBody {
     fn from(job: RewrapJob) -> Self {
         Self {
             id: job.id,
-            state: job.state,
+            state: job.state.as_str().to_owned(),
             started_by: job.started_by,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -188,7 +187,7 @@ pub(super) async fn start_rewrap(
         .broker
         .start_rewrap(&caller.client_id.to_string())
         .await?;
-    if job.state != "running" {
+    if job.state != RewrapJobState::Running {
         return Ok((StatusCode::OK, Json(job.into())));
     }
     let broker = state.broker.clone();

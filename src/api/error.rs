@@ -135,11 +135,14 @@ impl ApiError {
             Self::Broker(B::KeyNameTaken) => (StatusCode::CONFLICT, "key_name_taken"),
             Self::Broker(B::KeyState(state)) => key_state_status(*state),
             Self::Broker(B::SecretNotFound) => (StatusCode::NOT_FOUND, "secret_not_found"),
-            Self::Broker(B::SecretState(state)) => match state.as_str() {
-                "destroyed" => (StatusCode::GONE, "secret_destroyed"),
-                "active" => (StatusCode::CONFLICT, "secret_active"),
-                _ => (StatusCode::CONFLICT, "secret_pending_deletion"),
-            },
+            Self::Broker(B::SecretState(state)) => {
+                use crate::broker::SecretState as S;
+                match state {
+                    S::Destroyed => (StatusCode::GONE, "secret_destroyed"),
+                    S::Active => (StatusCode::CONFLICT, "secret_active"),
+                    S::PendingDeletion => (StatusCode::CONFLICT, "secret_pending_deletion"),
+                }
+            }
             Self::Broker(B::Busy) => (StatusCode::CONFLICT, "concurrent_update"),
             Self::Broker(B::MasterKeyNotFound(_)) => {
                 (StatusCode::NOT_FOUND, "mk_version_not_found")

@@ -125,7 +125,7 @@ fn register_custody(registry: &mut Registry, snapshot: &crate::broker::CustodySn
         gauge(database.read_at),
     );
     let job = database.rewrap.as_ref();
-    let running = job.is_some_and(|j| j.state == "running");
+    let running = job.is_some_and(|j| j.state == crate::broker::RewrapJobState::Running);
     registry.register(
         "rewrap_running",
         "Whether a rewrap job is running",

@@ -51,7 +51,7 @@ impl From<StoredSecret> for SecretBody {
     fn from(s: StoredSecret) -> Self {
         Self {
             name: s.name,
-            state: s.state,
+            state: s.state.as_str().to_owned(),
             current_version: s.current_version,
             deletion_due: s.deletion_due,
             created_at: s.created_at,

@@ -17,7 +17,7 @@ use super::{
     unix_now,
 };
 use crate::audit;
-use crate::store::{AdminGuard, ClientFields, ClientRow, SourceBlock, StoreError};
+use crate::store::{AdminGuard, ClientFields, ClientRow, ClientState, SourceBlock, StoreError};
 
 /// A registered client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl TryFrom<ClientRow> for Client {
                 .map_err(|_| AuthError::Store(StoreError::Corrupt("client ip policy")))?,
             scopes: Scopes::parse(&row.scopes.join(" ")).map_err(corrupt)?,
             public_key_pem: row.public_key_pem,
-            active: row.state == "active",
+            active: row.state == ClientState::Active,
             created_at: row.created_at,
             updated_at: row.updated_at,
             tokens_not_before: row.tokens_not_before,
@@ -62,6 +62,15 @@ impl TryFrom<ClientRow> for Client {
 }
 
 impl Client {
+    /// Its stored state (what the admin API and the CLI show).
+    pub fn state(&self) -> ClientState {
+        if self.active {
+            ClientState::Active
+        } else {
+            ClientState::Disabled
+        }
+    }
+
     /// The checks every request makes of its client once the credential itself (a token, a
     /// console session) is proven: the client is active, the credential dates from after the
     /// client was last disabled (re-enabling never brings old ones back), and the source

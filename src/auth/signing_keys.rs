@@ -16,6 +16,7 @@ use jsonwebtoken::jwk::{
 use super::{AuthError, Authenticator, read, unix_now};
 use crate::audit;
 use crate::hsm::HsmError;
+use crate::store::SigningKeyState;
 
 /// One of our signing keys: its JWK (with `kid` = RFC 7638 thumbprint) and verifier.
 pub(super) struct SigningKey {
@@ -105,11 +106,17 @@ impl Authenticator {
             rows = self.store.signing_keys().await?;
         }
         rows.retain(|row| {
-            row.state == "active"
-                || (row.state == "retiring" && row.published_until.is_some_and(|u| now < u))
+            row.state == SigningKeyState::Active
+                || (row.state == SigningKeyState::Retiring
+                    && row.published_until.is_some_and(|u| now < u))
         });
         // The signing key first.
-        rows.sort_by_key(|row| (row.state != "active", std::cmp::Reverse(row.version)));
+        rows.sort_by_key(|row| {
+            (
+                row.state != SigningKeyState::Active,
+                std::cmp::Reverse(row.version),
+            )
+        });
         let mut fresh = Vec::with_capacity(rows.len());
         for row in rows {
             let label = crate::hsm::signing_key_label(row.version);
@@ -126,7 +133,7 @@ impl Authenticator {
             fresh.push(PublishedKey {
                 label,
                 key,
-                published_until: (row.state == "retiring")
+                published_until: (row.state == SigningKeyState::Retiring)
                     .then_some(row.published_until)
                     .flatten(),
             });

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::audit;
 use crate::hsm::HsmError;
-use crate::store::NewAuditEvent;
+use crate::store::{ClientState, NewAuditEvent};
 
 /// Why the token endpoint refused a client calling from an address it may not use.
 const IP_REFUSED: &str = "source address not allowed";
@@ -434,7 +434,7 @@ impl Authenticator {
         let active = match self.store.client_auth_state(client_id, jti).await? {
             Some(state) => {
                 !state.revoked
-                    && state.client.state == "active"
+                    && state.client.state == ClientState::Active
                     && claims.iat >= state.client.tokens_not_before
             }
             None => false,

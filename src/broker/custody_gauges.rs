@@ -250,11 +250,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::store::MasterKeyState;
 
-    fn status(version: u32, state: &str) -> MasterKeyStatus {
+    fn status(version: u32, state: MasterKeyState) -> MasterKeyStatus {
         MasterKeyStatus {
             version: MasterKeyVersion::new(version).unwrap(),
-            state: state.to_owned(),
+            state,
             seals: 1,
             stored_blobs: 2,
             created_at: String::new(),
@@ -276,7 +277,10 @@ mod tests {
         gauges.publish_database(
             seq,
             DatabaseHalf {
-                versions: vec![status(1, "decrypt_only"), status(2, "active")],
+                versions: vec![
+                    status(1, MasterKeyState::DecryptOnly),
+                    status(2, MasterKeyState::Active),
+                ],
                 rewrap: None,
                 read_at: 1,
             },

@@ -10,55 +10,13 @@ use super::{Broker, BrokerError};
 use crate::crypto::formats::{KeyFormat, render};
 use crate::crypto::{Aad, EncryptionContext, MasterKeyVersion};
 use crate::hsm::HsmError;
-use crate::store::{KeyRow, KeyVersionRow, NewKey, RotationRow};
+use crate::store::{KeyRow, KeyState, KeyVersionRow, NewKey, RotationRow};
 
 /// Smallest and largest pending window before destruction, in days (as AWS KMS).
 pub const DELETION_WINDOW_DAYS: std::ops::RangeInclusive<u32> = 1..=30;
 /// The window when none is asked for.
 pub const DEFAULT_DELETION_WINDOW_DAYS: u32 = 7;
 const DAY: i64 = 86_400;
-
-/// A key's state. `Expired` is also what an `active` key past its expiry is, before the
-/// background worker records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyState {
-    /// Usable.
-    Active,
-    /// Refused until enabled.
-    Disabled,
-    /// Past its expiry; a refresh brings it back.
-    Expired,
-    /// Scheduled for destruction; cancellable.
-    PendingDeletion,
-    /// Material erased; the row is a tombstone.
-    Destroyed,
-}
-
-impl KeyState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Disabled => "disabled",
-            Self::Expired => "expired",
-            Self::PendingDeletion => "pending_deletion",
-            Self::Destroyed => "destroyed",
-        }
-    }
-
-    /// From the stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Active,
-            Self::Disabled,
-            Self::Expired,
-            Self::PendingDeletion,
-            Self::Destroyed,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-    }
-}
 
 /// How a key rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,8 +92,7 @@ pub struct KeyDetails {
 impl ManagedKey {
     fn from_row(row: KeyRow, now: i64) -> Result<Self, BrokerError> {
         let corrupt = |what| BrokerError::Store(crate::store::StoreError::Corrupt(what));
-        let stored = KeyState::parse(&row.state).ok_or_else(|| corrupt("key state"))?;
-        let state = match (stored, row.expires_at) {
+        let state = match (row.state, row.expires_at) {
             (KeyState::Active, Some(expiry)) if expiry <= now => KeyState::Expired,
             (state, _) => state,
         };
@@ -384,14 +341,7 @@ impl Broker {
         now: i64,
     ) -> Result<Vec<ManagedKey>, BrokerError> {
         self.store
-            .keys(
-                owner,
-                state.map(KeyState::as_str),
-                name,
-                after,
-                i64::from(limit),
-                now,
-            )
+            .keys(owner, state, name, after, i64::from(limit), now)
             .await?
             .into_iter()
             .map(|row| ManagedKey::from_row(row, now))
@@ -543,8 +493,8 @@ impl Broker {
         check_expiry(expires_at, now)?;
         let current = self.key(owner, id, now).await?.key.state;
         let to = match current {
-            KeyState::Disabled => "disabled",
-            KeyState::Active | KeyState::Expired => "active",
+            KeyState::Disabled => KeyState::Disabled,
+            KeyState::Active | KeyState::Expired => KeyState::Active,
             other => return Err(BrokerError::KeyState(other)),
         };
         let row = self
@@ -552,7 +502,7 @@ impl Broker {
             .transition_key(
                 owner,
                 id,
-                &[current.as_str()],
+                &[current],
                 to,
                 now,
                 None,
@@ -573,8 +523,15 @@ impl Broker {
         id: Uuid,
         now: i64,
     ) -> Result<ManagedKey, BrokerError> {
-        self.move_key(owner, id, &["active"], "disabled", now, None)
-            .await
+        self.move_key(
+            owner,
+            id,
+            &[KeyState::Active],
+            KeyState::Disabled,
+            now,
+            None,
+        )
+        .await
     }
 
     /// Enables a disabled key.
@@ -587,8 +544,15 @@ impl Broker {
         id: Uuid,
         now: i64,
     ) -> Result<ManagedKey, BrokerError> {
-        self.move_key(owner, id, &["disabled"], "active", now, None)
-            .await
+        self.move_key(
+            owner,
+            id,
+            &[KeyState::Disabled],
+            KeyState::Active,
+            now,
+            None,
+        )
+        .await
     }
 
     /// Schedules destruction after a pending window (default 7 days, 1 to 30); cancellable
@@ -608,8 +572,8 @@ impl Broker {
         self.move_key(
             owner,
             id,
-            &["active", "disabled", "expired"],
-            "pending_deletion",
+            &[KeyState::Active, KeyState::Disabled, KeyState::Expired],
+            KeyState::PendingDeletion,
             now,
             Some(due),
         )
@@ -627,16 +591,23 @@ impl Broker {
         id: Uuid,
         now: i64,
     ) -> Result<ManagedKey, BrokerError> {
-        self.move_key(owner, id, &["pending_deletion"], "disabled", now, None)
-            .await
+        self.move_key(
+            owner,
+            id,
+            &[KeyState::PendingDeletion],
+            KeyState::Disabled,
+            now,
+            None,
+        )
+        .await
     }
 
     async fn move_key(
         &self,
         owner: Uuid,
         id: Uuid,
-        from: &[&str],
-        to: &str,
+        from: &[KeyState],
+        to: KeyState,
         now: i64,
         deletion_due: Option<i64>,
     ) -> Result<ManagedKey, BrokerError> {

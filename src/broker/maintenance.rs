@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use super::{Broker, BrokerError, ManagedKey};
+use super::{Broker, BrokerError, ManagedKey, MasterKeyState};
 
 /// How many due rotations one tick claims at most.
 const ROTATION_BATCH: i64 = 100;
@@ -58,7 +58,10 @@ impl Broker {
             ..MaintenanceReport::default()
         };
         if self.rotate_master_key_if_due(now).await?.is_some() {
-            report.master_key_rotated = self.store.master_key_in_state("active").await?;
+            report.master_key_rotated = self
+                .store
+                .master_key_in_state(MasterKeyState::Active)
+                .await?;
         }
         self.destroyed_master_keys().await?;
         let started = std::time::Instant::now();

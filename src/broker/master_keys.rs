@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use super::{Broker, BrokerError, keys::context_from_json, keys::key_ref, secrets::aads};
+use super::{
+    Broker, BrokerError, MasterKeyState, keys::context_from_json, keys::key_ref, secrets::aads,
+};
 use crate::crypto::envelope::{self, DataKey};
 use crate::crypto::{Aad, MasterKeyVersion};
 use crate::hsm::HsmError;
@@ -97,12 +99,22 @@ impl Broker {
     /// # Errors
     /// A token or database failure (the rotation stays pending and the next attempt finishes it).
     pub async fn rotate_master_key(&self) -> Result<MasterKeyVersion, BrokerError> {
-        let seen = self.store.master_key_in_state("active").await?;
+        let seen = self
+            .store
+            .master_key_in_state(MasterKeyState::Active)
+            .await?;
         let _lock = self.store.lock_master_keys().await?;
-        let version = match self.store.master_key_in_state("pending").await? {
+        let version = match self
+            .store
+            .master_key_in_state(MasterKeyState::Pending)
+            .await?
+        {
             Some(pending) => pending,
             None => {
-                let active = self.store.master_key_in_state("active").await?;
+                let active = self
+                    .store
+                    .master_key_in_state(MasterKeyState::Active)
+                    .await?;
                 if let Some(active) = active
                     && active != seen.unwrap_or(active)
                 {
@@ -137,7 +149,11 @@ impl Broker {
         let Some(_lock) = self.store.try_lock_master_keys().await? else {
             return Ok(None);
         };
-        let Some(version) = self.store.master_key_in_state("pending").await? else {
+        let Some(version) = self
+            .store
+            .master_key_in_state(MasterKeyState::Pending)
+            .await?
+        else {
             return Ok(None);
         };
         self.hsm.ensure_master_key(version).await?;
@@ -212,7 +228,10 @@ impl Broker {
             let Some(recorded) = &view.recorded else {
                 continue;
             };
-            if !matches!(recorded.state.as_str(), "active" | "decrypt_only") {
+            if !matches!(
+                recorded.state,
+                MasterKeyState::Active | MasterKeyState::DecryptOnly
+            ) {
                 continue;
             }
             if !view.on_token {
@@ -407,7 +426,7 @@ impl Broker {
             .master_keys()
             .await?
             .into_iter()
-            .find(|row| row.state == "active")
+            .find(|row| row.state == MasterKeyState::Active)
         else {
             return Ok(None);
         };

@@ -14,10 +14,11 @@ pub(crate) mod security;
 mod usage;
 
 pub use crate::store::{
-    AuditFilter, AuditRow, NewAuditEvent, RequestLogRow, RewrapJob, RewrapStart, UsageRow,
+    AuditFilter, AuditRow, ClientState, KeyState, MasterKeyState, NewAuditEvent, RequestLogRow,
+    RewrapJob, RewrapJobState, RewrapStart, SecretState, SigningKeyState, UsageRow,
 };
 pub use custody_gauges::{CustodySnapshot, CustodyVersion, DatabaseHalf, TokenHalf};
-pub use keys::{KeyDetails, KeySpec, KeyState, ManagedKey, Rotation};
+pub use keys::{KeyDetails, KeySpec, ManagedKey, Rotation};
 pub use maintenance::MaintenanceReport;
 pub use master_keys::{
     MasterKeyPolicy, MasterKeyView, REWRAP_BATCH, RewrapProgress, RotationReason,
@@ -34,7 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{Aad, DEK_LEN, EncryptionContext, KeyMaterial, MasterKeyVersion, WrappedBlob};
 use crate::hsm::{Hsm, HsmError, InitReport, TokenSession};
-use crate::store::{Store, StoreError};
+use crate::store::{ItemWriteError, Store, StoreError, Violation};
 use budget::{Load, Refreshed, SealBudget};
 
 /// How long a broker keeps sealing under the active version it last read before asking Postgres
@@ -96,9 +97,9 @@ pub enum BrokerError {
     /// The caller has no such secret (or no such version).
     #[error("no such secret")]
     SecretNotFound,
-    /// The secret's state forbids the operation.
+    /// The secret's state forbids the operation; 410 when destroyed, else 409.
     #[error("the secret is {0}")]
-    SecretState(String),
+    SecretState(SecretState),
     /// Another writer changed the item at the same moment, more than once in a row.
     #[error("the item changed concurrently; retry")]
     Busy,
@@ -107,7 +108,7 @@ pub enum BrokerError {
     MasterKeyNotFound(MasterKeyVersion),
     /// The master-key version's state forbids the change (the state is given).
     #[error("master key version {0} is {1}")]
-    MasterKeyState(MasterKeyVersion, String),
+    MasterKeyState(MasterKeyVersion, MasterKeyState),
     /// Stored blobs are still sealed under the master-key version (their number is given).
     #[error("{1} stored blobs are still sealed under master key version {0}")]
     MasterKeyInUse(MasterKeyVersion, i64),
@@ -116,17 +117,14 @@ pub enum BrokerError {
     RewrapStuck(i64),
 }
 
-impl From<crate::store::ItemWriteError> for BrokerError {
-    fn from(err: crate::store::ItemWriteError) -> Self {
-        use crate::store::ItemWriteError as E;
+/// A managed key's write (secrets map theirs in `secrets`: not found and busy differ there).
+impl From<ItemWriteError<KeyState>> for BrokerError {
+    fn from(err: ItemWriteError<KeyState>) -> Self {
         match err {
-            E::NameTaken => Self::KeyNameTaken,
-            E::NotFound => Self::KeyNotFound,
-            E::WrongState(state) => KeyState::parse(&state)
-                .map(Self::KeyState)
-                .unwrap_or(Self::Store(StoreError::Corrupt("key state"))),
-            E::Conflict => Self::Busy,
-            E::Store(e) => e.into(),
+            ItemWriteError::NotFound => Self::KeyNotFound,
+            ItemWriteError::WrongState(state) => Self::KeyState(state),
+            ItemWriteError::Conflict => Self::Busy,
+            ItemWriteError::Store(e) => e.into(),
         }
     }
 }
@@ -147,6 +145,9 @@ impl From<StoreError> for BrokerError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NoActiveMasterKey => Self::NoActiveKey,
+            StoreError::Violated(Violation::KeyNameTaken, _) => Self::KeyNameTaken,
+            // Another writer created the secret at the same moment.
+            StoreError::Violated(Violation::SecretNameTaken, _) => Self::Busy,
             e @ StoreError::UnstorableText(_) => Self::InvalidSpec(e.to_string()),
             // The token could not MAC the audit event, so the change was not made either.
             StoreError::AuditSign(e) => e.into(),
@@ -222,7 +223,7 @@ impl Load for DestroyedVersions {
             .master_keys()
             .await?
             .into_iter()
-            .filter(|row| row.state == "destroyed")
+            .filter(|row| row.state == MasterKeyState::Destroyed)
             .map(|row| row.version)
             .collect();
         self.hsm.forget_master_keys(&versions);
@@ -490,7 +491,7 @@ impl Broker {
                 let version = *v;
                 if recorded
                     .iter()
-                    .any(|row| row.version == version && row.state != "destroyed")
+                    .any(|row| row.version == version && row.state != MasterKeyState::Destroyed)
                 {
                     *result = Err(BrokerError::HsmUnavailable(HsmError::ObjectMissing(
                         version.token_label(),

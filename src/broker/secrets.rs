@@ -11,7 +11,7 @@ use super::{Broker, BrokerError, Operation};
 use crate::crypto::envelope::{self, DataKey, NONCE_LEN};
 use crate::crypto::{Aad, DEK_LEN, EncryptionContext, MasterKeyVersion};
 use crate::hsm::HsmError;
-use crate::store::{ItemWriteError, NewAuditEvent, NewSecretVersion, SecretRow};
+use crate::store::{ItemWriteError, NewAuditEvent, NewSecretVersion, SecretRow, SecretState};
 
 /// Largest secret value: 64 KiB.
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
@@ -43,8 +43,8 @@ impl SecretName {
 pub struct StoredSecret {
     /// Name.
     pub name: String,
-    /// `active` or `pending_deletion`.
-    pub state: String,
+    /// `active` or `pending_deletion` (a destroyed secret is not found).
+    pub state: SecretState,
     /// The latest version.
     pub current_version: u32,
     /// Scheduled destruction (unix seconds).
@@ -68,11 +68,11 @@ impl From<SecretRow> for StoredSecret {
     }
 }
 
-fn secret_error(err: ItemWriteError) -> BrokerError {
+fn secret_error(err: ItemWriteError<SecretState>) -> BrokerError {
     match err {
         ItemWriteError::NotFound => BrokerError::SecretNotFound,
         ItemWriteError::WrongState(state) => BrokerError::SecretState(state),
-        ItemWriteError::Conflict | ItemWriteError::NameTaken => BrokerError::Busy,
+        ItemWriteError::Conflict => BrokerError::Busy,
         ItemWriteError::Store(e) => e.into(),
     }
 }
@@ -123,8 +123,8 @@ impl Broker {
         for _ in 0..WRITE_ATTEMPTS {
             let existing = self.store.secret(owner, name.as_str()).await?;
             let (id, version) = match &existing {
-                Some(s) if s.state != "active" => {
-                    return Err(BrokerError::SecretState(s.state.clone()));
+                Some(s) if s.state != SecretState::Active => {
+                    return Err(BrokerError::SecretState(s.state));
                 }
                 Some(s) => (s.id, u32::try_from(s.current_version).unwrap_or(0) + 1),
                 None => (Uuid::new_v4(), 1),
@@ -196,7 +196,7 @@ impl Broker {
             .secret(owner, name.as_str())
             .await?
             .ok_or(BrokerError::SecretNotFound)?;
-        if row.state != "active" {
+        if row.state != SecretState::Active {
             return Err(BrokerError::SecretState(row.state));
         }
         let id = row.id;
@@ -207,7 +207,7 @@ impl Broker {
             .await?
             .ok_or(BrokerError::SecretNotFound)?;
         let (Some(wrapped), Some(sealed)) = (stored.wrapped_dek, stored.sealed) else {
-            return Err(BrokerError::SecretState("destroyed".to_owned()));
+            return Err(BrokerError::SecretState(SecretState::Destroyed));
         };
         let mk = super::keys::mk_version(stored.mk_version)?;
         let (dek_aad, value_aad) = aads(mk, &owner.to_string(), id, version, &context);
@@ -261,8 +261,8 @@ impl Broker {
             .transition_secret(
                 owner,
                 name.as_str(),
-                &["active"],
-                "pending_deletion",
+                &[SecretState::Active],
+                SecretState::PendingDeletion,
                 now,
                 Some(due),
                 &crate::audit::meta(),
@@ -286,8 +286,8 @@ impl Broker {
             .transition_secret(
                 owner,
                 name.as_str(),
-                &["pending_deletion"],
-                "active",
+                &[SecretState::PendingDeletion],
+                SecretState::Active,
                 now,
                 None,
                 &crate::audit::meta(),

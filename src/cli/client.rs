@@ -134,7 +134,7 @@ pub(super) async fn run_client(
                     println!(
                         "{}  {:<8}  {:<6}  {}",
                         client.id,
-                        if client.active { "active" } else { "disabled" },
+                        client.state(),
                         client.ip_policy.mode(),
                         client.name
                     );
@@ -198,10 +198,7 @@ pub(super) async fn run_client(
 fn print_client(client: &Client) {
     println!("client_id:  {}", client.id);
     println!("name:       {}", client.name);
-    println!(
-        "state:      {}",
-        if client.active { "active" } else { "disabled" }
-    );
+    println!("state:      {}", client.state());
     println!(
         "ip policy:  {} {}",
         client.ip_policy.mode(),

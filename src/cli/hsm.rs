@@ -188,7 +188,7 @@ pub(super) async fn run_hsm(command: HsmCommand) -> Result<(), BoxError> {
         } => {
             let broker = broker(&token, &db, limits).await?;
             let (job, start) = broker.start_rewrap("officer").await?;
-            if job.state == "running" {
+            if job.state == crate::broker::RewrapJobState::Running {
                 let verb = if start == RewrapStart::Joined {
                     "joined"
                 } else {

@@ -3,7 +3,7 @@
 use uuid::Uuid;
 
 use super::audit::append;
-use super::{AuditMeta, ItemWriteError, NewAuditEvent, Store, StoreError};
+use super::{AuditMeta, ItemWriteError, KeyState, NewAuditEvent, Store, StoreError};
 
 /// A managed key as stored. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -21,7 +21,7 @@ pub struct KeyRow {
     /// The encryption context, canonical JSON.
     pub context: String,
     /// Stored state (`active` may be past its expiry until the worker marks it).
-    pub state: String,
+    pub state: KeyState,
     /// The version reads get by default.
     pub current_version: i32,
     /// `manual` or `auto`.
@@ -68,21 +68,6 @@ pub struct RotationRow {
     pub actor: String,
     /// When.
     pub rotated_at: i64,
-}
-
-/// Operations counted for a client (and key; nil when none) on a day (unix seconds at 00:00 UTC).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct UsageRow {
-    /// The client.
-    pub client_id: Uuid,
-    /// The managed key or secret, nil for stateless calls.
-    pub key_id: Uuid,
-    /// The operation, e.g. `datakey`, `key.read`.
-    pub operation: String,
-    /// The day.
-    pub day: i64,
-    /// How many.
-    pub count: i64,
 }
 
 /// A key to insert, with its first version already sealed.
@@ -145,12 +130,13 @@ impl Store {
     /// Inserts a key and its first version.
     ///
     /// # Errors
-    /// [`ItemWriteError::NameTaken`], or any database failure.
+    /// [`StoreError::Violated`] ([`super::Violation::KeyNameTaken`]) inside
+    /// [`ItemWriteError::Store`], or any database failure.
     pub async fn insert_key(
         &self,
         key: &NewKey,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -223,7 +209,7 @@ impl Store {
     pub async fn keys(
         &self,
         owner: Uuid,
-        state: Option<&str>,
+        state: Option<KeyState>,
         name: Option<&str>,
         after: Option<Uuid>,
         limit: i64,
@@ -316,16 +302,16 @@ impl Store {
         actor: &str,
         now: i64,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let current: Option<(String, i32)> =
+        let current: Option<(KeyState, i32)> =
             sqlx::query_as("SELECT state, current_version FROM keys WHERE id = $1 FOR UPDATE")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
         let (state, current) = current.ok_or(ItemWriteError::NotFound)?;
-        if state != "active" {
+        if state != KeyState::Active {
             return Err(ItemWriteError::WrongState(state));
         }
         if current != from_version {
@@ -394,13 +380,13 @@ impl Store {
         &self,
         owner: Uuid,
         id: Uuid,
-        from: &[&str],
-        to: &str,
+        from: &[KeyState],
+        to: KeyState,
         now: i64,
         deletion_due: Option<i64>,
         expires_at: Option<Option<i64>>,
         meta: &AuditMeta,
-    ) -> Result<KeyRow, ItemWriteError> {
+    ) -> Result<KeyRow, ItemWriteError<KeyState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         // Record an expiry the worker has not recorded yet, with its own event.
@@ -422,14 +408,14 @@ impl Store {
                 .subject(name);
             append(&mut tx, signer, meta, &[event]).await?;
         }
-        let state: Option<(String,)> =
+        let state: Option<(KeyState,)> =
             sqlx::query_as("SELECT state FROM keys WHERE id = $1 AND client_id = $2 FOR UPDATE")
                 .bind(id)
                 .bind(owner)
                 .fetch_optional(&mut *tx)
                 .await?;
         let (state,) = state.ok_or(ItemWriteError::NotFound)?;
-        if !from.contains(&state.as_str()) {
+        if !from.contains(&state) {
             return Err(ItemWriteError::WrongState(state));
         }
         let row: KeyRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -446,11 +432,11 @@ impl Store {
         .bind(expires_at.flatten().map(ts))
         .fetch_one(&mut *tx)
         .await?;
-        let (name, severity) = match (to, state.as_str()) {
+        let (name, severity) = match (to, state) {
             _ if expires_at.is_some() => ("key.refreshed", "info"),
-            ("pending_deletion", _) => ("key.deletion_scheduled", "warning"),
-            ("disabled", "pending_deletion") => ("key.deletion_cancelled", "info"),
-            ("disabled", _) => ("key.disabled", "warning"),
+            (KeyState::PendingDeletion, _) => ("key.deletion_scheduled", "warning"),
+            (KeyState::Disabled, KeyState::PendingDeletion) => ("key.deletion_cancelled", "info"),
+            (KeyState::Disabled, _) => ("key.disabled", "warning"),
             _ => ("key.enabled", "info"),
         };
         let event = NewAuditEvent::info(name)
@@ -459,8 +445,8 @@ impl Store {
             .key(id)
             .subject(row.name.clone())
             .details(serde_json::json!({
-                "from_state": state,
-                "to_state": to,
+                "from_state": state.as_str(),
+                "to_state": to.as_str(),
                 "deletion_due": row.deletion_due,
                 "expires_at": row.expires_at,
             }));
@@ -594,80 +580,5 @@ impl Store {
         .bind(ts(until))
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// Adds operation counts.
-    ///
-    /// # Errors
-    /// Any database failure.
-    pub async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let clients: Vec<Uuid> = rows.iter().map(|r| r.client_id).collect();
-        let keys: Vec<Uuid> = rows.iter().map(|r| r.key_id).collect();
-        let operations: Vec<String> = rows.iter().map(|r| r.operation.clone()).collect();
-        let days: Vec<f64> = rows.iter().map(|r| ts(r.day)).collect();
-        let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
-        sqlx::query(
-            "INSERT INTO usage_daily (client_id, key_id, operation, day, count)
-             SELECT c, k, o, (to_timestamp(d) AT TIME ZONE 'UTC')::date, n
-             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::float8[], $5::bigint[])
-                  AS t(c, k, o, d, n)
-             ON CONFLICT (client_id, key_id, operation, day)
-             DO UPDATE SET count = usage_daily.count + EXCLUDED.count",
-        )
-        .bind(&clients)
-        .bind(&keys)
-        .bind(&operations)
-        .bind(&days)
-        .bind(&counts)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Operation counts since `since` (unix seconds), for one client and/or key.
-    ///
-    /// # Errors
-    /// Any database failure.
-    pub async fn usage(
-        &self,
-        client: Option<Uuid>,
-        key: Option<Uuid>,
-        since: i64,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT client_id, key_id, operation,
-                    extract(epoch FROM day::timestamp)::bigint AS day, count
-             FROM usage_daily
-             WHERE ($1::uuid IS NULL OR client_id = $1) AND ($2::uuid IS NULL OR key_id = $2)
-               AND day >= (to_timestamp($3) AT TIME ZONE 'UTC')::date
-             ORDER BY day, client_id, key_id, operation LIMIT 10000",
-        )
-        .bind(client)
-        .bind(key)
-        .bind(ts(since))
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// Deletes revoked-token and used-assertion rows whose tokens have expired anyway.
-    ///
-    /// # Errors
-    /// Any database failure.
-    pub async fn purge_expired_token_rows(&self, now: i64) -> Result<u64, StoreError> {
-        let revoked = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < to_timestamp($1)")
-            .bind(ts(now))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let assertions =
-            sqlx::query("DELETE FROM used_assertions WHERE expires_at < to_timestamp($1)")
-                .bind(ts(now))
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        Ok(revoked + assertions)
     }
 }

@@ -7,7 +7,8 @@ use std::sync::{RwLock, Weak};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use uuid::Uuid;
 
-use super::{CLIENT_COLUMNS, ClientRow, Store, StoreError};
+use super::clients::CLIENT_COLUMNS;
+use super::{ClientRow, Store, StoreError};
 
 /// The channel the triggers notify.
 const AUTH_CHANNEL: &str = "keybroker_auth";

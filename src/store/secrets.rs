@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::audit::append;
 use super::keys::{context_hash, ts};
-use super::{AuditMeta, ItemWriteError, NewAuditEvent, Store, StoreError};
+use super::{AuditMeta, ItemWriteError, NewAuditEvent, SecretState, Store, StoreError, Violation};
 
 /// A secret as stored. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -15,8 +15,8 @@ pub struct SecretRow {
     pub client_id: Uuid,
     /// Name, unique per client among live secrets.
     pub name: String,
-    /// `active`, `pending_deletion` or `destroyed`.
-    pub state: String,
+    /// Its state.
+    pub state: SecretState,
     /// The latest version.
     pub current_version: i32,
     /// When a scheduled destruction happens.
@@ -91,13 +91,13 @@ impl Store {
     /// concurrent writer won, seal again).
     ///
     /// # Errors
-    /// [`ItemWriteError::Conflict`], [`ItemWriteError::NameTaken`],
+    /// [`ItemWriteError::Conflict`] (also when another writer created the secret first),
     /// [`ItemWriteError::WrongState`], or any database failure.
     pub async fn put_secret_version(
         &self,
         new: &NewSecretVersion,
         meta: &AuditMeta,
-    ) -> Result<SecretRow, ItemWriteError> {
+    ) -> Result<SecretRow, ItemWriteError<SecretState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         let row: SecretRow = if new.version == 1 {
@@ -113,13 +113,13 @@ impl Store {
             .bind(ts(new.now))
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| match ItemWriteError::from(e) {
+            .map_err(|e| match ItemWriteError::<SecretState>::from(e) {
                 // Someone created it first: seal again for their version.
-                ItemWriteError::NameTaken => ItemWriteError::Conflict,
+                e if e.violated(Violation::SecretNameTaken) => ItemWriteError::Conflict,
                 other => other,
             })?
         } else {
-            let state: Option<(String, i32)> = sqlx::query_as(
+            let state: Option<(SecretState, i32)> = sqlx::query_as(
                 "SELECT state, current_version FROM secrets WHERE id = $1 AND client_id = $2
                  FOR UPDATE",
             )
@@ -128,7 +128,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             let (state, current) = state.ok_or(ItemWriteError::Conflict)?;
-            if state != "active" {
+            if state != SecretState::Active {
                 return Err(ItemWriteError::WrongState(state));
             }
             if current + 1 != new.version {
@@ -202,15 +202,15 @@ impl Store {
         &self,
         owner: Uuid,
         name: &str,
-        from: &[&str],
-        to: &str,
+        from: &[SecretState],
+        to: SecretState,
         now: i64,
         deletion_due: Option<i64>,
         meta: &AuditMeta,
-    ) -> Result<SecretRow, ItemWriteError> {
+    ) -> Result<SecretRow, ItemWriteError<SecretState>> {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
-        let current: Option<(Uuid, String)> = sqlx::query_as(
+        let current: Option<(Uuid, SecretState)> = sqlx::query_as(
             "SELECT id, state FROM secrets WHERE client_id = $1 AND name = $2
                AND state <> 'destroyed' FOR UPDATE",
         )
@@ -219,7 +219,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let (id, state) = current.ok_or(ItemWriteError::NotFound)?;
-        if !from.contains(&state.as_str()) {
+        if !from.contains(&state) {
             return Err(ItemWriteError::WrongState(state));
         }
         let row: SecretRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -233,7 +233,7 @@ impl Store {
         .bind(deletion_due.map(ts))
         .fetch_one(&mut *tx)
         .await?;
-        let (event, severity) = if to == "pending_deletion" {
+        let (event, severity) = if to == SecretState::PendingDeletion {
             ("secret.deletion_scheduled", "warning")
         } else {
             ("secret.deletion_cancelled", "info")

@@ -4,10 +4,10 @@
 use uuid::Uuid;
 
 use super::audit::append;
+use super::clients::{any_active_admin, keep_an_admin, lock_clients};
 use super::keys::ts;
 use super::{
     AdminGuard, AuditMeta, AuthChange, ClientWriteError, NewAuditEvent, Store, StoreError,
-    keep_an_admin, lock_clients,
 };
 
 /// Addresses an officer chose to block with a lockdown, until when (unix seconds).
@@ -89,7 +89,7 @@ impl Store {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
-        let had_admin = super::any_active_admin(&mut tx).await?;
+        let had_admin = any_active_admin(&mut tx).await?;
         let changed = sqlx::query(
             "UPDATE clients SET state = 'disabled', tokens_not_before = now(), updated_at = now()
              WHERE id = $1",
@@ -203,7 +203,7 @@ impl Store {
         let signer = self.signer()?;
         let mut tx = self.pool.begin().await?;
         lock_clients(&mut tx).await?;
-        let had_admin = super::any_active_admin(&mut tx).await?;
+        let had_admin = any_active_admin(&mut tx).await?;
         let changed = sqlx::query(
             "UPDATE clients SET state = 'disabled', tokens_not_before = now(), updated_at = now()
              WHERE id = $1 AND state = 'active'",

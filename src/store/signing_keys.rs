@@ -1,15 +1,15 @@
 //! Token-signing key versions: which one signs, and until when a replaced one stays published.
 
 use super::audit::{self, AuditMeta, NewAuditEvent};
-use super::{Store, StoreError};
+use super::{SigningKeyState, Store, StoreError};
 
 /// One signing key version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningKeyRow {
     /// The version (`keybroker-sign-v<version>` on the token).
     pub version: u32,
-    /// `active`, `retiring` or `retired`.
-    pub state: String,
+    /// Its state.
+    pub state: SigningKeyState,
     /// Unix seconds until which a retiring key stays in the JWKS and verifies tokens.
     pub published_until: Option<i64>,
 }
@@ -20,7 +20,7 @@ impl Store {
     /// # Errors
     /// Any database failure.
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, StoreError> {
-        let rows: Vec<(i32, String, Option<f64>)> = sqlx::query_as(
+        let rows: Vec<(i32, SigningKeyState, Option<f64>)> = sqlx::query_as(
             "SELECT version, state, extract(epoch FROM published_until)::float8
              FROM signing_keys ORDER BY version",
         )
@@ -62,9 +62,9 @@ impl Store {
                 .bind(i32::try_from(*version).map_err(|_| StoreError::Corrupt("version"))?)
                 .bind(crate::hsm::signing_key_label(*version))
                 .bind(if version == highest {
-                    "active"
+                    SigningKeyState::Active
                 } else {
-                    "retired"
+                    SigningKeyState::Retired
                 })
                 .execute(&mut *tx)
                 .await?;

@@ -244,7 +244,12 @@ async fn hsm_init_is_idempotent_and_never_makes_a_second_v1() {
 
     // The database records exactly one active version.
     let rows = store.master_keys().await.unwrap();
-    assert_eq!(rows.iter().filter(|r| r.state == "active").count(), 1);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.state == keybroker::broker::MasterKeyState::Active)
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -1591,6 +1591,7 @@ async fn client_state_in_store(server: &TestServer, id: &str) -> String {
         .unwrap()
         .unwrap()
         .state
+        .to_string()
 }
 
 #[tokio::test]

@@ -31,5 +31,6 @@ mod random;
 mod request_log;
 mod request_path;
 mod rotation;
+mod states;
 mod token;
 mod vendor;
