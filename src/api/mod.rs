@@ -8,6 +8,7 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 
 pub mod admin;
+mod audit;
 mod console;
 mod crypto;
 mod custody;
@@ -26,6 +27,7 @@ mod router;
 mod schema;
 mod secret_text;
 pub mod secrets;
+pub mod security;
 pub mod usage;
 
 pub use crypto::{

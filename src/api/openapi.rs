@@ -11,8 +11,8 @@ use utoipa::OpenApi;
 
 use super::schema::{ITEM_NAME_PATTERN, lengths_by_format};
 use super::{
-    ErrorBody, ErrorDetail, admin, crypto, custody, keys, metrics, oauth, operations, random,
-    secrets, usage,
+    ErrorBody, ErrorDetail, admin, audit, crypto, custody, keys, metrics, oauth, operations,
+    random, secrets, security, usage,
 };
 
 /// What the document says that depends on the configuration.
@@ -571,8 +571,8 @@ fn operation_id(doc: &Value, path: &str, method: &str) -> Option<String> {
         oauth::oauth_token, oauth::oauth_introspect, oauth::oauth_revoke, oauth::jwks,
         admin::register_client, admin::list_clients, admin::get_client, admin::update_client,
         admin::disable_client, admin::enable_client, admin::delete_client,
-        admin::audit_events, admin::audit_verify, admin::lockdown_client, admin::unblock_client,
-        admin::get_security_settings, admin::put_security_settings,
+        audit::audit_events, audit::audit_verify, security::lockdown_client, security::unblock_client,
+        security::get_security_settings, security::put_security_settings,
         keys::create_key, keys::list_keys, keys::get_key, keys::read_key, keys::rotate_key,
         keys::refresh_key, keys::disable_key, keys::enable_key, keys::delete_key,
         keys::cancel_key_deletion, secrets::put_secret, secrets::get_secret, secrets::delete_secret,

@@ -14,8 +14,8 @@ use tower_http::trace::TraceLayer;
 
 use super::extract::{request_source, resolve_source};
 use super::{
-    ApiError, AppState, ErrorBody, admin, console, crypto, custody, keys, limits, metrics, oauth,
-    operations, random, request_log, secrets, usage,
+    ApiError, AppState, ErrorBody, admin, audit, console, crypto, custody, keys, limits, metrics,
+    oauth, operations, random, request_log, secrets, security, usage,
 };
 
 pub(super) const REQUEST_ID: &str = "x-request-id";
@@ -55,18 +55,18 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/admin/clients/{id}/enable", post(admin::enable_client))
         .route(
             "/v1/admin/clients/{id}/lockdown",
-            post(admin::lockdown_client),
+            post(security::lockdown_client),
         )
         .route(
             "/v1/admin/clients/{id}/unblock",
-            post(admin::unblock_client),
+            post(security::unblock_client),
         )
         .route(
             "/v1/admin/security-settings",
-            get(admin::get_security_settings).put(admin::put_security_settings),
+            get(security::get_security_settings).put(security::put_security_settings),
         )
-        .route("/v1/admin/audit", get(admin::audit_events))
-        .route("/v1/admin/audit/verify", get(admin::audit_verify))
+        .route("/v1/admin/audit", get(audit::audit_events))
+        .route("/v1/admin/audit/verify", get(audit::audit_verify))
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/{id}", get(keys::get_key).delete(keys::delete_key))
         .route("/v1/keys/{id}/plaintext", post(keys::read_key))

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::overview::unavailable;
 use super::{ConsoleError, Notice, Officer, respond, state_badge, utc};
-use crate::api::admin::{self, AuditQuery};
+use crate::api::audit::{self, AuditQuery};
 use crate::api::{ApiError, AppState};
 
 /// Events a page shows.
@@ -61,7 +61,7 @@ pub(super) async fn verify(
     State(state): State<AppState>,
     officer: Officer,
 ) -> Result<Response, ConsoleError> {
-    let verdict = admin::audit_verify(State(state.clone()), officer.caller.clone()).await;
+    let verdict = audit::audit_verify(State(state.clone()), officer.caller.clone()).await;
     let notice = match verdict {
         Ok(Json(v)) if v.intact => Notice::Done(html! {
             span #chain-verdict { (state_badge("intact")) " The audit chain is intact: "
@@ -110,7 +110,7 @@ async fn render(
             after_seq: q.after_seq,
             limit: Some(PAGE),
         };
-        admin::audit_events(
+        audit::audit_events(
             State(state.clone()),
             officer.caller.clone(),
             Ok(Query(query)),

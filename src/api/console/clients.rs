@@ -14,9 +14,9 @@ use super::overview::unavailable;
 use super::session::Submitted;
 use super::{ConsoleError, Notice, Officer, respond, state_badge, time};
 use crate::api::admin::{
-    self, BlockBody, ClientBody, ClientListBody, ListQuery, LockdownBody, RegisterClientBody,
-    UpdateClientBody,
+    self, ClientBody, ClientListBody, ListQuery, RegisterClientBody, UpdateClientBody,
 };
+use crate::api::security::{self, BlockBody, LockdownBody};
 use crate::api::{ApiError, ApiJson, ApiPath, AppState};
 use crate::auth::Scope;
 
@@ -138,7 +138,7 @@ pub(super) async fn act(
                 reason: fields.text("reason"),
                 block,
             };
-            admin::lockdown_client(s(), caller, path(), ApiJson(body))
+            security::lockdown_client(s(), caller, path(), ApiJson(body))
                 .await
                 .map(|Json(r)| {
                     let blocked = if r.blocked.is_empty() {
@@ -149,7 +149,7 @@ pub(super) async fn act(
                     (r.client, format!("locked down ({blocked})"))
                 })
         }
-        "unblock" => admin::unblock_client(s(), caller, path())
+        "unblock" => security::unblock_client(s(), caller, path())
             .await
             .map(|Json(c)| (c, "unblocked: its address blocks are lifted".to_owned())),
         "update" => {

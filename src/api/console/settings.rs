@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use super::overview::unavailable;
 use super::session::Submitted;
 use super::{ConsoleError, Notice, Officer, respond};
-use crate::api::{ApiError, ApiJson, AppState, admin};
+use crate::api::{ApiError, ApiJson, AppState, security};
 use crate::broker::BrokerError;
 use crate::broker::SecuritySettings;
 
@@ -70,7 +70,7 @@ pub(super) async fn save(
     }
     let result = match serde_json::from_value::<SecuritySettings>(Value::Object(submitted)) {
         Ok(settings) => {
-            admin::put_security_settings(
+            security::put_security_settings(
                 State(state.clone()),
                 officer.caller.clone(),
                 ApiJson(settings),
@@ -89,7 +89,7 @@ pub(super) async fn save(
 }
 
 async fn render(state: &AppState, officer: &Officer, notice: Option<Notice>) -> Response {
-    let current = admin::get_security_settings(State(state.clone()), officer.caller.clone())
+    let current = security::get_security_settings(State(state.clone()), officer.caller.clone())
         .await
         .map(|Json(s)| serde_json::to_value(s).unwrap_or_default());
     let content = html! {

@@ -11,10 +11,13 @@ use axum::body::Body;
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use keybroker::api::admin::{LockdownBody, RegisterClientBody, UpdateClientBody, register_spec};
-use keybroker::api::keys::{CreateKeyBody, ReadKeyBody, RefreshKeyBody, key_spec, refreshed_expiry};
-use keybroker::api::secrets::{PutSecretBody, secret_value};
+use keybroker::api::admin::{RegisterClientBody, UpdateClientBody, register_spec};
+use keybroker::api::keys::{
+    CreateKeyBody, ReadKeyBody, RefreshKeyBody, key_spec, refreshed_expiry,
+};
 use keybroker::api::random::{RandomBatchBody, RandomBody, parse_random};
+use keybroker::api::secrets::{PutSecretBody, secret_value};
+use keybroker::api::security::LockdownBody;
 use keybroker::api::{
     ApiError, ApiJson, BatchRequestItem, BlobBatchBody, BlobBody, DataKeyBatchBody, DataKeyBody,
     WrapBatchBody, WrapBody, parse_blob, parse_context, parse_datakey, parse_wrap,
