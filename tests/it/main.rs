@@ -31,5 +31,6 @@ mod random;
 mod request_log;
 mod request_path;
 mod rotation;
+mod test_databases;
 mod token;
 mod vendor;
