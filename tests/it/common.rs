@@ -87,23 +87,22 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 /// migrations again), and it is dropped when this test process ends, however it ends: nextest
 /// runs each test in a process of its own, so that is the end of the test.
 pub async fn fresh_database() -> String {
-    /// The droppers' pipes, kept open (never written to) until the process ends.
-    static PIPES: std::sync::Mutex<Vec<std::process::ChildStdin>> =
-        std::sync::Mutex::new(Vec::new());
-    let (url, pipe) = database_dropped_when_closed().await;
-    PIPES.lock().unwrap().push(pipe);
+    /// The droppers, their pipes kept open (never written to) until the process ends.
+    static DROPPERS: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+    let (url, dropper) = database_with_dropper().await;
+    DROPPERS.lock().unwrap().push(dropper);
     url
 }
 
-/// As [`fresh_database`], but the database is dropped once the pipe returned is closed: when it
-/// is dropped, or at the latest when this process ends (the kernel closes it then, however the
-/// process ends, and children we spawn do not inherit it).
-pub async fn database_dropped_when_closed() -> (String, std::process::ChildStdin) {
+/// As [`fresh_database`], with the process that drops the database once its stdin is closed:
+/// when the caller drops that pipe, or at the latest when this process ends (the kernel closes
+/// it then, however the process ends, and children we spawn do not inherit it).
+pub async fn database_with_dropper() -> (String, std::process::Child) {
     let admin_url = env("DATABASE_URL");
     let template = migrated_template(&admin_url).await;
     let name = format!("kb_test_{}", uuid::Uuid::new_v4().simple());
     // The dropper first, so that no database of ours exists without one.
-    let pipe = dropper(&admin_url, &name);
+    let dropper = dropper(&admin_url, &name);
     let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
     // The names are ours (a UUID, a hash), not input.
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -113,7 +112,7 @@ pub async fn database_dropped_when_closed() -> (String, std::process::ChildStdin
     .await
     .unwrap();
     admin.close().await.unwrap();
-    (database_url(&admin_url, &name), pipe)
+    (database_url(&admin_url, &name), dropper)
 }
 
 /// The URL of database `name` on the cluster of `admin_url`.
@@ -198,13 +197,13 @@ async fn migrated_template(admin_url: &str) -> String {
     template
 }
 
-/// A small shell that waits for the end of the pipe returned, then drops database `name` with
-/// `psql`, terminating any session still on it (a child server the test left behind). The drop
-/// (a checkpoint, in Postgres 15) so runs beside the next test instead of inside this one. In a
-/// process group of its own, so that a signal to the test's group (a nextest timeout) does not
-/// stop it; what it prints goes to a log in `KB_TEST_WORK`, which `scripts/test.sh` shows if a
-/// database is left over.
-fn dropper(admin_url: &str, name: &str) -> std::process::ChildStdin {
+/// A small shell that waits for the end of its stdin (a pipe only we hold), then drops database
+/// `name` with `psql`, terminating any session still on it (a child server the test left
+/// behind). The drop (a checkpoint, in Postgres 15) so runs beside the next test instead of
+/// inside this one. In a process group of its own, so that a signal to the test's group (a
+/// nextest timeout) does not stop it; what it prints goes to a log in `KB_TEST_WORK`, which
+/// `scripts/test.sh` shows if a database is left over.
+fn dropper(admin_url: &str, name: &str) -> std::process::Child {
     use std::os::unix::process::CommandExt;
     let log = match std::env::var("KB_TEST_WORK") {
         Ok(work) => std::fs::OpenOptions::new()
@@ -215,7 +214,7 @@ fn dropper(admin_url: &str, name: &str) -> std::process::ChildStdin {
             .unwrap(),
         Err(_) => std::process::Stdio::null(),
     };
-    let mut dropper = std::process::Command::new("sh")
+    std::process::Command::new("sh")
         .args([
             "-c",
             r#"cat >/dev/null; exec psql -X -q -v ON_ERROR_STOP=1 -d "$1" -c "$2""#,
@@ -228,8 +227,7 @@ fn dropper(admin_url: &str, name: &str) -> std::process::ChildStdin {
         .stderr(log)
         .process_group(0)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start the dropper of a test database (sh, psql): {e}"));
-    dropper.stdin.take().unwrap()
+        .unwrap_or_else(|e| panic!("cannot start the dropper of a test database (sh, psql): {e}"))
 }
 
 /// A dev CA and server certificate for this test process (made once, then reused).

@@ -19,7 +19,7 @@ async fn exists(name: &str) -> bool {
 
 #[tokio::test]
 async fn a_test_database_is_migrated_and_dropped_when_its_test_ends_even_with_a_session_on_it() {
-    let (url, pipe) = common::database_dropped_when_closed().await;
+    let (url, mut dropper) = common::database_with_dropper().await;
     let (_, name) = url.rsplit_once('/').unwrap();
     assert!(name.starts_with("kb_test_"), "{name}");
     let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
@@ -38,13 +38,21 @@ async fn a_test_database_is_migrated_and_dropped_when_its_test_ends_even_with_a_
     assert_ne!(other, url);
     assert!(exists(name).await);
 
-    // The end of the pipe is what the end of the test process does.
-    drop(pipe);
+    // The end of its pipe is what the end of the test process does.
+    drop(dropper.stdin.take());
     let start = Instant::now();
-    while exists(name).await {
-        assert!(start.elapsed() < PATIENCE, "{name} was never dropped");
+    let status = loop {
+        if let Some(status) = dropper.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the dropper of {name} never finished"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
+    assert!(status.success(), "the dropper of {name}: {status}");
+    assert!(!exists(name).await, "{name} is still there");
     // The session left open did not keep the database; Postgres ended it.
     assert!(sqlx::query("SELECT 1").execute(&mut db).await.is_err());
 }
