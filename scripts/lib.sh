@@ -134,7 +134,8 @@ kb_pg_run() {
 }
 
 # A Postgres 15 cluster in DIR (socket in DIR too), started on a free port (kept in DIR/port),
-# with database DB. Exports DATABASE_URL and KB_PG_DIR.
+# with database DB. Exports DATABASE_URL and KB_PG_DIR. KB_PG_SETTINGS, if set, holds more
+# server settings (`name=value` words) for a cluster this call starts.
 kb_setup_postgres() {
   local dir=$1 db=$2
   export KB_PG_DIR=$dir
@@ -154,7 +155,7 @@ kb_setup_postgres() {
     local tries=0
     until port=$(kb_free_port) && kb_pg_run sh -c "echo $port >'$dir/port'" &&
       kb_pg_run "$KB_PG_BIN/pg_ctl" -D "$dir" -w -l "$dir/server.log" \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; do
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1${KB_PG_SETTINGS:+ -c ${KB_PG_SETTINGS// / -c }}" start >/dev/null; do
       tries=$((tries + 1))
       if [ "$tries" -ge 5 ] || ! tail -n 5 "$dir/server.log" | grep -q "Address already in use"; then
         kb_die "Postgres did not start in $dir; its log: $dir/server.log"

@@ -13,6 +13,7 @@ use keybroker::store::Store;
 use keybroker::tls;
 use secrecy::SecretString;
 use serde_json::Value;
+use sqlx::Connection;
 
 /// A variable `scripts/test.sh` exports.
 pub fn env(name: &str) -> String {
@@ -81,19 +82,152 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A new, empty database on the test cluster; returns its URL.
+/// A new database on the test cluster, for this test alone, with the migrations applied;
+/// returns its URL. It is a copy of a migrated template (a file copy, cheaper than running the
+/// migrations again), and it is dropped when this test process ends, however it ends: nextest
+/// runs each test in a process of its own, so that is the end of the test.
 pub async fn fresh_database() -> String {
+    /// The droppers, their pipes kept open (never written to) until the process ends.
+    static DROPPERS: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+    let (url, dropper) = database_with_dropper().await;
+    DROPPERS.lock().unwrap().push(dropper);
+    url
+}
+
+/// As [`fresh_database`], with the process that drops the database once its stdin is closed:
+/// when the caller drops that pipe, or at the latest when this process ends (the kernel closes
+/// it then, however the process ends, and children we spawn do not inherit it).
+pub async fn database_with_dropper() -> (String, std::process::Child) {
     let admin_url = env("DATABASE_URL");
+    let template = migrated_template(&admin_url).await;
     let name = format!("kb_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-    // The name is ours (a UUID), not input.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    // The dropper first, so that no database of ours exists without one.
+    let dropper = dropper(&admin_url, &name);
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    // The names are ours (a UUID, a hash), not input.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} TEMPLATE {template}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    admin.close().await.unwrap();
+    (database_url(&admin_url, &name), dropper)
+}
+
+/// The URL of database `name` on the cluster of `admin_url`.
+fn database_url(admin_url: &str, name: &str) -> String {
     let (base, _) = admin_url.rsplit_once('/').unwrap();
     format!("{base}/{name}")
+}
+
+/// The name of the template that test databases are copied from: one per set of migrations (a
+/// hash of their versions and checksums), so a cluster kept between runs never hands out a
+/// template older than the code.
+fn template_name() -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for migration in sqlx::migrate!("./migrations").iter() {
+        hash.update(migration.version.to_be_bytes());
+        hash.update(&*migration.checksum);
+    }
+    let hex: String = hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("kb_template_{hex}")
+}
+
+/// Whether database `name` exists on the cluster `admin` is connected to.
+pub async fn database_exists(admin: &mut sqlx::PgConnection, name: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// The migrated template on the cluster of `admin_url`, made by the first test process that
+/// needs it while the others wait (a Postgres advisory lock: tests run in processes of their
+/// own). It takes no connections once made, since a database someone is connected to cannot be
+/// copied.
+async fn migrated_template(admin_url: &str) -> String {
+    /// The advisory lock key of making the template (any number nothing else uses).
+    const TEMPLATE_LOCK: i64 = 0x6b62_7465_6d70;
+    let template = template_name();
+    let mut admin = sqlx::PgConnection::connect(admin_url).await.unwrap();
+    if !database_exists(&mut admin, &template).await {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(TEMPLATE_LOCK)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        if !database_exists(&mut admin, &template).await {
+            // Made under another name and renamed when complete, so no test ever copies a
+            // half-migrated template (a maker that died leaves only the other name behind).
+            let building = format!("{template}_building");
+            for statement in [
+                format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+                format!("CREATE DATABASE {building}"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+            }
+            let pool = sqlx::PgPool::connect(&database_url(admin_url, &building))
+                .await
+                .unwrap();
+            sqlx::migrate!("./migrations").run(&pool).await.unwrap();
+            pool.close().await;
+            // (Postgres waits a few seconds for the pool's sessions to end before it renames.)
+            for statement in [
+                format!("ALTER DATABASE {building} ALLOW_CONNECTIONS false"),
+                format!("ALTER DATABASE {building} RENAME TO {template}"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // Closing the session releases the lock, if we took it.
+    admin.close().await.unwrap();
+    template
+}
+
+/// A small shell that waits for the end of its stdin (a pipe only we hold), then drops database
+/// `name` with `psql`, terminating any session still on it (a child server the test left
+/// behind). The drop (a checkpoint, in Postgres 15) so runs beside the next test instead of
+/// inside this one. In a process group of its own, so that a signal to the test's group (a
+/// nextest timeout) does not stop it; what it prints goes to a log in `KB_TEST_WORK`, which
+/// `scripts/test.sh` shows if a database is left over.
+fn dropper(admin_url: &str, name: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let log = match std::env::var("KB_TEST_WORK") {
+        Ok(work) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(PathBuf::from(work).join("dropped-databases.log"))
+            .map(std::process::Stdio::from)
+            .unwrap(),
+        Err(_) => std::process::Stdio::null(),
+    };
+    std::process::Command::new("sh")
+        .args([
+            "-c",
+            r#"cat >/dev/null; exec psql -X -q -v ON_ERROR_STOP=1 -d "$1" -c "$2""#,
+            "drop-test-database",
+            admin_url,
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the dropper of a test database (sh, psql): {e}"))
 }
 
 /// A dev CA and server certificate for this test process (made once, then reused).

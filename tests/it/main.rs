@@ -32,5 +32,6 @@ mod request_log;
 mod request_path;
 mod rotation;
 mod states;
+mod test_databases;
 mod token;
 mod vendor;
