@@ -7,17 +7,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
 use tokio::sync::oneshot;
@@ -25,9 +24,15 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
 
+mod context;
+mod error;
 mod probe;
 mod worker;
 
+pub use context::init_token;
+use context::{Module, Need, REQUIRED_MECHANISMS, login_user, missing_mechanisms};
+pub use error::HsmError;
+use error::classify;
 pub use probe::{GcmIv, MechanismReport, ProbeReport, SessionReport, probe};
 
 /// Label of keybroker's ES256 token-signing key pair (both halves), version 1.
@@ -73,229 +78,8 @@ impl fmt::Debug for HsmConfig {
     }
 }
 
-/// What went wrong at the token.
-#[derive(Debug, thiserror::Error)]
-pub enum HsmError {
-    /// The PKCS#11 module could not be loaded or initialised.
-    #[error("cannot load or initialise the PKCS#11 module {path}")]
-    Module {
-        /// The module path.
-        path: PathBuf,
-        /// What cryptoki said.
-        #[source]
-        source: CkError,
-    },
-    /// The token lacks mechanisms keybroker needs (named).
-    #[error("the token lacks what keybroker needs: {}", .0.join(", "))]
-    MissingMechanisms(Vec<&'static str>),
-    /// No slot holds a token with the configured label.
-    #[error("no token labelled {0:?} is present")]
-    TokenNotFound(String),
-    /// The token refused the PIN (wrong, locked or expired).
-    #[error("the token refused the PIN")]
-    PinRefused,
-    /// The blob names a master-key version that is not on the token.
-    #[error("master key version {0} is not on the token")]
-    UnknownMasterKey(MasterKeyVersion),
-    /// A GCM decryption failed: the ciphertext, tag, IV or AAD is not the one sealed.
-    #[error("the ciphertext does not authenticate")]
-    NotAuthentic,
-    /// An existing keybroker object does not have the attributes keybroker requires.
-    #[error("token object {label} is unsafe: {why}")]
-    UnsafeObject {
-        /// The object's label.
-        label: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// An object keybroker is about to create already exists.
-    #[error("token object {0} already exists")]
-    AlreadyExists(String),
-    /// The token, its slot or our session is gone (device removed, token not present,
-    /// session closed, …), even after one retry on a fresh session.
-    #[error("the token is unreachable")]
-    Unavailable(#[source] CkError),
-    /// No session became free, or the token did not answer, within the deadline.
-    #[error("the token did not answer within {0:?}")]
-    Timeout(Duration),
-    /// A keybroker object that must be on the token cannot be found there: the token was
-    /// replaced, emptied or lost its storage. An outage, not a caller's mistake.
-    #[error("token object {0} is missing")]
-    ObjectMissing(String),
-    /// Any other PKCS#11 failure.
-    #[error("PKCS#11 call failed")]
-    Pkcs11(#[source] CkError),
-    /// The token answered with something impossible (e.g. a ciphertext of the wrong size).
-    #[error("unexpected answer from the token: {0}")]
-    Unexpected(&'static str),
-    /// The worker that ran the call panicked, or the pool's workers are gone.
-    #[error("the token worker stopped")]
-    Worker,
-    /// Sealing a random value and opening it again failed: blobs sealed on this token could not
-    /// be opened, so keybroker refuses to use it.
-    #[error(
-        "self-test failed on token {token:?}: CKM_AES_GCM seal and open under master key \
-         v{version}: {problem}; refusing to use this token, because what it seals could not be \
-         opened again"
-    )]
-    SelfTest {
-        /// The token's label.
-        token: String,
-        /// The master-key version tested.
-        version: MasterKeyVersion,
-        /// What went wrong.
-        problem: String,
-    },
-}
-
-impl HsmError {
-    /// Whether the token or its session is at fault (503). All but a failed self-test are
-    /// retried on a fresh session first: a fresh session cannot mend a token that loses data.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable(_)
-                | Self::Timeout(_)
-                | Self::TokenNotFound(_)
-                | Self::ObjectMissing(_)
-                | Self::Worker
-                | Self::SelfTest { .. }
-        )
-    }
-}
-
-/// Sorts a raw cryptoki error into the variants callers act on. The decrypt path refines
-/// authentication failures itself (see [`TokenSession::unseal`]).
-fn classify(err: CkError) -> HsmError {
-    match &err {
-        CkError::Pkcs11(rv, _) => match rv {
-            RvError::DeviceRemoved
-            | RvError::DeviceError
-            // "Some horrible, unrecoverable error": the token's, not the caller's. (A failed GCM
-            // tag is also CKR_GENERAL_ERROR on SoftHSM2; `unseal` sorts that out before this.)
-            | RvError::GeneralError
-            // An operation left open on a session by a failure mid-call: that session is spoilt.
-            | RvError::OperationActive
-            | RvError::DeviceMemory
-            | RvError::TokenNotPresent
-            | RvError::TokenNotRecognized
-            | RvError::SessionHandleInvalid
-            | RvError::SessionClosed
-            | RvError::SessionCount
-            | RvError::SlotIdInvalid
-            | RvError::UserNotLoggedIn
-            | RvError::CryptokiNotInitialized
-            // A cached handle that no longer resolves: the token was re-inserted or re-loaded.
-            | RvError::ObjectHandleInvalid
-            | RvError::KeyHandleInvalid => HsmError::Unavailable(err),
-            RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired => {
-                HsmError::PinRefused
-            }
-            _ => HsmError::Pkcs11(err),
-        },
-        _ => HsmError::Pkcs11(err),
-    }
-}
-
 /// The AAD of the self-test's seal: no blob is ever sealed with it.
 const SELF_TEST_AAD: &[u8] = b"keybroker self-test";
-
-/// How many times the slots are scanned for our token before it counts as gone, and the pause
-/// between scans.
-const SLOT_SCAN_ROUNDS: usize = 3;
-const SLOT_SCAN_PAUSE: Duration = Duration::from_millis(50);
-
-/// How often, at most, a token that stays unreachable makes us re-initialise the module.
-const REINIT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The process-wide PKCS#11 module. PKCS#11 allows one `C_Initialize` per process, so every
-/// [`Hsm`] in the process shares it (tests build several).
-struct Module {
-    ctx: Pkcs11,
-    path: PathBuf,
-    /// Token calls hold it shared; re-initialising holds it exclusively, because `C_Finalize`
-    /// while another thread is inside the module is undefined behaviour, and so do officer
-    /// operations, which SoftHSM2 does not keep apart from other sessions' calls.
-    lifecycle: RwLock<()>,
-    last_reinit: Mutex<Option<Instant>>,
-    /// Bumped by every re-initialisation: what was verified before (the self-test) is not
-    /// known to hold after it.
-    epoch: AtomicU64,
-}
-
-impl Module {
-    fn shared(path: &Path) -> Result<Arc<Self>, HsmError> {
-        static MODULE: OnceLock<Mutex<Option<Arc<Module>>>> = OnceLock::new();
-        let cell = MODULE.get_or_init(|| Mutex::new(None));
-        let mut current = lock(cell);
-        if let Some(module) = current.as_ref()
-            && module.path == path
-        {
-            return Ok(module.clone());
-        }
-        let module_err = |source| HsmError::Module {
-            path: path.to_path_buf(),
-            source,
-        };
-        let ctx = Pkcs11::new(path).map_err(module_err)?;
-        Self::initialize(&ctx).map_err(module_err)?;
-        let module = Arc::new(Self {
-            ctx,
-            path: path.to_path_buf(),
-            lifecycle: RwLock::new(()),
-            last_reinit: Mutex::new(None),
-            epoch: AtomicU64::new(0),
-        });
-        *current = Some(module.clone());
-        Ok(module)
-    }
-
-    fn initialize(ctx: &Pkcs11) -> Result<(), CkError> {
-        // Without OS locking two threads crashed SoftHSM (PLATFORM.md).
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Exclusive access, for an officer operation (see [`Hsm::admin`]).
-    fn enter_alone(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.lifecycle
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Shared access for one token call.
-    fn enter(&self) -> RwLockReadGuard<'_, ()> {
-        self.lifecycle
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// `C_Finalize` then `C_Initialize`, once per [`REINIT_INTERVAL`] at most. Some modules
-    /// (SoftHSM2 among them) never see a token again after it went away until they are
-    /// re-initialised; real HSM vendors recommend the same after a failover. Every session of
-    /// the process dies with it; callers reopen theirs on the next call.
-    fn reinitialize(&self) {
-        let _exclusive = self
-            .lifecycle
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut last = lock(&self.last_reinit);
-        if last.is_some_and(|at| at.elapsed() < REINIT_INTERVAL) {
-            return;
-        }
-        *last = Some(Instant::now());
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        tracing::warn!(target: "keybroker::hsm", "token unreachable; re-initialising the PKCS#11 module");
-        if let Err(e) = self.ctx.clone().finalize() {
-            tracing::debug!(target: "keybroker::hsm", error = %e, "C_Finalize failed");
-        }
-        if let Err(e) = Self::initialize(&self.ctx) {
-            tracing::warn!(target: "keybroker::hsm", error = %e, "C_Initialize failed");
-        }
-    }
-}
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it: every structure we
 /// guard stays consistent between statements, so a poisoned lock holds nothing half-done.
@@ -808,123 +592,6 @@ impl Hsm {
     }
 }
 
-/// Initialises the token in the first slot that has an uninitialised one (SoftHSM2 always keeps
-/// one free), then sets the user PIN. For development and CI tokens; a production HSM is
-/// initialised with its vendor's tools.
-///
-/// # Errors
-/// [`HsmError::TokenNotFound`] when no free slot exists; any token failure.
-pub async fn init_token(
-    module: PathBuf,
-    label: String,
-    so_pin: SecretString,
-    user_pin: SecretString,
-) -> Result<(), HsmError> {
-    tokio::task::spawn_blocking(move || {
-        let module = Module::shared(&module)?;
-        let _shared = module.enter();
-        let ctx = &module.ctx;
-        let slots = ctx.get_slots_with_token().map_err(classify)?;
-        for slot in &slots {
-            let info = ctx.get_token_info(*slot).map_err(classify)?;
-            if info.token_initialized() && info.label().trim_end() == label {
-                return Err(HsmError::AlreadyExists(label));
-            }
-        }
-        let mut free = None;
-        for slot in slots {
-            if !ctx
-                .get_token_info(slot)
-                .map_err(classify)?
-                .token_initialized()
-            {
-                free = Some(slot);
-                break;
-            }
-        }
-        let slot = free.ok_or_else(|| HsmError::TokenNotFound("(a free slot)".to_owned()))?;
-        ctx.init_token(slot, &so_pin, &label).map_err(classify)?;
-        let session = ctx.open_rw_session(slot).map_err(classify)?;
-        session
-            .login(UserType::So, Some(&so_pin))
-            .map_err(classify)?;
-        session.init_pin(&user_pin).map_err(classify)?;
-        session.logout().map_err(classify)?;
-        Ok(())
-    })
-    .await
-    .map_err(|_| HsmError::Worker)?
-}
-
-/// The mechanisms keybroker uses, with the operation each must support.
-const REQUIRED_MECHANISMS: [(MechanismType, &str, Need); 5] = [
-    (
-        MechanismType::AES_GCM,
-        "CKM_AES_GCM (encrypt and decrypt)",
-        Need::EncryptDecrypt,
-    ),
-    (MechanismType::ECDSA, "CKM_ECDSA (sign)", Need::Sign),
-    (
-        MechanismType::SHA256_HMAC,
-        "CKM_SHA256_HMAC (sign)",
-        Need::Sign,
-    ),
-    (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN", Need::Any),
-    (
-        MechanismType::ECC_KEY_PAIR_GEN,
-        "CKM_EC_KEY_PAIR_GEN",
-        Need::Any,
-    ),
-];
-
-#[derive(Debug, Clone, Copy)]
-enum Need {
-    EncryptDecrypt,
-    Sign,
-    Any,
-}
-
-impl Need {
-    /// Whether a mechanism with these flags does what keybroker needs it for.
-    fn met_by(self, info: &cryptoki::mechanism::MechanismInfo) -> bool {
-        match self {
-            Need::EncryptDecrypt => info.encrypt() && info.decrypt(),
-            Need::Sign => info.sign(),
-            Need::Any => true,
-        }
-    }
-}
-
-/// The required mechanisms the token in `slot` lacks (or lacks the needed flags of), and
-/// C_GenerateRandom if `random_ok` is false.
-fn missing_mechanisms(ctx: &Pkcs11, slot: Slot, random_ok: bool) -> Vec<&'static str> {
-    // C_GetMechanismInfo per mechanism (CKR_MECHANISM_INVALID when absent) rather than the
-    // whole list, whose vendor-specific entries cryptoki logs as errors.
-    let mut missing = Vec::new();
-    if !random_ok {
-        missing.push("C_GenerateRandom");
-    }
-    for (mechanism, name, need) in REQUIRED_MECHANISMS {
-        let usable = ctx
-            .get_mechanism_info(slot, mechanism)
-            .is_ok_and(|info| need.met_by(&info));
-        if !usable {
-            missing.push(name);
-        }
-    }
-    missing
-}
-
-/// Logs the user in on `session`.
-fn login_user(session: &Session, pin: &SecretString) -> Result<(), HsmError> {
-    match session.login(UserType::User, Some(pin)) {
-        // Login is per application: once one session logged in, the others are too. This
-        // says nothing about the PIN, which the first login already checked.
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(classify(e)),
-    }
-}
-
 /// What [`Hsm::ensure_keys`] found and did.
 #[derive(Debug, Default, Clone)]
 pub struct InitReport {
@@ -1071,49 +738,6 @@ impl Inner {
                 IvSource::Token => "the token makes them; keybroker stores the IV it returns",
             });
         }
-    }
-
-    fn login(&self, session: &Session) -> Result<(), HsmError> {
-        login_user(session, &self.pin)
-    }
-
-    fn slot(&self) -> Result<Slot, HsmError> {
-        let mut cached = lock(&self.slot);
-        if let Some(slot) = *cached {
-            return Ok(slot);
-        }
-        // A failure to list slots means we cannot reach our token (SoftHSM2 answers
-        // CKR_GENERAL_ERROR once its storage went away). A slot whose token cannot be read is
-        // skipped: it may be another token half-way through initialisation by another process,
-        // and our token may be in the next slot; if ours is not found, that failure is the answer.
-        let ctx = &self.module.ctx;
-        let mut unreadable = None;
-        for round in 0..SLOT_SCAN_ROUNDS {
-            if round > 0 {
-                // SoftHSM2 shows a token whose files another process is rewriting as unreadable
-                // or absent for a moment: look again before calling it gone.
-                std::thread::sleep(SLOT_SCAN_PAUSE);
-            }
-            unreadable = None;
-            for slot in ctx.get_slots_with_token().map_err(HsmError::Unavailable)? {
-                let info = match ctx.get_token_info(slot) {
-                    Ok(info) => info,
-                    Err(e) => {
-                        tracing::debug!(target: "keybroker::hsm", slot = slot.id(), error = %e, "cannot read a slot's token");
-                        unreadable = Some(e);
-                        continue;
-                    }
-                };
-                if info.token_initialized() && info.label().trim_end() == self.token_label {
-                    *cached = Some(slot);
-                    return Ok(slot);
-                }
-            }
-        }
-        Err(match unreadable {
-            Some(e) => HsmError::Unavailable(e),
-            None => HsmError::TokenNotFound(self.token_label.clone()),
-        })
     }
 }
 
