@@ -16,7 +16,8 @@ use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN, MasterKeyVersion};
 
 use super::error::classify;
 use super::objects::AUDIT_KEY_LABEL;
-use super::{Hsm, HsmError, Inner, PooledSession, lock, read, worker, write};
+use super::session::PooledSession;
+use super::{Hsm, HsmError, Inner, lock, read, worker, write};
 
 /// The AAD of the self-test's seal: no blob is ever sealed with it.
 const SELF_TEST_AAD: &[u8] = b"keybroker self-test";
