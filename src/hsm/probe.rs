@@ -14,7 +14,9 @@ use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::{Limit, Slot};
 
-use super::{HsmConfig, HsmError, Module, REQUIRED_MECHANISMS, classify, login_user};
+use super::context::{Module, Need, REQUIRED_MECHANISMS, login_user};
+use super::error::classify;
+use super::{HsmConfig, HsmError};
 use crate::crypto::{GCM_IV_LEN, GCM_TAG_LEN};
 
 /// What the probe found.
@@ -258,13 +260,13 @@ fn describe_mechanism(
     slot: Slot,
     mechanism: MechanismType,
     label: &'static str,
-    need: super::Need,
+    need: Need,
 ) -> MechanismReport {
     let name = label.split_whitespace().next().unwrap_or(label);
     let needs = match need {
-        super::Need::EncryptDecrypt => "encrypt, decrypt",
-        super::Need::Sign => "sign",
-        super::Need::Any => "generate",
+        Need::EncryptDecrypt => "encrypt, decrypt",
+        Need::Sign => "sign",
+        Need::Any => "generate",
     };
     let Ok(info) = module.ctx.get_mechanism_info(slot, mechanism) else {
         return MechanismReport {

@@ -18,7 +18,9 @@ use cryptoki::session::Session;
 use tokio::sync::oneshot;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{HsmError, Inner, PooledSession, TokenSession, classify, lock};
+use super::error::classify;
+use super::session::PooledSession;
+use super::{HsmError, Inner, TokenSession, lock};
 
 /// The most jobs one pass takes: enough to batch a burst, few enough that a pass does not keep
 /// the jobs behind it from another worker for long.
@@ -369,7 +371,7 @@ impl Worker {
 
     /// One job: a try, a retry on a fresh session, and, when the token still cannot be reached,
     /// a last try after re-initialising the module (rate-limited; see
-    /// [`super::Module::reinitialize`]). Returns `false` when the job was not served because
+    /// [`super::context::Module::reinitialize`]). Returns `false` when the job was not served because
     /// this worker may not open a session.
     fn run_job(&mut self, job: &mut dyn Job, random: &mut PassRandom) -> bool {
         // A handle of our own, to hold the module shared while the session changes.
