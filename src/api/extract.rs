@@ -135,7 +135,7 @@ pub(super) fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
 }
 
 /// The authenticated caller, from `Authorization: Bearer …`, checked on every protected request
-/// (see [`Authenticator::authenticate`]).
+/// (see [`crate::auth::Authenticator::authenticate`]).
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 

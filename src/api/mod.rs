@@ -16,6 +16,7 @@ mod error;
 mod extract;
 mod json_body;
 pub mod keys;
+mod limiter;
 pub mod limits;
 mod metrics;
 pub mod oauth;

@@ -31,8 +31,9 @@ pub(super) async fn write_coalesced_refusals(
 }
 
 impl Authenticator {
-    /// [`respond_to_refusal`] for a refused client of a request; a failure is logged, not
-    /// answered (the request is refused either way).
+    /// The automatic response ([`crate::broker::security::respond_to_refusal`]) for a refused
+    /// client of a request; a failure is logged, not answered (the request is refused either
+    /// way).
     pub(super) async fn respond_to_refusal(&self, client: Uuid) {
         if let Err(e) = crate::broker::security::respond_to_refusal(&self.store, client).await {
             tracing::warn!(target: "keybroker::security", error = %e, "automatic response failed");
