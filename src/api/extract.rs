@@ -109,8 +109,8 @@ pub(super) fn mismatch_message(rejection: &dyn std::error::Error, what: &str) ->
 }
 
 pub(super) fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
-    // serde words these two cases with fixed prefixes (serde::de::Error's provided methods);
-    // we take only the field name from them.
+    // serde words these cases with fixed prefixes (serde::de::Error's provided methods); we
+    // take only the field name from them.
     let named = |rest: &str| rest.split('`').nth(1).map(str::to_owned);
     let at = if path == "." || path.is_empty() {
         String::new()
@@ -122,6 +122,9 @@ pub(super) fn describe_mismatch(path: &str, inner: &str, what: &str) -> String {
     }
     if let Some(name) = inner.strip_prefix("unknown field ").and_then(named) {
         return format!("the {what} has a field this request does not accept: `{name}`{at}");
+    }
+    if let Some(name) = inner.strip_prefix("duplicate field ").and_then(named) {
+        return format!("the {what} has the field `{name}` more than once{at}");
     }
     if at.is_empty() {
         return format!("the {what} does not have the shape this request documents");

@@ -43,11 +43,13 @@ pub(super) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// Read from text, the path of an unknown field ends with the field itself; the message names
-/// the field already and says where it stands, so the path is that of the object holding it.
+/// Read from text, the path of an unknown or repeated field ends with the field itself; the
+/// message names the field already and says where it stands, so the path is that of the object
+/// holding it.
 fn object_of_unknown_field<'p>(path: &'p str, inner: &str) -> &'p str {
     let Some(name) = inner
         .strip_prefix("unknown field `")
+        .or_else(|| inner.strip_prefix("duplicate field `"))
         .and_then(|rest| rest.split('`').next())
     else {
         return path;
