@@ -1,6 +1,11 @@
 //! `api` is the only module that knows HTTP: the axum router, thin handlers that parse requests
 //! into validated types, the one [`ApiError`] that picks every status and error code, and the
-//! OpenAPI document. Business logic lives in `broker`.
+//! OpenAPI document. Business logic lives in `broker`: handlers call the broker, and `auth` for
+//! the caller and the client registry; they never reach the database or the token themselves.
+//! One file per resource (`crypto`, `random`, `keys`, `secrets`, `usage`, `oauth`, `admin`,
+//! `security`, `audit`, `custody`, `metrics`, `operations`, `console`), beside `router`,
+//! `error`, `extract`, `json_body`, `secret_text`, the `limits` and `request_log` layers and the
+//! document (`openapi`, `schema`).
 
 use std::sync::Arc;
 

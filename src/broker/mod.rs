@@ -1,7 +1,8 @@
 //! `broker` holds the use cases: data keys, wrap, unwrap, rewrap, random (single and batch),
 //! managed keys, secrets, background maintenance, usage counts, master-key set-up and rotation,
-//! readiness. It orders calls to the token (`hsm`) and the database (`store`) and knows nothing
-//! of HTTP.
+//! readiness, and security policy (`security`). It orders calls to the token (`hsm`) and the
+//! database (`store`), which are its own (no accessor hands them out), and knows nothing of
+//! HTTP.
 
 mod budget;
 mod custody_gauges;
