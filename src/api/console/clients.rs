@@ -19,6 +19,7 @@ use crate::api::admin::{
 use crate::api::security::{self, BlockBody, LockdownBody};
 use crate::api::{ApiError, ApiJson, ApiPath, AppState};
 use crate::auth::Scope;
+use crate::broker::ClientState;
 
 /// How many clients a page lists.
 const PAGE: u32 = 100;
@@ -284,7 +285,7 @@ fn client_actions(officer: &Officer, c: &ClientBody) -> Markup {
     let action = |name: &str| format!("/console/clients/{}/{name}", c.client_id);
     html! {
         div.actions {
-            @if c.state == "active" {
+            @if c.state == ClientState::Active.as_str() {
                 form.inline method="post" action=(action("disable")) {
                     (officer.csrf_field())
                     button.secondary type="submit" { "Disable" }

@@ -15,15 +15,7 @@ use super::{ConsoleError, Notice, Officer, respond, state_badge, time};
 use crate::api::keys::{self, KeyBody, KeyListQuery};
 use crate::api::usage::{self, DueQuery};
 use crate::api::{ApiError, ApiPath, AppState};
-
-/// The states a key can be in, for the filter.
-const STATES: [&str; 5] = [
-    "active",
-    "disabled",
-    "expired",
-    "pending_deletion",
-    "destroyed",
-];
+use crate::broker::KeyState;
 
 /// `GET /console/keys` query.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -123,7 +115,7 @@ async fn render(
                 label { "State"
                     select name="state" {
                         option value="" { "any" }
-                        @for s in STATES {
+                        @for s in KeyState::ALL.iter().map(|s| s.as_str()) {
                             option value=(s) selected[filter.as_deref() == Some(s)] { (s) }
                         }
                     }
@@ -144,7 +136,7 @@ async fn render(
                             td { (k.rotation) @if let Some(days) = k.rotation_period_days { " / " (days) " d" } }
                             td { (time(k.next_rotation_at)) } td { (time(k.expires_at)) }
                             td {
-                                @if k.state == "active" {
+                                @if k.state == KeyState::Active.as_str() {
                                     div.actions {
                                         form.inline method="post" action=(format!("/console/keys/{}/rotate", k.id)) {
                                             (officer.csrf_field())

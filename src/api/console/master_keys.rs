@@ -11,6 +11,7 @@ use super::session::Submitted;
 use super::{ConsoleError, Notice, Officer, fragment, respond, state_badge};
 use crate::api::custody::{self, RewrapJobBody};
 use crate::api::{ApiError, ApiPath, AppState};
+use crate::broker::{MasterKeyState, RewrapJobState};
 
 /// Master keys.
 #[utoipa::path(get, path = "/console/master-keys", tag = "console",
@@ -43,7 +44,7 @@ pub(super) async fn rotate(
         let active = body
             .master_keys
             .iter()
-            .find(|mk| mk.state == "active")
+            .find(|mk| mk.state == MasterKeyState::Active.as_str())
             .map(|mk| mk.version);
         html! {
             "Rotated: " @if let Some(v) = active { "v" (v) " is active. " }
@@ -122,7 +123,9 @@ async fn render(state: &AppState, officer: &Officer, notice: Option<Notice>) -> 
         .map(|b| {
             b.master_keys
                 .iter()
-                .filter(|mk| mk.state == "decrypt_only" && mk.stored_blobs == 0)
+                .filter(|mk| {
+                    mk.state == MasterKeyState::DecryptOnly.as_str() && mk.stored_blobs == 0
+                })
                 .map(|mk| mk.version)
                 .collect()
         })
@@ -183,7 +186,7 @@ fn job_markup(job: &RewrapJobBody) -> Markup {
         p.muted { "Started " (job.started_at) " by " span.mono { (job.started_by) }
             @if let Some(done) = &job.finished_at { "; finished " (done) } }
     };
-    if job.state == "running" {
+    if job.state == RewrapJobState::Running.as_str() {
         html! {
             div #rewrap hx-get="/console/master-keys/rewrap" hx-trigger="every 1s" hx-swap="outerHTML" { (body) }
         }
