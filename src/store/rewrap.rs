@@ -358,6 +358,7 @@ impl RewrapBatch {
 }
 
 /// A rewrap job's row, before its live `remaining` is counted.
+#[derive(sqlx::FromRow)]
 struct JobRow(
     i64,
     RewrapJobState,
@@ -385,23 +386,13 @@ impl JobRow {
 
 /// The running rewrap job, else the latest one.
 async fn latest_job(conn: &mut sqlx::PgConnection) -> Result<Option<JobRow>, StoreError> {
-    type Row = (
-        i64,
-        RewrapJobState,
-        String,
-        String,
-        Option<String>,
-        i64,
-        i64,
-    );
-    let row: Option<Row> = sqlx::query_as(
+    Ok(sqlx::query_as(
         "SELECT id, state, started_by, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                 to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), total, rewrapped
          FROM rewrap_jobs ORDER BY (state = 'running') DESC, id DESC LIMIT 1",
     )
     .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|r| JobRow(r.0, r.1, r.2, r.3, r.4, r.5, r.6)))
+    .await?)
 }
 
 /// Stored blobs sealed under any version but `active`.
